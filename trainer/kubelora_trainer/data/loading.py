@@ -1,0 +1,255 @@
+"""Reading instruction records from files, `datasets` directories or the hub, and splitting them.
+
+Records are plain dicts (column -> value) so templates, exact-match scoring and tests need no
+`datasets` objects. Every failure becomes a one-line :class:`DataError` naming the file (and line).
+The split and sampling are deterministic in ``seed`` so a resumed or re-run job sees the same rows,
+and every rank of a distributed job computes the same split without communicating.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from ..config import DataConfig
+from .errors import DataError
+
+Record = dict[str, Any]
+
+_EXTENSIONS = {
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+SAMPLE_SCHEME = "sample://"
+#: The bundled toy instruction set (train.jsonl, heldout.jsonl).
+SAMPLE_DATA_DIR = Path(__file__).resolve().parent.parent / "sample_data"
+# A hub id is `name` or `owner/name`: no leading dot or slash, at most one slash, no file extension.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+def load_records(cfg: DataConfig, seed: int) -> tuple[list[Record], list[Record]]:
+    """Return ``(train, eval)`` records as configured by ``cfg``.
+
+    The eval part comes from ``cfg.eval_path`` when set, otherwise ``val_set_size`` rows of
+    ``cfg.path`` are held out by a ``seed``-determined permutation (a fraction when < 1, a count
+    when >= 1). Training rows are then shuffled with ``seed`` (if ``cfg.shuffle``) *before*
+    ``max_samples`` is applied, so a small ``max_samples`` is a random subset, not the file's head.
+    Eval rows keep file order and are cut to ``max_eval_samples``.
+    """
+    records = read_records(cfg.path, cfg.format, cfg.split)
+    if not records:
+        raise DataError(f"empty dataset after filtering: {cfg.path} has no records")
+    if cfg.eval_path:
+        train = records
+        eval_records = read_records(cfg.eval_path, cfg.format, cfg.split)
+    else:
+        train, eval_records = split_records(records, cfg.val_set_size, seed)
+        if not train:
+            raise DataError(
+                f"empty dataset after filtering: valSetSize {cfg.val_set_size:g} holds out all {len(records)} "
+                f"records of {cfg.path}, none is left for training"
+            )
+    if cfg.shuffle:
+        train = list(train)
+        random.Random(seed).shuffle(train)
+    if cfg.max_samples is not None:
+        train = train[: cfg.max_samples]
+    if cfg.max_eval_samples is not None:
+        eval_records = eval_records[: cfg.max_eval_samples]
+    return train, eval_records
+
+
+def split_records(records: list[Record], val_set_size: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Split off a held-out part deterministically; both parts keep the original relative order.
+
+    A fraction (< 1) is rounded to a count, with at least one held-out row whenever the fraction is
+    positive and the data has two or more rows, so a small file still gets an eval set.
+    """
+    n = len(records)
+    if val_set_size <= 0 or n == 0:
+        return list(records), []
+    if val_set_size < 1:
+        n_eval = round(n * val_set_size)
+        if n_eval == 0 and n >= 2:
+            n_eval = 1
+    else:
+        n_eval = int(val_set_size)
+    n_eval = min(n_eval, n)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    train = [r for i, r in enumerate(records) if i not in held]
+    eval_records = [r for i, r in enumerate(records) if i in held]
+    return train, eval_records
+
+
+def read_records(path: str, fmt: str = "auto", split: str = "train") -> list[Record]:
+    """Read every record of one source: a local file or directory, or else a hub dataset id.
+
+    ``sample://NAME`` names a file of the bundled sample set. The config loader resolves it too,
+    but a config validated without that step (e.g. from a resource spec) must still work here.
+    """
+    if path.startswith(SAMPLE_SCHEME):
+        name = path[len(SAMPLE_SCHEME) :]
+        if "/" in name or not (SAMPLE_DATA_DIR / name).is_file():
+            available = ", ".join(sorted(f.name for f in SAMPLE_DATA_DIR.glob("*.jsonl")))
+            raise DataError(f"{path}: no such bundled sample file; available: {available}")
+        path = str(SAMPLE_DATA_DIR / name)
+    p = Path(path).expanduser()
+    if p.exists():
+        kind = _detect_format(p, fmt)
+        if kind == "datasets":
+            return _read_datasets_dir(p, split)
+        if not p.is_file():
+            raise DataError(f"data path {path} is a directory but not one saved with `datasets` (format {fmt})")
+        if kind == "json":
+            return _read_json(p)
+        if kind == "jsonl":
+            return _read_jsonl(p)
+        if kind == "csv":
+            return _read_csv(p)
+        return _read_parquet(p)
+    if _looks_like_hub_id(path) and fmt in ("auto", "datasets"):
+        return _read_hub(path, split)
+    raise DataError(f"data file not found: {path}")
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return bool(_HUB_ID.match(path)) and Path(path).suffix.lower() not in _EXTENSIONS
+
+
+def _detect_format(p: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if p.is_dir():
+        return "datasets"
+    kind = _EXTENSIONS.get(p.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"cannot tell the format of {p} from its extension; set data.format to one of json, jsonl, csv, "
+            "parquet, datasets"
+        )
+    return kind
+
+
+def _read_text(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"cannot read data file {p}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise DataError(f"cannot read data file {p}: {err.strerror or err}") from None
+
+
+def _check_objects(rows: list[Any], p: Path) -> list[Record]:
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{p}: record {i} is a {type(row).__name__}, expected a JSON object")
+    return rows
+
+
+def _read_json(p: Path) -> list[Record]:
+    """A JSON list of objects or ``{"data": [...]}``; a `.json` file that is really JSONL also works."""
+    text = _read_text(p)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # several top-level values: JSON Lines saved as .json
+            return _parse_jsonl(text, p)
+        raise DataError(f"{p} line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        raise DataError(f"{p}: expected a JSON list of objects or an object with a 'data' list")
+    return _check_objects(obj, p)
+
+
+def _read_jsonl(p: Path) -> list[Record]:
+    return _parse_jsonl(_read_text(p), p)
+
+
+def _parse_jsonl(text: str, p: Path) -> list[Record]:
+    rows: list[Record] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{p} line {lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{p} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(obj)
+    return rows
+
+
+def _read_csv(p: Path) -> list[Record]:
+    text = _read_text(p)
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    rows: list[Record] = []
+    try:
+        for row in reader:
+            if None in row:  # more cells than header columns
+                raise DataError(
+                    f"{p} line {reader.line_num}: more values than the {len(reader.fieldnames or [])} columns"
+                )
+            rows.append(dict(row))
+    except csv.Error as err:
+        raise DataError(f"{p} line {reader.line_num}: invalid CSV ({err})") from None
+    return rows
+
+
+def _read_parquet(p: Path) -> list[Record]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow is a trainer dependency
+        raise DataError(f"reading {p} needs pyarrow (pip install 'kubelora[trainer]')") from None
+    try:
+        return pq.read_table(p).to_pylist()
+    except OSError as err:
+        raise DataError(f"cannot read Parquet file {p}: {err}") from None
+    except Exception as err:  # pyarrow raises ArrowInvalid (a ValueError) for non-Parquet bytes
+        raise DataError(f"cannot read Parquet file {p}: {err}") from None
+
+
+def _select_split(ds: Any, split: str, where: str) -> Any:
+    from datasets import DatasetDict
+
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise DataError(f"{where} has no split {split!r}; splits: {', '.join(ds.keys())}")
+        return ds[split]
+    return ds
+
+
+def _read_datasets_dir(p: Path, split: str) -> list[Record]:
+    from datasets import load_from_disk
+
+    try:
+        ds = load_from_disk(str(p))
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(f"{p} is not a directory saved with `datasets` save_to_disk ({err})") from None
+    return list(_select_split(ds, split, str(p)).to_list())
+
+
+def _read_hub(dataset_id: str, split: str) -> list[Record]:
+    """Load a hub dataset; tried only when the path does not exist locally and looks like an id."""
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(dataset_id, split=split)
+    except Exception as err:  # network, auth, unknown id, unknown split: all one message for the user
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(
+            f"data path {dataset_id!r} is not a local file or directory, and loading it as a hub dataset "
+            f"(split {split!r}) failed: {reason}"
+        ) from None
+    return list(ds.to_list())
