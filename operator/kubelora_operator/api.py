@@ -1,0 +1,850 @@
+"""The LoRAFineTune API: pydantic models of the custom resource, and the checks a schema cannot express.
+
+Why pydantic here: these models are the single source of truth for the CRD schema (`crd.py`
+generates it), for validating what the API server stored, and for rendering the trainer's config.
+The trainer's own config models are embedded, never re-declared: a field added to the trainer shows
+up in the CRD by regenerating it. Where a spec field mirrors a trainer field one-to-one (output
+overwrite/merge/plot) its definition is reused from the trainer model, description and bounds
+included.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from kubelora_trainer.config import (
+    DataConfig,
+    DistributedConfig,
+    EvaluationConfig,
+    LoraSettings,
+    ModelConfig,
+    OutputConfig,
+    S3Target,
+    StrictModel,
+    TrainerConfig,
+    TrainingConfig,
+)
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+
+from .conditions import ConditionReason, ConditionType
+
+if TYPE_CHECKING:
+    from .settings import OperatorSettings
+
+GROUP = "kubelora.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "LoRAFineTune"
+PLURAL = "lorafinetunes"
+SINGULAR = "lorafinetune"
+SHORT_NAMES = ("lft",)
+CATEGORIES = ("kubelora",)
+
+#: Prefix of `data.path`/`data.evalPath` naming a file bundled with the trainer image
+#: (kubelora_trainer/sample_data/NAME); the trainer resolves it, the operator only checks the name.
+SAMPLE_SCHEME = "sample://"
+
+#: Pod paths the operator owns; a data volume may not be mounted on or under them.
+CONFIG_DIR = "/etc/kubelora"
+CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
+SSH_DIR = "/etc/kubelora-ssh"
+OUTPUT_DIR = "/output"
+TMP_DIR = "/tmp"
+CACHE_DIR = "/cache"
+SHM_DIR = "/dev/shm"
+RESERVED_MOUNT_PATHS = (CONFIG_DIR, SSH_DIR, OUTPUT_DIR, TMP_DIR, CACHE_DIR, SHM_DIR)
+
+#: Environment the operator sets on workers; `distributed.env` may not override it.
+OPERATOR_ENV = frozenset(
+    {
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+        "NODE_RANK",
+        "NNODES",
+        "NPROC_PER_NODE",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "HF_TOKEN",
+        "HOME",
+        "KUBELORA_CACHE",
+        "KUBELORA_METRICS_PORT",
+        "KUBELORA_RUN_DIR",
+        "KUBELORA_WORKER_INDEX",
+    }
+)
+
+#: Module names that exist in the bundled models, to reject typos in `lora.targetModules` early.
+KNOWN_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "smollm2-135m": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_DNS_LABEL_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
+_ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+_SAMPLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+
+# --------------------------------------------------------------------------- quantities
+
+
+_QUANTITY = re.compile(
+    r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$"
+)
+_SUFFIX = {
+    "": Decimal(1),
+    "n": Decimal("1e-9"),
+    "u": Decimal("1e-6"),
+    "m": Decimal("1e-3"),
+    "k": Decimal(10) ** 3,
+    "M": Decimal(10) ** 6,
+    "G": Decimal(10) ** 9,
+    "T": Decimal(10) ** 12,
+    "P": Decimal(10) ** 15,
+    "E": Decimal(10) ** 18,
+    "Ki": Decimal(2) ** 10,
+    "Mi": Decimal(2) ** 20,
+    "Gi": Decimal(2) ** 30,
+    "Ti": Decimal(2) ** 40,
+    "Pi": Decimal(2) ** 50,
+    "Ei": Decimal(2) ** 60,
+}
+
+
+def parse_quantity(value: str | int | float) -> Decimal:
+    """Parse a Kubernetes resource quantity ("4", "500m", "16Gi", "1e3") into a Decimal of base units."""
+    text = str(value).strip()
+    match = _QUANTITY.match(text)
+    if not match:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
+    number, suffix = match.group(1), match.group(2) or ""
+    try:
+        base = Decimal(number)
+    except InvalidOperation:  # pragma: no cover - the regex already guarantees a number
+        raise ValueError(f"{value!r} is not a Kubernetes quantity") from None
+    if suffix[:1] in ("e", "E"):
+        return base * (Decimal(10) ** int(suffix[1:]))
+    return base * _SUFFIX[suffix]
+
+
+def _quantity_in(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError("expected a quantity such as 4, 500m or 16Gi")
+    text = str(value)
+    if parse_quantity(text) <= 0:
+        raise ValueError(f"{text!r} must be greater than zero")
+    return text
+
+
+#: A positive Kubernetes quantity; YAML numbers are accepted (int-or-string in the CRD).
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_in),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}]}),
+]
+
+
+def _reuse(model: type[StrictModel], name: str) -> Any:
+    """A copy of a trainer field's definition (type bounds, default, description) for a spec field."""
+    info: FieldInfo = model.model_fields[name]
+    return copy.deepcopy(info)
+
+
+def _relative_sub_path(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = value.split("/")
+    if value.startswith("/") or ".." in parts or "" in parts:
+        raise ValueError(f"{value!r} must be a relative path without '..' or empty parts, e.g. team/run-1")
+    return value
+
+
+# --------------------------------------------------------------------------- spec: building blocks
+
+
+class WorkerResources(StrictModel):
+    """What each worker pod requests."""
+
+    gpus: int = Field(
+        1,
+        ge=0,
+        le=64,
+        description="Intel GPUs per worker (device xpu; ignored on cpu). Each local process drives one GPU.",
+    )
+    cpu: Quantity = Field(
+        "4",
+        description=(
+            "CPU cores per worker (a Kubernetes quantity). On cpu the limit equals the request and "
+            "OMP_NUM_THREADS = cores / processes per worker."
+        ),
+    )
+    memory: Quantity = Field("16Gi", description="Memory per worker (request and limit), e.g. 16Gi.")
+
+
+class PlacementSpec(StrictModel):
+    """Extra scheduling constraints, added to what the operator derives from the device."""
+
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Labels a node must carry (ANDed with the device's own requirement)."
+    )
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Pod tolerations (core/v1 Toleration objects), e.g. for tainted GPU pools."
+    )
+    affinity: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "Pod affinity (core/v1 Affinity). Required node-affinity terms are merged with the device's "
+            "requirement (AMX label on cpu)."
+        ),
+    )
+    priority_class_name: str | None = Field(None, description="PriorityClass of the worker pods.")
+
+
+class EnvVar(StrictModel):
+    """An extra environment variable for every worker."""
+
+    name: str = Field(..., pattern=_ENV_NAME, description="Variable name.")
+    value: str | None = Field(None, description="Literal value.")
+    value_from: dict[str, Any] | None = Field(
+        None, description="A core/v1 EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef)."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError(f"env {self.name}: set value or valueFrom, not both")
+        return self
+
+
+class DistributedSpec(DistributedConfig):
+    """How workers and their processes form one job: the trainer's distributed settings plus pod wiring."""
+
+    launcher: Literal["torchrun", "mpirun"] = Field(
+        "torchrun",
+        description=(
+            "`torchrun` (default): every worker runs torchrun with static rendezvous on worker 0, no SSH. "
+            "`mpirun` (opt-in): worker 0 runs mpirun over SSH to sshd in the other workers, as MPI Operator "
+            "does; the image must contain MPI and sshd."
+        ),
+    )
+    procs_per_worker: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Training processes per worker pod. Default: `resources.gpus` on xpu, 1 on cpu.",
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list, description="Extra environment for every worker (cannot override the wiring variables)."
+    )
+    ccl_env: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "oneCCL/libfabric variables overriding the operator's defaults (CCL_ATL_TRANSPORT=ofi, "
+            "FI_PROVIDER=tcp, CCL_WORKER_COUNT=1, CCL_ZE_IPC_EXCHANGE=sockets, ...)."
+        ),
+    )
+    ssh_secret: str | None = Field(
+        None,
+        pattern=_DNS_SUBDOMAIN,
+        description=(
+            "mpirun only: Secret of type kubernetes.io/ssh-auth (keys ssh-privatekey, ssh-publickey). "
+            "Default `<name>-ssh`, which the operator creates."
+        ),
+    )
+
+
+class SecretKeySelector(StrictModel):
+    """A key inside a Secret of the resource's namespace."""
+
+    name: str = Field(..., pattern=_DNS_SUBDOMAIN, max_length=253, description="Secret name.")
+    key: str = Field(..., pattern=_SECRET_KEY, description="Key inside the Secret.")
+
+
+class S3CredentialsSecret(StrictModel):
+    """The Secret holding S3 credentials; its values reach pods only as secretKeyRef env."""
+
+    name: str = Field(..., pattern=_DNS_SUBDOMAIN, max_length=253, description="Secret name.")
+    access_key_id_key: str = Field(
+        "AWS_ACCESS_KEY_ID", pattern=_SECRET_KEY, description="Key holding the access key id."
+    )
+    secret_access_key_key: str = Field(
+        "AWS_SECRET_ACCESS_KEY", pattern=_SECRET_KEY, description="Key holding the secret access key."
+    )
+    session_token_key: str | None = Field(
+        None, pattern=_SECRET_KEY, description="Optional key holding a session token."
+    )
+
+
+class ClaimRef(StrictModel):
+    """A PersistentVolumeClaim of the resource's namespace and a directory inside it."""
+
+    claim_name: str = Field(..., pattern=_DNS_SUBDOMAIN, max_length=253, description="PVC name.")
+    sub_path: str | None = Field(
+        None,
+        description="Directory inside the claim (relative). Default for outputs: `<namespace>/<name>`.",
+    )
+
+    @field_validator("sub_path")
+    @classmethod
+    def _check_sub_path(cls, value: str | None) -> str | None:
+        return _relative_sub_path(value)
+
+
+class S3Output(S3Target):
+    """Upload the finished adapter to S3 (rank 0, manifest last); credentials from a Secret."""
+
+    credentials_secret: S3CredentialsSecret | None = Field(
+        None,
+        description="Secret with the access key pair. Absent: the pod's ambient credentials (e.g. workload identity).",
+    )
+    workdir_pvc: ClaimRef | None = Field(
+        None,
+        description=(
+            "PVC for the run dir (checkpoints) while training, so that restarts and suspend/resume continue "
+            "from checkpoints. Absent: an emptyDir, and a restart starts over."
+        ),
+    )
+
+
+class OutputSpec(StrictModel):
+    """Where the run dir lives and where the adapter is delivered: exactly one of `pvc` or `s3`."""
+
+    pvc: ClaimRef | None = Field(
+        None, description="Write the run dir into this claim under `subPath` (default `<namespace>/<name>`)."
+    )
+    s3: S3Output | None = Field(None, description="Upload the finished adapter to this S3 prefix.")
+    overwrite: bool = _reuse(OutputConfig, "overwrite")
+    merge: bool = _reuse(OutputConfig, "merge")
+    plot: bool = _reuse(OutputConfig, "plot")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> OutputSpec:
+        if (self.pvc is None) == (self.s3 is None):
+            raise ValueError("output: set exactly one of pvc or s3")
+        return self
+
+
+class PvcDataVolume(ClaimRef):
+    """A PVC with the dataset, mounted read-only."""
+
+    sub_path: str | None = Field(
+        None, description="Directory inside the claim to mount (relative). Default: the claim's root."
+    )
+
+    mount_path: str = Field("/data", pattern=r"^/", description="Absolute mount path in the pod.")
+
+
+class ConfigMapDataVolume(StrictModel):
+    """A ConfigMap with (small) data files, mounted read-only; each key becomes a file."""
+
+    name: str = Field(..., pattern=_DNS_SUBDOMAIN, max_length=253, description="ConfigMap name.")
+    mount_path: str = Field("/data", pattern=r"^/", description="Absolute mount path in the pod.")
+
+
+class DataVolumeSpec(StrictModel):
+    """A volume with the training data; `data.path` then points inside `mountPath`."""
+
+    pvc: PvcDataVolume | None = Field(None, description="Mount a PVC (read-only).")
+    config_map: ConfigMapDataVolume | None = Field(None, description="Mount a ConfigMap (read-only).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DataVolumeSpec:
+        if (self.pvc is None) == (self.config_map is None):
+            raise ValueError("dataVolume: set exactly one of pvc or configMap")
+        return self
+
+    @property
+    def mount_path(self) -> str:
+        """Where the volume appears in the pod."""
+        src = self.pvc or self.config_map
+        assert src is not None
+        return src.mount_path
+
+
+class SecretsSpec(StrictModel):
+    """Secrets the trainer may need (only ever passed as secretKeyRef env)."""
+
+    hub_token_secret: SecretKeySelector | None = Field(
+        None, description="Hugging Face hub token, exposed to the trainer as HF_TOKEN."
+    )
+
+
+# --------------------------------------------------------------------------- spec
+
+
+class LoRAFineTuneSpec(StrictModel):
+    """Desired state: the trainer's recipe plus how many pods, on which hardware, writing where."""
+
+    model: ModelConfig = _reuse(TrainerConfig, "model")
+    data: DataConfig = Field(
+        ...,
+        description=(
+            "Instruction data and its prompt template. `path` is a path inside the pod (on `dataVolume`), "
+            "a hub dataset id, or `sample://NAME` for a file bundled with the trainer image."
+        ),
+    )
+    lora: LoraSettings = _reuse(TrainerConfig, "lora")
+    training: TrainingConfig = _reuse(TrainerConfig, "training")
+    evaluation: EvaluationConfig = _reuse(TrainerConfig, "evaluation")
+    data_volume: DataVolumeSpec | None = Field(None, description="Volume holding the training data.")
+    device: Literal["auto", "xpu", "cpu"] = Field(
+        "auto",
+        description=(
+            "`xpu`: Intel GPUs via the device plugin; `cpu`: AMX-capable Xeon nodes; `auto`: xpu when nodes "
+            "offer enough GPUs, else cpu on AMX nodes (decision and reason in status.placement)."
+        ),
+    )
+    workers: int = Field(1, ge=1, le=256, description="Number of worker pods.")
+    resources: WorkerResources = Field(
+        default_factory=lambda: WorkerResources.model_validate({}), description="Per-worker resources."
+    )
+    image: str | None = Field(
+        None, min_length=1, description="Trainer image. Default: the operator's image for the placed device."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None, description="Image pull policy. Default: the operator's setting (IfNotPresent)."
+    )
+    placement: PlacementSpec = Field(
+        default_factory=lambda: PlacementSpec.model_validate({}), description="Extra scheduling constraints."
+    )
+    distributed: DistributedSpec = Field(
+        default_factory=lambda: DistributedSpec.model_validate({}), description="Multi-process wiring."
+    )
+    output: OutputSpec = Field(..., description="Run dir and artifact delivery (a PVC or S3).")
+    secrets: SecretsSpec = Field(
+        default_factory=lambda: SecretsSpec.model_validate({}), description="Secrets for the trainer."
+    )
+    backoff_limit: int = Field(
+        3, ge=0, le=100, description="Restarts (from the newest checkpoint) after a worker fails, before Failed."
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Wall-clock limit from start; when exceeded, pods are removed and the run Failed."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the resource (and its children) this long after it Succeeded or Failed."
+    )
+    suspend: bool = Field(
+        False, description="true: remove worker pods, keep checkpoints; false again: resume from the newest one."
+    )
+
+    def procs_per_worker(self, device: str) -> int:
+        """Processes per worker on the placed device: explicit, else one per GPU on xpu, one on cpu."""
+        if self.distributed.procs_per_worker is not None:
+            return self.distributed.procs_per_worker
+        return max(1, self.resources.gpus) if device == "xpu" else 1
+
+    def to_trainer_config(self, *, device: str, run_dir: str = OUTPUT_DIR) -> TrainerConfig:
+        """The trainer's config for the pods: the embedded sections plus operator-decided fields.
+
+        S3 credentials never enter it (they are env from a Secret); `output.dir` is the pod path of the
+        run dir. Raises pydantic's ValidationError when the trainer's cross-field rules reject it.
+        """
+        s3 = None
+        if self.output.s3 is not None:
+            s3 = S3Target.model_validate(self.output.s3.model_dump(include=set(S3Target.model_fields)))
+        return TrainerConfig(
+            model=self.model.model_copy(deep=True),
+            data=self.data.model_copy(deep=True),
+            lora=self.lora.model_copy(deep=True),
+            training=self.training.model_copy(deep=True),
+            evaluation=self.evaluation.model_copy(deep=True),
+            distributed=DistributedConfig.model_validate(
+                self.distributed.model_dump(include=set(DistributedConfig.model_fields))
+            ),
+            output=OutputConfig(
+                dir=run_dir,
+                overwrite=self.output.overwrite,
+                merge=self.output.merge,
+                plot=self.output.plot,
+                s3=s3,
+            ),
+            device=device,  # type: ignore[arg-type]
+            ipex=False,  # IPEX is retired upstream; not offered through the CRD
+        )
+
+
+# --------------------------------------------------------------------------- status
+
+
+class _StatusModel(StrictModel):
+    """Status parts read back leniently: unknown keys (older/newer operators) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Condition(_StatusModel):
+    """A Kubernetes-style condition."""
+
+    type: str = Field(..., description="Condition type: " + ", ".join(t.value for t in ConditionType) + ".")
+    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
+    reason: str = Field(
+        ..., description="CamelCase reason, one of: " + ", ".join(r.value for r in ConditionReason) + "."
+    )
+    message: str = Field("", description="Human-readable details.")
+    last_transition_time: str | None = Field(None, description="When the status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation the condition is about.")
+
+
+class PlacementStatus(_StatusModel):
+    """The placement decision."""
+
+    device: Literal["xpu", "cpu"] | None = Field(None, description="Device the workers were placed on.")
+    node_pool: str | None = Field(
+        None, description="What selects the nodes, e.g. `gpu.intel.com/i915>=1` or the AMX label."
+    )
+    reason: str | None = Field(None, description="Why this placement (what nodes offer, what was asked).")
+
+
+class ProgressStatus(_StatusModel):
+    """Training progress as reported by rank 0's metrics."""
+
+    step: int | None = Field(None, ge=0, description="Optimiser steps done.")
+    total_steps: int | None = Field(None, ge=0, description="Optimiser steps planned.")
+    epoch: float | None = Field(None, ge=0, description="Epochs done (fractional).")
+    train_loss: float | None = Field(None, description="Last logged training loss.")
+    eval_loss: float | None = Field(None, description="Last held-out loss.")
+    tokens_per_second: float | None = Field(None, ge=0, description="Training throughput over all ranks.")
+    eta_seconds: int | None = Field(None, ge=0, description="Estimated seconds to the end of training.")
+    percent: int | None = Field(None, ge=0, le=100, description="step / totalSteps in percent.")
+
+
+class ArtifactStatus(_StatusModel):
+    """The delivered adapter."""
+
+    uri: str | None = Field(None, description="Where the adapter is: pvc://claim/subPath/adapter or s3://...")
+    size_bytes: int | None = Field(None, ge=0, description="Size of adapter_model.safetensors in bytes.")
+    sha256: str | None = Field(None, description="SHA-256 of adapter_model.safetensors (hex).")
+
+
+class WorkersStatus(_StatusModel):
+    """Worker pods of the current attempt."""
+
+    ready: int = Field(0, ge=0, description="Worker pods running.")
+    total: int = Field(0, ge=0, description="Worker pods wanted.")
+
+
+class LoRAFineTuneStatus(_StatusModel):
+    """Observed state, written by the operator only."""
+
+    conditions: list[Condition] = Field(default_factory=list, description="Current conditions.")
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation last acted on.")
+    phase: str | None = Field(
+        None,
+        description=(
+            "Summary of the conditions: Pending, Invalid, Unschedulable, Starting, Running, Restarting, "
+            "Suspended, Succeeded or Failed."
+        ),
+    )
+    start_time: str | None = Field(None, description="When worker pods were first created (RFC 3339).")
+    completion_time: str | None = Field(None, description="When the run Succeeded or Failed (RFC 3339).")
+    placement: PlacementStatus | None = Field(None, description="Placement decision and its reason.")
+    progress: ProgressStatus | None = Field(None, description="Training progress.")
+    artifact: ArtifactStatus | None = Field(None, description="The delivered adapter.")
+    restarts: int = Field(0, ge=0, description="Restarts after worker failures so far (attempt number).")
+    workers: WorkersStatus | None = Field(None, description="Worker pods ready/total.")
+
+
+# --------------------------------------------------------------------------- the resource and its checks
+
+
+class SpecError(ValueError):
+    """The spec is rejected; `problems` are specific one-line messages for a condition and an Event."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def _format_errors(err: ValidationError, prefix: str = "spec") -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        msg = e["msg"].removeprefix("Value error, ")
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def parse_spec(raw: Mapping[str, Any]) -> LoRAFineTuneSpec:
+    """Validate a raw spec mapping (as stored by the API server); raises SpecError."""
+    try:
+        return LoRAFineTuneSpec.model_validate(dict(raw))
+    except ValidationError as err:
+        raise SpecError(_format_errors(err)) from None
+
+
+@dataclass(frozen=True)
+class LoRAFineTuneResource:
+    """The identity of one LoRAFineTune plus its parsed spec: everything `plan` needs from the object."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: LoRAFineTuneSpec
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> LoRAFineTuneResource:
+        """Build from a kopf body / API object; raises SpecError when the spec is rejected."""
+        meta = body.get("metadata", {})
+        return cls(
+            name=meta["name"],
+            namespace=meta.get("namespace") or "default",
+            uid=meta.get("uid", ""),
+            generation=int(meta.get("generation") or 1),
+            spec=parse_spec(body.get("spec") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class Reference:
+    """An object in the resource's namespace that must exist before pods are created."""
+
+    kind: Literal["Secret", "PersistentVolumeClaim", "ConfigMap"]
+    name: str
+    field: str
+    key: str | None = None
+
+    @property
+    def reason(self) -> ConditionReason:
+        """The Validated=False reason when it is missing."""
+        return {
+            "Secret": ConditionReason.SECRET_NOT_FOUND,
+            "PersistentVolumeClaim": ConditionReason.PVC_NOT_FOUND,
+            "ConfigMap": ConditionReason.CONFIG_MAP_NOT_FOUND,
+        }[self.kind]
+
+    def missing_message(self) -> str:
+        """The message for a missing object (or key)."""
+        what = f"{self.kind} {self.name!r}"
+        if self.key is not None:
+            return f"spec.{self.field}: {what} (key {self.key!r}) not found in the namespace"
+        return f"spec.{self.field}: {what} not found in the namespace"
+
+
+def references(spec: LoRAFineTuneSpec) -> list[Reference]:
+    """Secrets, PVCs and ConfigMaps the spec points at (the handler checks they exist, keys included)."""
+    refs: list[Reference] = []
+    out = spec.output
+    if out.pvc is not None:
+        refs.append(Reference("PersistentVolumeClaim", out.pvc.claim_name, "output.pvc.claimName"))
+    if out.s3 is not None:
+        if out.s3.workdir_pvc is not None:
+            refs.append(
+                Reference("PersistentVolumeClaim", out.s3.workdir_pvc.claim_name, "output.s3.workdirPvc.claimName")
+            )
+        cred = out.s3.credentials_secret
+        if cred is not None:
+            field = "output.s3.credentialsSecret"
+            refs.append(Reference("Secret", cred.name, field, cred.access_key_id_key))
+            refs.append(Reference("Secret", cred.name, field, cred.secret_access_key_key))
+            if cred.session_token_key:
+                refs.append(Reference("Secret", cred.name, field, cred.session_token_key))
+    if spec.data_volume is not None:
+        if spec.data_volume.pvc is not None:
+            refs.append(Reference("PersistentVolumeClaim", spec.data_volume.pvc.claim_name, "dataVolume.pvc.claimName"))
+        if spec.data_volume.config_map is not None:
+            refs.append(Reference("ConfigMap", spec.data_volume.config_map.name, "dataVolume.configMap.name"))
+    hub = spec.secrets.hub_token_secret
+    if hub is not None:
+        refs.append(Reference("Secret", hub.name, "secrets.hubTokenSecret", hub.key))
+    if spec.distributed.launcher == "mpirun" and spec.distributed.ssh_secret:
+        refs.append(Reference("Secret", spec.distributed.ssh_secret, "distributed.sshSecret", "ssh-privatekey"))
+        refs.append(Reference("Secret", spec.distributed.ssh_secret, "distributed.sshSecret", "ssh-publickey"))
+    return refs
+
+
+def validate_name(name: str, workers: int) -> list[str]:
+    """The resource name must yield valid child names: `<name>-workers` (a Service, DNS-1035 label)
+    and `<name>-worker-<i>` hostnames, both at most 63 characters."""
+    problems = []
+    if not _DNS_LABEL_1035.match(name):
+        problems.append(
+            f"metadata.name {name!r}: must start with a letter and hold only lowercase letters, digits and '-' "
+            "(it names a Service and pod hostnames)"
+        )
+    longest = f"{name}-worker-{max(workers - 1, 0)}"
+    if len(longest) > 63 or len(f"{name}-workers") > 63:
+        problems.append(
+            f"metadata.name {name!r} is too long: child hostname {longest!r} would exceed 63 characters "
+            f"(keep the name at most {63 - len(longest) + len(name)} characters)"
+        )
+    return problems
+
+
+def _under(path: str, root: str) -> bool:
+    root = root.rstrip("/") or "/"
+    return path == root or path.startswith(root + "/")
+
+
+def _check_pod_path(field: str, value: str | None, spec: LoRAFineTuneSpec, *, allow_sample: bool) -> list[str]:
+    """A path the trainer opens in the pod must be reachable there."""
+    if not value:
+        return []
+    if value.startswith(SAMPLE_SCHEME):
+        name = value[len(SAMPLE_SCHEME) :]
+        if not allow_sample:
+            return [f"spec.{field}: {SAMPLE_SCHEME} names bundled data files and cannot be used here"]
+        if not _SAMPLE_NAME.match(name):
+            return [
+                f"spec.{field}: {value!r} is not a bundled sample; use {SAMPLE_SCHEME}FILE with a plain file name "
+                "such as sample://train.jsonl"
+            ]
+        return []
+    if value.startswith("/"):
+        mounted = spec.data_volume.mount_path if spec.data_volume else None
+        if mounted and _under(value, mounted):
+            return []
+        if spec.image is not None:
+            return []  # a custom image may ship the file; nothing to check
+        where = f"the dataVolume is mounted at {mounted}" if mounted else "no dataVolume is mounted"
+        return [
+            f"spec.{field}: {value!r} is not on a mounted volume ({where}); mount it with spec.dataVolume, "
+            f"use {SAMPLE_SCHEME}NAME for bundled data, or bring an image that contains it"
+        ]
+    if value.lower().endswith(_FILE_SUFFIXES):
+        return [
+            f"spec.{field}: relative file path {value!r} does not exist in the pod; give an absolute path on "
+            f"spec.dataVolume or {SAMPLE_SCHEME}NAME for bundled data"
+        ]
+    return []  # a hub id
+
+
+def validate_spec(spec: LoRAFineTuneSpec, settings: OperatorSettings) -> list[str]:
+    """Problems the schema cannot express, as specific messages (empty: valid).
+
+    Covers device/GPU/process consistency, launcher/backend/DeepSpeed combinations, data reachability
+    inside the pod, known LoRA target modules of bundled models, mount path collisions, env overrides
+    of operator-managed variables, and the trainer's own cross-field rules.
+    """
+    problems: list[str] = []
+    dist = spec.distributed
+    gpus = spec.resources.gpus
+    devices = ("xpu", "cpu") if spec.device == "auto" else (spec.device,)
+
+    if spec.device == "xpu" and gpus < 1:
+        problems.append("spec.resources.gpus is 0 but device is xpu: each xpu worker needs at least one GPU")
+    if "xpu" in devices and gpus >= 1 and dist.procs_per_worker is not None and dist.procs_per_worker != gpus:
+        hint = " (set device: cpu to run several processes per CPU worker)" if spec.device == "auto" else ""
+        problems.append(
+            f"spec.distributed.procsPerWorker ({dist.procs_per_worker}) must equal spec.resources.gpus ({gpus}) "
+            f"on xpu: each process drives one GPU{hint}"
+        )
+
+    world = [spec.workers * spec.procs_per_worker(d) for d in devices]
+    if spec.data.max_samples is not None:
+        needed = max(world) * spec.training.micro_batch_size
+        if spec.data.max_samples < needed:
+            problems.append(
+                f"spec.data.maxSamples ({spec.data.max_samples}) is smaller than one batch per process "
+                f"({max(world)} processes x microBatchSize {spec.training.micro_batch_size} = {needed})"
+            )
+
+    if dist.backend == "nccl":
+        problems.append(
+            "spec.distributed.backend nccl needs CUDA GPUs; kubelora places on Intel GPUs (xccl) or CPUs (gloo, ccl)"
+        )
+    if dist.backend == "xccl" and spec.device == "cpu":
+        problems.append("spec.distributed.backend xccl needs Intel GPUs but device is cpu; use gloo or auto")
+    if dist.backend == "gloo" and spec.device == "xpu":
+        problems.append("spec.distributed.backend gloo cannot reduce XPU tensors; use xccl or auto on xpu")
+    if dist.backend == "mpi" and dist.launcher != "mpirun":
+        problems.append("spec.distributed.backend mpi needs launcher mpirun (processes get their rank from MPI)")
+    if dist.launcher == "mpirun" and dist.deepspeed_stage != 0:
+        problems.append(
+            f"spec.distributed.deepspeedStage {dist.deepspeed_stage} is supported with launcher torchrun only; "
+            "use torchrun or deepspeedStage 0"
+        )
+    if dist.deepspeed_stage == 3 and max(world) == 1:
+        problems.append("spec.distributed.deepspeedStage 3 shards weights across processes but there is only one")
+
+    for i, env in enumerate(dist.env):
+        if env.name in OPERATOR_ENV:
+            problems.append(f"spec.distributed.env[{i}]: {env.name} is set by the operator and cannot be overridden")
+    env_name = re.compile(_ENV_NAME)
+    for key in dist.ccl_env:
+        if not env_name.match(key):
+            problems.append(f"spec.distributed.cclEnv: {key!r} is not a valid environment variable name")
+
+    problems += _check_pod_path("data.path", spec.data.path, spec, allow_sample=True)
+    problems += _check_pod_path("data.evalPath", spec.data.eval_path, spec, allow_sample=True)
+    problems += _check_pod_path("distributed.deepspeedConfig", dist.deepspeed_config, spec, allow_sample=False)
+    if spec.model.name_or_path.startswith("/"):
+        problems += _check_pod_path("model.nameOrPath", spec.model.name_or_path, spec, allow_sample=False)
+
+    if spec.data_volume is not None:
+        mount = spec.data_volume.mount_path
+        for reserved in RESERVED_MOUNT_PATHS:
+            if _under(mount, reserved) or _under(reserved, mount):
+                problems.append(
+                    f"spec.dataVolume mountPath {mount!r} collides with {reserved}, which the operator uses"
+                )
+                break
+
+    known = KNOWN_TARGET_MODULES.get(spec.model.name_or_path)
+    if known is not None and isinstance(spec.lora.target_modules, list):
+        unknown = [m for m in spec.lora.target_modules if m not in known]
+        if unknown:
+            problems.append(
+                f"spec.lora.targetModules: {', '.join(unknown)} not in model {spec.model.name_or_path} "
+                f"(known: {', '.join(known)}, or all-linear)"
+            )
+
+    for device in devices:
+        image = spec.image or settings.image_for(device)
+        if not image:
+            problems.append(f"spec.image is not set and the operator has no default image for {device}")
+    try:
+        spec.to_trainer_config(device=devices[0])
+    except ValidationError as err:
+        problems += _format_errors(err)
+    return problems
+
+
+def check_resource(
+    name: str, raw_spec: Mapping[str, Any], settings: OperatorSettings
+) -> tuple[LoRAFineTuneSpec | None, list[str]]:
+    """Everything that can be checked without the API server: (parsed spec or None, problems)."""
+    try:
+        spec = parse_spec(raw_spec)
+    except SpecError as err:
+        return None, err.problems
+    problems = validate_name(name, spec.workers) + validate_spec(spec, settings)
+    return (spec if not problems else None), problems
+
+
+def pvc_problems(spec: LoRAFineTuneSpec, claim_name: str, access_modes: list[str], *, read_only: bool) -> list[str]:
+    """Several workers on different nodes can share a claim only with a *Many access mode.
+
+    The handler calls this with the PVC's `spec.accessModes` (read_only for the data volume). A
+    ReadWriteOnce claim still works when all workers land on one node, but that is not guaranteed, so
+    it is reported instead of leaving pods Pending on a multi-attach error.
+    """
+    if spec.workers <= 1:
+        return []
+    ok = {"ReadWriteMany"} | ({"ReadOnlyMany"} if read_only else set())
+    if ok & set(access_modes):
+        return []
+    need = " or ".join(sorted(ok))
+    return [
+        f"PVC {claim_name!r} has access modes {', '.join(access_modes) or 'none'}; {spec.workers} workers "
+        f"on several nodes need {need}"
+    ]

@@ -1,0 +1,150 @@
+"""Operator settings: cluster-specific knobs that do not belong in each LoRAFineTune.
+
+Why separate from the CR: the Intel GPU resource name, NFD labels, default images and oneCCL
+transport depend on how a cluster was set up (device plugin version, NFD rules, network), not on one
+fine-tuning run. The Helm chart mounts them as a YAML file (camelCase keys, like chart values) and
+single values can be overridden with `KUBELORA_<UPPER_SNAKE_NAME>` environment variables (dicts and
+lists as JSON), env winning over the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+ENV_PREFIX = "KUBELORA_"
+SETTINGS_FILE_ENV = "KUBELORA_SETTINGS_FILE"
+
+DEFAULT_CCL_ENV: dict[str, str] = {
+    # Multi-node oneCCL over plain pod networking: OFI with the TCP provider works on every CNI.
+    "CCL_ATL_TRANSPORT": "ofi",
+    "FI_PROVIDER": "tcp",
+    # One progress thread per process; more only steals cores from the trainer.
+    "CCL_WORKER_COUNT": "1",
+    # GPU IPC handles exchanged over sockets: pidfd needs ptrace rights a restricted pod lacks.
+    "CCL_ZE_IPC_EXCHANGE": "sockets",
+    "CCL_LOG_LEVEL": "warn",
+}
+
+
+class SettingsError(ValueError):
+    """Invalid operator settings (file or environment), with a one-line message."""
+
+
+class OperatorSettings(BaseModel):
+    """Cluster-level configuration of the operator (Helm values `operator.settings`)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, validate_by_name=True, validate_by_alias=True, extra="forbid", frozen=True
+    )
+
+    gpu_resource: str = Field(
+        "gpu.intel.com/i915",
+        min_length=1,
+        description="Extended resource of the Intel GPU device plugin (`gpu.intel.com/xe` for the Xe driver).",
+    )
+    gpu_node_label: str | None = Field(
+        None,
+        description=(
+            "Optional `key=value` (or bare `key`) label that xpu workers additionally require, e.g. the NFD "
+            "label `intel.feature.node.kubernetes.io/gpu=true`. The resource request alone already restricts "
+            "pods to nodes with the device plugin."
+        ),
+    )
+    gpu_supplemental_groups: list[int] = Field(
+        default_factory=list,
+        description=(
+            "Extra group ids for xpu pods, e.g. the host's `render` group, needed where the container runtime "
+            "does not hand /dev/dri devices to non-root users (containerd device_ownership_from_security_context)."
+        ),
+    )
+    amx_node_label: str = Field(
+        "feature.node.kubernetes.io/cpu-cpuid.AMXBF16=true",
+        min_length=1,
+        description="`key=value` (or bare `key`) NFD label of AMX-capable Xeon nodes; cpu workers require it.",
+    )
+    cpu_image: str = Field("kubelora/trainer-cpu:0.1.0", min_length=1, description="Default trainer image for cpu.")
+    xpu_image: str = Field("kubelora/trainer-xpu:0.1.0", min_length=1, description="Default trainer image for xpu.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Default imagePullPolicy of trainer pods."
+    )
+    ccl_env: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_CCL_ENV),
+        description="oneCCL/libfabric environment for every worker; `spec.distributed.cclEnv` overrides keys.",
+    )
+    cpu_env: dict[str, str] = Field(
+        default_factory=lambda: {"KMP_BLOCKTIME": "1"},
+        description="Extra thread environment for cpu workers (OMP_NUM_THREADS is derived from the CPU request).",
+    )
+    master_port: int = Field(29500, ge=1024, le=65535, description="torch.distributed rendezvous port of worker 0.")
+    metrics_port: int = Field(9400, ge=1024, le=65535, description="Port of the trainer's Prometheus metrics.")
+    ssh_port: int = Field(2222, ge=1024, le=65535, description="Port of the workers' sshd (launcher mpirun only).")
+    service_account: str | None = Field(
+        None, description="ServiceAccount of trainer pods (their API token is never mounted)."
+    )
+    run_as_user: int = Field(1000, ge=1, description="Non-root uid (and gid, fsGroup) of trainer pods.")
+    dns_wait_seconds: int = Field(
+        300, ge=0, description="How long a worker waits for peers' DNS names before starting anyway."
+    )
+    shm_size_limit: str | None = Field(None, description="sizeLimit of the memory-backed /dev/shm volume.")
+    cache_size_limit: str | None = Field(None, description="sizeLimit of the /cache emptyDir (converted models).")
+
+    def image_for(self, device: str) -> str:
+        """Default trainer image for a placed device (`xpu` or `cpu`)."""
+        return self.xpu_image if device == "xpu" else self.cpu_image
+
+
+def parse_label(label: str) -> tuple[str, str | None]:
+    """Split `key=value` into (key, value); a bare `key` gives (key, None), meaning "label exists"."""
+    key, sep, value = label.partition("=")
+    return key.strip(), (value.strip() if sep else None)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, field in OperatorSettings.model_fields.items():
+        var = ENV_PREFIX + name.upper()
+        if var not in environ:
+            continue
+        raw = environ[var]
+        annotation = str(field.annotation)
+        if "dict" in annotation or "list" in annotation:
+            try:
+                out[name] = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise SettingsError(f"{var} must be JSON: {err}") from None
+        elif raw == "" and "None" in annotation:
+            out[name] = None
+        else:
+            out[name] = raw
+    return out
+
+
+def load_settings(environ: Mapping[str, str] | None = None, path: str | Path | None = None) -> OperatorSettings:
+    """Settings from an optional YAML file (`path` or $KUBELORA_SETTINGS_FILE), then env overrides."""
+    env = os.environ if environ is None else environ
+    path = path or env.get(SETTINGS_FILE_ENV)
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise SettingsError(f"cannot read operator settings file {path}: {err}") from None
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"operator settings file {path} must hold a mapping")
+        # Normalise camelCase file keys to field names so env (snake) overrides the same key.
+        by_alias = {str(to_camel(n)): n for n in OperatorSettings.model_fields}
+        data = {str(by_alias.get(k, k)): v for k, v in loaded.items()}
+    data.update(_env_overrides(env))
+    try:
+        return OperatorSettings.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise SettingsError(f"invalid operator settings: {problems}") from None

@@ -1,0 +1,212 @@
+"""The generated CRD: committed file in sync, structural for Kubernetes 1.20+, described everywhere."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubelora_operator.__main__ import main
+from kubelora_operator.crd import build_crd, crd_yaml, to_structural
+
+REPO = Path(__file__).resolve().parents[2]
+COMMITTED = REPO / "crds" / "lorafinetunes.kubelora.dev.yaml"
+
+# The OpenAPI v3 subset apiextensions.k8s.io/v1 accepts in a structural schema (we emit no defaults).
+ALLOWED = {
+    "type", "format", "description", "enum", "maximum", "minimum", "exclusiveMaximum", "exclusiveMinimum",
+    "maxLength", "minLength", "pattern", "maxItems", "minItems", "multipleOf", "maxProperties",
+    "minProperties", "required", "items", "properties", "additionalProperties", "nullable",
+}  # fmt: skip
+TYPES = {"object", "array", "string", "integer", "number", "boolean"}
+PY_TYPE = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
+
+
+def structural_problems(node: Any, path: str = "") -> list[str]:
+    """A small checker of Kubernetes' structural-schema rules (plus what 1.20 rejects)."""
+    out: list[str] = []
+    if not isinstance(node, dict):
+        return [f"{path}: schema is not an object"]
+    for key in node:
+        if key not in ALLOWED and not key.startswith("x-kubernetes-"):
+            out.append(f"{path}: key {key!r} not allowed (no $ref, anyOf, title, default, const...)")
+    int_or_string = node.get("x-kubernetes-int-or-string") is True
+    preserve = node.get("x-kubernetes-preserve-unknown-fields") is True
+    kind = node.get("type")
+    if kind is None and not (int_or_string or preserve):
+        out.append(f"{path}: no type (only int-or-string or preserve-unknown-fields nodes may omit it)")
+    if kind is not None and kind not in TYPES:
+        out.append(f"{path}: unknown type {kind!r}")
+    if int_or_string and kind is not None:
+        out.append(f"{path}: int-or-string with a type")
+    if "properties" in node and "additionalProperties" in node:
+        out.append(f"{path}: properties and additionalProperties together")
+    if "additionalProperties" in node and not isinstance(node["additionalProperties"], dict):
+        out.append(f"{path}: additionalProperties must be a schema")
+    for bound in ("exclusiveMinimum", "exclusiveMaximum"):
+        if bound in node and not isinstance(node[bound], bool):
+            out.append(f"{path}: {bound} must be a boolean in OpenAPI v3.0")
+    if "nullable" in node and not isinstance(node["nullable"], bool):
+        out.append(f"{path}: nullable must be a boolean")
+    if "pattern" in node:
+        re.compile(node["pattern"])
+    if "enum" in node and kind in PY_TYPE:
+        bad = [
+            v for v in node["enum"] if not isinstance(v, PY_TYPE[kind]) or isinstance(v, bool) != (kind == "boolean")
+        ]
+        if bad:
+            out.append(f"{path}: enum values {bad} are not {kind}")
+    if (kind == "array") != ("items" in node):
+        out.append(f"{path}: arrays need exactly one items schema")
+    if ("properties" in node or "additionalProperties" in node) and kind != "object":
+        out.append(f"{path}: properties on a non-object")
+    for req in node.get("required", []):
+        if req not in node.get("properties", {}):
+            out.append(f"{path}: required {req!r} is not a property")
+    for name, sub in node.get("properties", {}).items():
+        out += structural_problems(sub, f"{path}.{name}")
+    if isinstance(node.get("additionalProperties"), dict):
+        out += structural_problems(node["additionalProperties"], f"{path}[*]")
+    if "items" in node:
+        out += structural_problems(node["items"], f"{path}[]")
+    return out
+
+
+def undescribed(node: dict[str, Any], path: str = "") -> list[str]:
+    """Properties without a description (kubectl explain would show nothing)."""
+    out = []
+    for name, sub in node.get("properties", {}).items():
+        if not str(sub.get("description", "")).strip() and f"{path}.{name}" != ".metadata":
+            out.append(f"{path}.{name}")
+        out += undescribed(sub, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        out += undescribed(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        out += undescribed(node["additionalProperties"], f"{path}[*]")
+    return out
+
+
+def schema() -> dict[str, Any]:
+    return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def lookup(root: dict[str, Any], json_path: str) -> dict[str, Any]:
+    node = root
+    for part in json_path.strip(".").split("."):
+        node = node["properties"][part]
+    return node
+
+
+def test_committed_crd_matches_the_generator() -> None:
+    assert COMMITTED.exists(), "run: python -m kubelora_operator crd > crds/lorafinetunes.kubelora.dev.yaml"
+    assert COMMITTED.read_text() == crd_yaml(), (
+        "crds/lorafinetunes.kubelora.dev.yaml drifted from the models; regenerate it with "
+        "`python -m kubelora_operator crd > crds/lorafinetunes.kubelora.dev.yaml`"
+    )
+
+
+def test_cli_prints_the_crd(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["crd"]) == 0
+    assert capsys.readouterr().out == crd_yaml()
+    with pytest.raises(SystemExit):
+        main([])
+
+
+def test_yaml_is_deterministic_and_loads() -> None:
+    text = crd_yaml()
+    assert text == crd_yaml()
+    assert yaml.safe_load(text) == build_crd()
+
+
+def test_names_scope_subresources() -> None:
+    crd = build_crd()
+    assert crd["apiVersion"] == "apiextensions.k8s.io/v1"
+    assert crd["metadata"]["name"] == "lorafinetunes.kubelora.dev"
+    spec = crd["spec"]
+    assert spec["group"] == "kubelora.dev" and spec["scope"] == "Namespaced"
+    assert spec["names"] == {
+        "kind": "LoRAFineTune",
+        "listKind": "LoRAFineTuneList",
+        "plural": "lorafinetunes",
+        "singular": "lorafinetune",
+        "shortNames": ["lft"],
+        "categories": ["kubelora"],
+    }
+    (version,) = spec["versions"]
+    assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
+    assert version["subresources"] == {"status": {}}
+
+
+def test_schema_is_structural() -> None:
+    root = schema()
+    assert structural_problems(root) == []
+    assert root["properties"]["metadata"] == {"type": "object"}
+    assert root["required"] == ["spec"]
+    assert "$ref" not in crd_yaml() and "anyOf" not in crd_yaml() and "title:" not in crd_yaml()
+
+
+def test_every_property_has_a_description() -> None:
+    assert undescribed(schema()) == []
+
+
+def test_conversions_of_tricky_fields() -> None:
+    root = schema()
+    spec = root["properties"]["spec"]
+    assert lookup(spec, "lora.targetModules") == {
+        "description": lookup(spec, "lora.targetModules")["description"],
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
+    assert lookup(spec, "training.resume")["type"] == "string" and "enum" not in lookup(spec, "training.resume")
+    assert lookup(spec, "resources.cpu")["x-kubernetes-int-or-string"] is True
+    assert lookup(spec, "training.learningRate") == {
+        "description": "Peak learning rate of AdamW.",
+        "type": "number",
+        "minimum": 0,
+        "exclusiveMinimum": True,
+    }
+    assert lookup(spec, "distributed.deepspeedStage")["enum"] == [0, 2, 3]
+    assert lookup(spec, "training.maxSteps")["nullable"] is True
+    tolerations = lookup(spec, "placement.tolerations")
+    assert tolerations["items"] == {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    affinity = lookup(spec, "placement.affinity")
+    assert affinity["x-kubernetes-preserve-unknown-fields"] is True and affinity["type"] == "object"
+    assert lookup(spec, "data.fieldMap")["additionalProperties"] == {"type": "string"}
+    assert lookup(spec, "workers")["minimum"] == 1
+    assert set(spec["required"]) == {"data", "output"}
+    # S3 credentials live only in the Secret reference.
+    assert set(lookup(spec, "output.s3.credentialsSecret")["properties"]) == {
+        "name", "accessKeyIdKey", "secretAccessKeyKey", "sessionTokenKey",
+    }  # fmt: skip
+
+
+def test_status_schema_and_printer_columns() -> None:
+    root = schema()
+    status = root["properties"]["status"]
+    assert status["x-kubernetes-preserve-unknown-fields"] is True
+    cond = lookup(status, "conditions")["items"]
+    assert set(cond["properties"]) >= {
+        "type",
+        "status",
+        "reason",
+        "message",
+        "lastTransitionTime",
+        "observedGeneration",
+    }
+    columns = build_crd()["spec"]["versions"][0]["additionalPrinterColumns"]
+    assert [c["name"] for c in columns] == ["State", "Progress", "Loss", "Workers", "Device", "Age"]
+    for col in columns:
+        if col["jsonPath"].startswith((".spec", ".status")):
+            node = lookup(root, col["jsonPath"])
+            assert node["type"] == col["type"], col
+
+
+def test_converter_edge_cases() -> None:
+    assert to_structural({"anyOf": [{"type": "integer"}, {"type": "number"}]}) == {"type": "number"}
+    assert to_structural({"const": "x", "description": "d"}) == {"enum": ["x"], "type": "string", "description": "d"}
+    assert to_structural({}) == {"x-kubernetes-preserve-unknown-fields": True}
+    assert to_structural({"type": "string", "format": "uri", "title": "T", "default": "a"}) == {"type": "string"}
+    assert to_structural(
+        {"allOf": [{"$ref": "#/$defs/A"}], "description": "outer"}, {"A": {"type": "object", "description": "inner"}}
+    ) == {"type": "object", "description": "outer", "x-kubernetes-preserve-unknown-fields": True}

@@ -1,0 +1,176 @@
+"""Placement on Intel GPU and AMX nodes from the nodes' facts."""
+
+from __future__ import annotations
+
+from kubelora_operator.placement import NodeFacts, Taint, decide_placement, merge_required_affinity
+from kubelora_operator.settings import OperatorSettings
+
+from . import SETTINGS, amx_node, gpu_node, plain_node, resource
+
+AMX_EXPR = {"key": "feature.node.kubernetes.io/cpu-cpuid.AMXBF16", "operator": "In", "values": ["true"]}
+
+
+def decide(nodes: list[NodeFacts], settings: OperatorSettings = SETTINGS, **over):  # type: ignore[no-untyped-def]
+    return decide_placement(resource(**over).spec, nodes, settings)
+
+
+def test_node_facts_from_k8s() -> None:
+    node = {
+        "metadata": {"name": "n1", "labels": {"a": "b"}},
+        "spec": {"unschedulable": True, "taints": [{"key": "gpu", "value": "x", "effect": "NoSchedule"}]},
+        "status": {"allocatable": {"gpu.intel.com/i915": "2", "cpu": "31500m", "memory": "120Gi"}},
+    }
+    facts = NodeFacts.from_k8s(node)
+    assert facts == NodeFacts(
+        "n1",
+        {"a": "b"},
+        {"gpu.intel.com/i915": "2", "cpu": "31500m", "memory": "120Gi"},
+        True,
+        (Taint("gpu", "x", "NoSchedule"),),
+    )
+    assert facts.amount("cpu") == 31.5 and facts.amount("missing") == 0
+    assert NodeFacts.from_k8s({"metadata": {"name": "bare"}}).allocatable == {}
+
+
+def test_xpu_single_worker() -> None:
+    d = decide([gpu_node("g1", gpus=1)], device="xpu")
+    assert d.ok and d.device == "xpu"
+    assert d.requests == {"cpu": "4", "memory": "16Gi", "gpu.intel.com/i915": "1"}
+    assert d.limits == {"gpu.intel.com/i915": "1", "memory": "16Gi"}
+    assert d.affinity is None  # the resource request is the selector; no label required by default
+    assert d.reason == "1 node offers gpu.intel.com/i915 (max 1 per node); placing 1 worker with 1 GPU each"
+    assert d.to_status() == {"device": "xpu", "nodePool": "gpu.intel.com/i915>=1", "reason": d.reason}
+
+
+def test_workers_share_nodes_when_capacity_allows() -> None:
+    nodes = [gpu_node("g1", gpus=4), gpu_node("g2", gpus=1), plain_node("p")]
+    d = decide(nodes, device="xpu", workers=2, resources={"gpus": 2})
+    assert d.ok and d.slots == 2 and d.feasible_nodes == ("g1",)
+    assert "2 nodes offer gpu.intel.com/i915 (max 4 per node); placing 2 workers with 2 GPUs each" in d.reason
+    d = decide(nodes, device="xpu", workers=3, resources={"gpus": 2})
+    assert not d.ok and d.condition_reason.value == "NoMatchingNodes"
+    assert "asked for 3 workers with 2 gpu.intel.com/i915" in d.reason and "room for 2 workers" in d.reason
+
+
+def test_cpu_and_memory_also_limit_slots() -> None:
+    d = decide(
+        [gpu_node("g1", gpus=8, cpu="8", memory="64Gi")], device="xpu", workers=4, resources={"gpus": 1, "cpu": "4"}
+    )
+    assert not d.ok and "room for 2 workers" in d.reason
+
+
+def test_more_gpus_per_worker_than_any_node_has() -> None:
+    d = decide([gpu_node("g1", gpus=2), gpu_node("g2", gpus=2)], device="xpu", resources={"gpus": 4})
+    assert not d.ok
+    assert d.reason == (
+        "no matching nodes: xpu: asked for 1 worker with 4 gpu.intel.com/i915, 4 CPU and 16Gi memory each, "
+        "but 2 nodes offer gpu.intel.com/i915 (max 2 per node), room for 0 workers"
+    )
+
+
+def test_cpu_requires_amx_label_by_affinity() -> None:
+    d = decide([amx_node("c1"), plain_node("p")], device="cpu", workers=2, resources={"cpu": "16", "memory": "32Gi"})
+    assert d.ok and d.device == "cpu"
+    assert d.requests == d.limits == {"cpu": "16", "memory": "32Gi"}
+    terms = d.affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]  # type: ignore[index]
+    assert terms == [{"matchExpressions": [AMX_EXPR]}]
+    assert d.feasible_nodes == ("c1",) and d.slots == 4
+
+
+def test_auto_prefers_gpus() -> None:
+    d = decide([gpu_node("g1"), amx_node("c1")], workers=2)
+    assert d.device == "xpu" and d.reason.startswith("auto: 1 node offers gpu.intel.com/i915")
+
+
+def test_auto_falls_back_to_amx_and_says_why() -> None:
+    d = decide([amx_node("c1"), amx_node("c2"), plain_node("p")], workers=2)
+    assert d.device == "cpu"
+    assert d.reason.startswith("auto: not xpu (no node of 3 offers gpu.intel.com/i915); 2 nodes carry")
+    # Too few GPU slots also falls back.
+    d = decide([gpu_node("g1", gpus=1), amx_node("c1")], workers=2)
+    assert d.device == "cpu" and "room for 1 worker)" in d.reason
+
+
+def test_auto_with_zero_gpus_means_cpu() -> None:
+    d = decide([gpu_node("g1"), amx_node("c1")], resources={"gpus": 0})
+    assert d.device == "cpu" and d.reason.startswith("auto: 1 node carries")
+
+
+def test_auto_with_no_matching_nodes_lists_ask_and_offer() -> None:
+    d = decide([plain_node("p1"), plain_node("p2")], workers=2)
+    assert not d.ok and d.device is None and d.affinity is None
+    assert d.reason == (
+        "no matching nodes: xpu: asked for 2 workers with 1 gpu.intel.com/i915, 4 CPU and 16Gi memory each, but "
+        "no node of 2 offers gpu.intel.com/i915; cpu: asked for 2 workers with 4 CPU and 16Gi memory each on "
+        "nodes labelled feature.node.kubernetes.io/cpu-cpuid.AMXBF16=true, but no node of 2 carries "
+        "feature.node.kubernetes.io/cpu-cpuid.AMXBF16=true"
+    )
+    assert d.to_status() == {"reason": d.reason}
+
+
+def test_cordons_taints_and_user_constraints_exclude_nodes() -> None:
+    tainted = gpu_node("g1", taints=(Taint("intel.com/gpu", "true", "NoSchedule"),))
+    cordoned = gpu_node("g2", unschedulable=True)
+    d = decide([tainted, cordoned], device="xpu")
+    assert not d.ok and "(2 more excluded by cordon, taints or placement constraints)" in d.reason
+    tol = [{"key": "intel.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    d = decide([tainted, cordoned], device="xpu", placement={"tolerations": tol})
+    assert d.ok and d.feasible_nodes == ("g1",) and list(d.tolerations) == tol
+    # PreferNoSchedule does not exclude; Equal needs the value.
+    soft = gpu_node("g3", taints=(Taint("x", None, "PreferNoSchedule"),))
+    assert decide([soft], device="xpu").ok
+    eq = [{"key": "intel.com/gpu", "operator": "Equal", "value": "false"}]
+    assert not decide([tainted], device="xpu", placement={"tolerations": eq}).ok
+    # nodeSelector and required affinity of the spec are honoured.
+    pool = gpu_node("g4", labels={"pool": "train"})
+    assert decide(
+        [gpu_node("g5"), pool], device="xpu", placement={"nodeSelector": {"pool": "train"}}
+    ).feasible_nodes == ("g4",)
+    aff = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "NotIn", "values": ["train"]}]}]
+            }
+        }
+    }
+    assert decide([gpu_node("g5"), pool], device="xpu", placement={"affinity": aff}).feasible_nodes == ("g5",)
+
+
+def test_gpu_node_label_and_custom_resource() -> None:
+    settings = OperatorSettings(gpu_resource="gpu.intel.com/xe", gpu_node_label="intel.feature.node.kubernetes.io/gpu")
+    xe = NodeFacts(
+        "x1", {"intel.feature.node.kubernetes.io/gpu": "true"}, {"gpu.intel.com/xe": "1", "cpu": "8", "memory": "32Gi"}
+    )
+    unlabelled = NodeFacts("x2", {}, {"gpu.intel.com/xe": "8", "cpu": "8", "memory": "32Gi"})
+    d = decide([xe, unlabelled], settings=settings, device="xpu")
+    assert d.ok and d.feasible_nodes == ("x1",) and "gpu.intel.com/xe" in d.requests
+    expr = d.affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0][
+        "matchExpressions"
+    ]  # type: ignore[index]
+    assert expr == [{"key": "intel.feature.node.kubernetes.io/gpu", "operator": "Exists"}]
+
+
+def test_merge_required_affinity_ands_into_every_term() -> None:
+    user = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
+                    {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n"]}]},
+                ]
+            }
+        },
+        "podAntiAffinity": {"x": 1},
+    }
+    merged = merge_required_affinity(user, [AMX_EXPR])
+    terms = merged["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]  # type: ignore[index]
+    assert all(AMX_EXPR in t["matchExpressions"] for t in terms)
+    assert merged["podAntiAffinity"] == {"x": 1}  # type: ignore[index]
+    assert (
+        len(
+            user["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0][
+                "matchExpressions"
+            ]
+        )
+        == 1
+    )
