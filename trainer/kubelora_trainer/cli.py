@@ -1,0 +1,214 @@
+"""`kubelora-train`: run, eval, merge and generate from the command line.
+
+Why the error handling looks like this: users (and the operator, which reads the pod's
+termination message) need one specific line and a non-zero exit for bad input, never a
+traceback; unexpected failures still print their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 143
+TERMINATION_LOG = Path(os.environ.get("KUBELORA_TERMINATION_LOG", "/dev/termination-log"))
+
+
+def _fail(message: str, code: int) -> int:
+    line = message.replace("\n", " ").strip()
+    print(f"kubelora-train: error: {line}", file=sys.stderr)
+    if TERMINATION_LOG.parent.is_dir() and os.access(TERMINATION_LOG.parent, os.W_OK):
+        try:
+            TERMINATION_LOG.write_text(line[:4000])
+        except OSError:
+            pass
+    return code
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Error classes that mean "your input is wrong" (imported lazily: they pull in torch)."""
+    from .data import DataError
+    from .device import DeviceError
+    from .distributed import DistributedError
+    from .lora import LoraTargetError
+    from .model import ModelError
+    from .recipe import RunDirError
+
+    return (ConfigError, DataError, ModelError, LoraTargetError, RunDirError, DeviceError, DistributedError)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .metrics import ProgressState, serve_metrics
+    from .recipe import LoRAFineTuneRecipe
+
+    cfg = load_config(args.config, args.set)
+    progress = ProgressState()
+    port = os.environ.get("KUBELORA_METRICS_PORT")
+    recipe = LoRAFineTuneRecipe(cfg, progress)
+    if port and recipe.world.is_main:
+        serve_metrics(progress, int(port))
+    try:
+        summary = recipe.run()
+    except BaseException:
+        progress.update(phase=4)
+        raise
+    finally:
+        recipe.close()
+    if summary:
+        keys = ("device", "dtype", "steps", "train_tokens_per_s", "eval_loss_before", "eval_loss_after",
+                "exact_match_before", "exact_match_after", "wall_s")
+        print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
+        print(f"run dir: {cfg.output.dir}")
+    return 0
+
+
+def _load_for_inference(base_cfg_path: str | None, adapter: str, overrides: list[str]):  # noqa: ANN202
+    """Base model (from the run's config.yaml) with the adapter applied, in eval mode."""
+    from peft import PeftModel
+
+    from .device import resolve_dtype, select_device
+    from .model import load_model, load_tokenizer, materialize
+
+    run_dir = Path(adapter).parent
+    cfg_path = base_cfg_path or str(run_dir / "config.yaml")
+    cfg = load_config(cfg_path, overrides)
+    device = select_device(cfg.device)
+    source = materialize(cfg.model)
+    tok = load_tokenizer(source, cfg.model)
+    dtype, _ = resolve_dtype(cfg.model.dtype, device)
+    cfg.model.dtype = dtype  # type: ignore[assignment]  # resolved: later code sees bf16/fp32
+    base = load_model(source, cfg.model, device.type, dtype)
+    model = PeftModel.from_pretrained(base, adapter).to(device.torch_device).eval()
+    return cfg, device, tok, model
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import contextlib
+
+    import torch
+
+    from .data import encode_prompt, prompt_only
+    from .evaluate import generate
+
+    cfg, device, tok, model = _load_for_inference(args.config, args.adapter, args.set)
+    record = {"instruction": args.instruction, "input": args.input or ""}
+    prompt = prompt_only(record, cfg.data, tok)
+    ids = [encode_prompt(prompt, tok, cfg.data)]
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                if cfg.model.dtype == "bf16" else contextlib.nullcontext())
+
+    out = generate(model, ids, int(tok.pad_token_id), tok.eos_token_id, args.max_new_tokens,
+                   device.torch_device, autocast)
+    print(tok.decode(out[0], skip_special_tokens=True).strip())
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import contextlib
+
+    import torch
+
+    from .data import answer_of, build_datasets, collate, encode_prompt, prompt_only
+    from .distributed import WorldView
+    from .evaluate import GenerationResult, eval_loss, exact_match, generate
+    from .loss import CausalLMLoss
+
+    cfg, device, tok, model = _load_for_inference(args.config, args.adapter, args.set)
+    data = build_datasets(cfg.data, tok, cfg.training.seed)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                if cfg.model.dtype == "bf16" else contextlib.nullcontext())
+
+    pad = int(tok.pad_token_id)
+    bs = cfg.training.micro_batch_size
+    batches = [collate(data.eval_rows[i : i + bs], pad) for i in range(0, len(data.eval_rows), bs)]
+    loss = eval_loss(CausalLMLoss(model), batches, device.torch_device, autocast, WorldView())
+    records = data.eval_records[: cfg.evaluation.max_exact_match_samples]
+    prompts = [(prompt_only(r, cfg.data, tok), answer_of(r, cfg.data)) for r in records]
+    gen = generate(model, [encode_prompt(p, tok, cfg.data) for p, _ in prompts], pad, tok.eos_token_id,
+                   cfg.evaluation.max_new_tokens, device.torch_device, autocast)
+    texts = tok.batch_decode(gen, skip_special_tokens=True)
+    em = exact_match([GenerationResult(p, a, g) for (p, a), g in zip(prompts, texts, strict=True)])
+    print(json.dumps({"eval_loss": loss, "exact_match": em, "samples": len(prompts)}, indent=2))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .export import save_merged
+
+    _, _, tok, model = _load_for_inference(args.config, args.adapter, args.set)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    merged = save_merged(model, out, tok)
+    print(f"merged model: {merged}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubelora-train", description="LoRA fine-tuning of causal LMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="fine-tune with a YAML config")
+    run.add_argument("config", help="YAML config file (see examples/)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set training.maxSteps=20 (repeatable)")
+    run.set_defaults(func=cmd_run)
+
+    def adapter_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("adapter", help="adapter directory (a run's adapter/)")
+        p.add_argument("--config", help="run config (default: config.yaml next to the adapter)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+
+    ev = sub.add_parser("eval", help="held-out loss and exact match of an adapter")
+    adapter_args(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="answer one instruction with an adapter")
+    adapter_args(gen)
+    gen.add_argument("--instruction", required=True)
+    gen.add_argument("--input", default="")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.set_defaults(func=cmd_generate)
+
+    merge = sub.add_parser("merge", help="fold an adapter into its base model")
+    adapter_args(merge)
+    merge.add_argument("--output", required=True, help="directory that receives merged/")
+    merge.set_defaults(func=cmd_merge)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="kubelora: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        return _fail(str(err), EXIT_BAD_INPUT)
+    except Exception as err:
+        from .recipe import Preempted
+
+        if isinstance(err, Preempted):
+            return _fail(str(err), EXIT_PREEMPTED)
+        if isinstance(err, _bad_input_errors()):
+            return _fail(str(err), EXIT_BAD_INPUT)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

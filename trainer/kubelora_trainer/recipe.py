@@ -1,0 +1,439 @@
+"""The LoRA fine-tuning run, top to bottom in one class.
+
+Read `LoRAFineTuneRecipe.run` first: it is the whole story (guard the run dir, load, prepare
+data, measure the base model, train with checkpoints, measure again, publish). Everything it
+calls is either a short method below or a small module with one job.
+
+Distributed runs use the same code: each optimizer step takes a *global* batch of rows from
+one seeded permutation; rank r takes its slice of each micro-batch, and the loss is divided
+by the label-token count of the whole global batch. A 2-process job with micro-batch b thus
+computes the same gradients as a 1-process job with micro-batch 2b.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import resource
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from . import distributed as dist_
+from .config import TrainerConfig, dump_config
+from .data import PackedRow, answer_of, build_datasets, collate, encode_prompt, prompt_only
+from .device import DeviceInfo, peak_memory_bytes, resolve_dtype, select_device, synchronize
+from .evaluate import GenerationResult, eval_loss, exact_match, generate
+from .export import (
+    ADAPTER_DIR,
+    INIT_ADAPTER_DIR,
+    MERGED_DIR,
+    SUMMARY_FILE,
+    is_finished,
+    plot_loss,
+    save_adapter,
+    save_initial_adapter,
+    save_merged,
+    sha256_file,
+    write_samples,
+    write_summary,
+)
+from .lora import attach_lora, trainable_parameters
+from .loss import CausalLMLoss, count_label_tokens
+from .metrics import ConsoleProgress, MetricsLog, ProgressState
+from .model import DTYPES, load_model, load_tokenizer, materialize
+
+log = logging.getLogger("kubelora.trainer")
+
+BASELINE_FILE = "baseline.json"
+
+
+class RunDirError(RuntimeError):
+    """The output directory cannot be used for this run."""
+
+
+class Preempted(RuntimeError):  # noqa: N818 - it is a signal, not a bug
+    """SIGTERM arrived; a checkpoint was written and the run can resume."""
+
+
+class LoRAFineTuneRecipe:
+    """One fine-tuning run of a causal LM with a LoRA adapter."""
+
+    def __init__(self, cfg: TrainerConfig, progress: ProgressState | None = None) -> None:
+        self.cfg = cfg
+        self.progress = progress or ProgressState()
+        self.run_dir = Path(cfg.output.dir)
+        self.world = dist_.world_from_env()
+        self._stop_requested = False
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        self.guard_run_dir()
+        self.setup_device_and_group()
+        self.load_tokenizer_and_data()
+        self.load_model_with_adapter()
+        self.build_optimizer()
+        start_step = self.maybe_resume()
+        before = self.measure_before(start_step)
+        self.progress.update(phase=1)
+        train_stats = self.train(start_step)
+        self.progress.update(phase=2)
+        after = self.measure(self.eval_prompts, label="after")
+        summary = self.publish(before, after, train_stats, wall_s=time.monotonic() - t0)
+        self.progress.update(phase=3)
+        dist_.barrier(self.world)
+        return summary
+
+    # ------------------------------------------------------------------ setup
+    def guard_run_dir(self) -> None:
+        """Refuse to overwrite a finished adapter unless asked; clear it when asked."""
+        if is_finished(self.run_dir):
+            if not self.cfg.output.overwrite:
+                raise RunDirError(
+                    f"output dir {self.run_dir} already holds a finished adapter ({SUMMARY_FILE}); "
+                    "set output.overwrite: true or choose another output.dir"
+                )
+            if self.world.is_main:
+                for name in (ADAPTER_DIR, MERGED_DIR, "checkpoints", INIT_ADAPTER_DIR):
+                    shutil.rmtree(self.run_dir / name, ignore_errors=True)
+                for name in (SUMMARY_FILE, BASELINE_FILE, "metrics.jsonl", "metrics.csv", "loss.png", "samples.md"):
+                    (self.run_dir / name).unlink(missing_ok=True)
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        self.metrics = MetricsLog(self.run_dir, enabled=self.world.is_main)
+
+    def setup_device_and_group(self) -> None:
+        self.device: DeviceInfo = select_device(self.cfg.device, self.world.local_rank)
+        if self.cfg.ipex:
+            try:
+                import intel_extension_for_pytorch  # noqa: F401
+            except ImportError:
+                raise RuntimeError(
+                    "ipex: true needs intel_extension_for_pytorch (retired; only in the legacy image with torch "
+                    "2.8) - stock PyTorch already uses oneDNN/AMX on CPU and supports xpu"
+                ) from None
+        if self.cfg.distributed.deepspeed_stage or self.cfg.distributed.deepspeed_config:
+            raise RuntimeError("distributed.deepspeedStage > 0 is not supported by this trainer build yet")
+        backend = dist_.resolve_backend(self.cfg.distributed.backend, self.device.type)
+        dist_.init_process_group(self.world, backend, self.cfg.distributed.timeout_s)
+        self.backend = backend if self.world.distributed else None
+        self.dtype, dtype_reason = resolve_dtype(self.cfg.model.dtype, self.device)
+        dtype = DTYPES[self.dtype]
+        use_autocast = self.cfg.training.autocast and dtype != torch.float32
+        self.autocast: Callable[[], contextlib.AbstractContextManager] = (
+            (lambda: torch.autocast(device_type=self.device.type, dtype=dtype))
+            if use_autocast
+            else contextlib.nullcontext
+        )
+        log.info("device %s, dtype %s (%s), world %d (%s)", self.device.describe(), self.dtype, dtype_reason,
+                 self.world.world_size, self.backend or "single process")
+
+    def load_tokenizer_and_data(self) -> None:
+        self.source = materialize(self.cfg.model)
+        self.tokenizer = load_tokenizer(self.source, self.cfg.model)
+        self.data = build_datasets(self.cfg.data, self.tokenizer, self.cfg.training.seed)
+        data_cfg = self.cfg.data
+        records = self.data.eval_records[: self.cfg.evaluation.max_exact_match_samples]
+        self.eval_prompts = [
+            (prompt_only(r, data_cfg, self.tokenizer), answer_of(r, data_cfg)) for r in records
+        ]
+        pad = int(self.tokenizer.pad_token_id)
+        bs = self.cfg.training.micro_batch_size
+        rows = self.data.eval_rows
+        self.eval_batches = [collate(rows[i : i + bs], pad) for i in range(0, len(rows), bs)]
+        log.info("data: %s", self.data.stats)
+
+    def load_model_with_adapter(self) -> None:
+        base = load_model(self.source, self.cfg.model, self.device.type, self.dtype)
+        self.model = attach_lora(base, self.cfg.lora, self.cfg.training.seed)
+        self.model.to(self.device.torch_device)
+        if self.cfg.training.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.enable_input_require_grads()
+        self.initial_adapter: Path | None = None
+        if self.cfg.lora.init in ("olora", "pissa") and self.world.is_main:
+            self.initial_adapter = save_initial_adapter(self.model, self.run_dir)
+        self.loss_module: torch.nn.Module = CausalLMLoss(self.model)
+        if self.cfg.training.compile:
+            self.loss_module = torch.compile(self.loss_module)  # type: ignore[assignment]
+        self.train_module = self.loss_module
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.index is not None else None
+            self.train_module = DDP(self.loss_module, device_ids=ids)
+        trainable, total = trainable_parameters(self.model)
+        self.param_counts = {"trainable": trainable, "total": total}
+        log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+
+    def build_optimizer(self) -> None:
+        t = self.cfg.training
+        world = self.world.world_size
+        self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world
+        n_rows = len(self.data.train_rows)
+        self.steps_per_epoch = n_rows // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise RunDirError(
+                f"{n_rows} training rows are fewer than one global batch of {self.global_batch} "
+                f"(microBatchSize x gradientAccumulationSteps x {world} processes): add data or lower the batch"
+            )
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+            weight_decay=t.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
+        self.progress.update(total_steps=self.total_steps)
+
+    def lr_lambda(self, step: int) -> float:
+        """Warmup from 0 then cosine/linear decay to 0, or constant."""
+        t = self.cfg.training
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        if t.lr_scheduler == "constant":
+            return 1.0
+        span = max(1, self.total_steps - t.warmup_steps)
+        frac = min(1.0, (step - t.warmup_steps) / span)
+        return 0.5 * (1 + math.cos(math.pi * frac)) if t.lr_scheduler == "cosine" else 1.0 - frac
+
+    def maybe_resume(self) -> int:
+        """Load the newest complete checkpoint (or the one named) and return its step."""
+        resume = self.cfg.training.resume
+        self.train_tokens_before = 0
+        if resume == "never":
+            return 0
+        if resume == "auto":
+            ref = ckpt.latest(self.run_dir)
+        else:
+            path = Path(resume)
+            if not (path / ckpt.STATE_FILE).is_file():
+                raise RunDirError(f"training.resume: {path} is not a complete checkpoint (no {ckpt.STATE_FILE})")
+            ref = ckpt.CheckpointRef(int(json.loads((path / ckpt.STATE_FILE).read_text())["step"]), path)
+        if ref is None:
+            return 0
+        state = ckpt.load(ref, self.model, self.optimizer, self.scheduler)
+        self.train_tokens_before = int(state.get("train_tokens", 0))
+        self.metrics.truncate_after(ref.step)
+        self.history = self.metrics.read()
+        log.info("resumed from %s at step %d", ref.path, ref.step)
+        return ref.step
+
+    # ------------------------------------------------------------------ measuring
+    def measure(self, prompts: list[tuple[str, str | None]], label: str) -> dict[str, Any]:
+        """Held-out loss (all ranks) and generations (rank 0)."""
+        loss = eval_loss(self.loss_module, self.eval_batches, self.device.torch_device, self.autocast, self.world)
+        results: list[GenerationResult] = []
+        if self.world.is_main and self.cfg.evaluation.exact_match and prompts:
+            ids = [encode_prompt(p, self.tokenizer, self.cfg.data) for p, _ in prompts]
+            gen = generate(
+                self.model, ids, int(self.tokenizer.pad_token_id), self.tokenizer.eos_token_id,
+                self.cfg.evaluation.max_new_tokens, self.device.torch_device, self.autocast,
+            )
+            texts = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
+            results = [GenerationResult(p, a, g) for (p, a), g in zip(prompts, texts, strict=True)]
+        em = exact_match(results)
+        log.info("%s: eval loss %.4f, exact match %s", label, loss, "n/a" if em is None else f"{em:.3f}")
+        return {"eval_loss": loss, "exact_match": em, "results": results}
+
+    def measure_before(self, start_step: int) -> dict[str, Any] | None:
+        """The base model's figures; stored so a resumed run still reports them."""
+        path = self.run_dir / BASELINE_FILE
+        if start_step > 0 and path.is_file():
+            saved = json.loads(path.read_text())
+            return {**saved, "results": [GenerationResult(**r) for r in saved.get("results", [])]}
+        if not self.cfg.evaluation.before:
+            return None
+        before = self.measure(self.eval_prompts, label="before")
+        if self.world.is_main:
+            ckpt.write_json_atomic(path, {
+                "eval_loss": before["eval_loss"], "exact_match": before["exact_match"],
+                "results": [r.__dict__ for r in before["results"]],
+            })
+            self.record({"step": 0, "epoch": 0.0, "kind": "eval", "loss": before["eval_loss"]})
+        return before
+
+    # ------------------------------------------------------------------ training
+    def rows_for_step(self, step: int) -> list[PackedRow]:
+        """The global batch of an optimizer step: a slice of the epoch's seeded permutation."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if getattr(self, "_perm_epoch", None) != epoch:
+            gen = torch.Generator().manual_seed(self.cfg.training.seed * 7919 + epoch)
+            self._perm = torch.randperm(len(self.data.train_rows), generator=gen).tolist()
+            self._perm_epoch = epoch
+        picked = self._perm[index * self.global_batch : (index + 1) * self.global_batch]
+        return [self.data.train_rows[i] for i in picked]
+
+    def micro_batches(self, rows: list[PackedRow]) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the global batch, in accumulation order."""
+        mbs, world = self.cfg.training.micro_batch_size, self.world.world_size
+        pad = int(self.tokenizer.pad_token_id)
+        for a in range(self.cfg.training.gradient_accumulation_steps):
+            chunk = rows[a * mbs * world : (a + 1) * mbs * world]
+            mine = chunk[self.world.rank * mbs : (self.world.rank + 1) * mbs]
+            yield collate(mine, pad)
+
+    def train(self, start_step: int) -> dict[str, Any]:
+        t = self.cfg.training
+        console = ConsoleProgress(self.total_steps, enabled=self.world.is_main)
+        self._install_sigterm()
+        self.train_module.train()
+        tokens_this_session = 0
+        train_time = 0.0
+        step = start_step
+        for step in range(start_step, self.total_steps):
+            synchronize(self.device)
+            t_step = time.monotonic()
+            torch.manual_seed(t.seed * 1_000_003 + step * 1009 + self.world.rank)
+            rows = self.rows_for_step(step)
+            step_tokens = sum(len(r) for r in rows)
+            batches = list(self.micro_batches(rows))
+            global_labels = self._global_label_count(rows)
+            loss_total = torch.zeros((), dtype=torch.float64)
+            for i, batch in enumerate(batches):
+                moved = {k: v.to(self.device.torch_device) for k, v in batch.items()}
+                sync = i == len(batches) - 1 or not self.world.distributed
+                with self._maybe_no_sync(sync), self.autocast():
+                    loss_sum, _ = self.train_module(**moved)
+                (loss_sum * self.world.world_size / global_labels).backward()
+                loss_total += float(loss_sum.detach())
+            grad_norm = self._clip()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            dist_.all_reduce_sum(loss_total, self.world)
+            synchronize(self.device)
+            train_time += time.monotonic() - t_step
+            tokens_this_session += step_tokens
+            done = step + 1
+            self._log_step(done, float(loss_total) / global_labels, grad_norm, step_tokens,
+                           tokens_this_session, train_time, start_step, console)
+            if t.eval_steps and done % t.eval_steps == 0 and done < self.total_steps:
+                loss = eval_loss(self.loss_module, self.eval_batches, self.device.torch_device, self.autocast,
+                                 self.world)
+                self.record({"step": done, "epoch": done / self.steps_per_epoch, "kind": "eval", "loss": loss})
+                self.progress.update(eval_loss=loss)
+            last = done == self.total_steps
+            stop = self._stop_agreed()
+            if (t.save_steps and done % t.save_steps == 0) or last or stop:
+                self.save_checkpoint(done, tokens_this_session)
+            if stop:
+                raise Preempted(f"stopped by SIGTERM after step {done}; checkpoint written, resume continues there")
+        return {
+            "steps": self.total_steps,
+            "steps_this_session": self.total_steps - start_step,
+            "train_tokens": self.train_tokens_before + tokens_this_session,
+            "train_tokens_this_session": tokens_this_session,
+            "train_wall_s": train_time,
+            "train_tokens_per_s": tokens_this_session / train_time if train_time else 0.0,
+        }
+
+    def _global_label_count(self, rows: list[PackedRow]) -> int:
+        """Label tokens of the whole global batch: every rank knows all rows, so no collective."""
+        pad = int(self.tokenizer.pad_token_id)
+        return max(1, sum(count_label_tokens(collate([r], pad)) for r in rows))
+
+    def _maybe_no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        if sync or not hasattr(self.train_module, "no_sync"):
+            return contextlib.nullcontext()
+        return self.train_module.no_sync()  # type: ignore[operator]
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.cfg.training.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+        return float(norm)
+
+    def _log_step(self, done: int, loss: float, grad_norm: float, step_tokens: int, tokens: int,
+                  train_time: float, start_step: int, console: ConsoleProgress) -> None:
+        t = self.cfg.training
+        tps = tokens / train_time if train_time else 0.0
+        steps_done = done - start_step
+        eta = (self.total_steps - done) * (train_time / steps_done) if steps_done else math.nan
+        lr = self.scheduler.get_last_lr()[0]
+        self.progress.update(step=done, epoch=done / self.steps_per_epoch, train_loss=loss,
+                             tokens_per_second=tps, eta_seconds=eta,
+                             train_tokens=self.train_tokens_before + tokens)
+        if done % t.logging_steps == 0 or done == self.total_steps:
+            self.record({"step": done, "epoch": round(done / self.steps_per_epoch, 4), "kind": "train",
+                         "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
+                         "tokens_per_s": round(tps, 1), "elapsed_s": round(train_time, 2)})
+            console.line(done, loss, lr, tps, eta)
+
+    def record(self, entry: dict[str, Any]) -> None:
+        self.history.append(entry)
+        self.metrics.append(entry)
+
+    def save_checkpoint(self, step: int, tokens_this_session: int) -> None:
+        if self.world.is_main:
+            ckpt.save(self.run_dir, step, self.model, self.optimizer, self.scheduler,
+                      {"train_tokens": self.train_tokens_before + tokens_this_session,
+                       "world_size": self.world.world_size, "total_steps": self.total_steps},
+                      keep=self.cfg.training.save_total_limit)
+        dist_.barrier(self.world)
+
+    def _install_sigterm(self) -> None:
+        """Kubernetes stops pods with SIGTERM: finish the step, checkpoint, exit resumable."""
+        def handler(signum: int, frame: object) -> None:
+            self._stop_requested = True
+        with contextlib.suppress(ValueError):  # not in the main thread (tests)
+            signal.signal(signal.SIGTERM, handler)
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor(1.0 if self._stop_requested else 0.0)
+        return bool(dist_.all_reduce_sum(flag, self.world) > 0)
+
+    # ------------------------------------------------------------------ publishing
+    def publish(self, before: dict[str, Any] | None, after: dict[str, Any], train_stats: dict[str, Any],
+                wall_s: float) -> dict[str, Any]:
+        """Rank 0 writes adapter, optional merged model, plot, samples and (last) the summary."""
+        if not self.world.is_main:
+            return {}
+        self.record({"step": self.total_steps, "epoch": self.total_steps / self.steps_per_epoch,
+                     "kind": "eval", "loss": after["eval_loss"]})
+        adapter = save_adapter(self.model, self.run_dir, self.tokenizer, self.initial_adapter)
+        if self.cfg.output.plot:
+            plot_loss(self.history, self.run_dir / "loss.png")
+        write_samples(self.run_dir / "samples.md", before["results"] if before else None, after["results"],
+                      self.cfg.evaluation.sample_prompts)
+        weights = adapter / "adapter_model.safetensors"
+        summary = {
+            "device": self.device.type,
+            "device_name": self.device.name,
+            "cpu_isa": self.device.isa,
+            "threads": self.device.threads,
+            "dtype": self.dtype,
+            "world_size": self.world.world_size,
+            "backend": self.backend,
+            "model": self.cfg.model.name_or_path,
+            "params": self.param_counts,
+            **train_stats,
+            "wall_s": round(wall_s, 2),
+            "eval_loss_before": before["eval_loss"] if before else None,
+            "eval_loss_after": after["eval_loss"],
+            "exact_match_before": before["exact_match"] if before else None,
+            "exact_match_after": after["exact_match"],
+            "exact_match_samples": len(after["results"]),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_device_memory_bytes": peak_memory_bytes(self.device),
+            "data": self.data.stats,
+            "adapter": {"path": str(adapter), "sha256": sha256_file(weights), "size_bytes": weights.stat().st_size},
+        }
+        if self.cfg.output.merge:
+            summary["merged"] = str(save_merged(self.model, self.run_dir, self.tokenizer))
+        write_summary(self.run_dir, summary)
+        return summary
+
+    def close(self) -> None:
+        dist_.destroy(self.world)
