@@ -21,7 +21,7 @@ from .evaluate import GenerationResult
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 SUMMARY_FILE = "summary.json"
-INIT_ADAPTER_DIR = ".initial-adapter"
+INIT_ADAPTER_DIR = "initial_adapter"  # no dots: peft uses the folder name as an adapter name
 
 
 def is_finished(run_dir: Path) -> bool:

@@ -1,0 +1,66 @@
+"""Fixtures for trainer runs: a tiny random Llama (fast) and configs that point at it.
+
+The tiny model uses SmolLM2's real tokenizer so that templates, masking and packing are the
+production ones; only the network is small and random. It is for checking mechanics (resume,
+export, logits equality), never for claims about quality: those use the real SmolLM2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import smollm2_tokenizer
+
+SAMPLE = Path(__file__).resolve().parents[2] / "trainer" / "kubelora_trainer" / "sample_data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm2_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def tiny_config(model_dir: Path, run_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A raw trainer config for the tiny model on the bundled data, with per-test overrides."""
+    cfg: dict[str, Any] = {
+        "model": {"nameOrPath": str(model_dir), "dtype": "fp32"},
+        "data": {
+            "path": str(SAMPLE / "train.jsonl"),
+            "evalPath": str(SAMPLE / "heldout.jsonl"),
+            "maxSamples": 256,
+            "maxEvalSamples": 16,
+            "cutoffLen": 128,
+        },
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "training": {"maxSteps": 6, "microBatchSize": 2, "learningRate": 5e-3, "loggingSteps": 1, "seed": 7},
+        "evaluation": {"maxExactMatchSamples": 4, "maxNewTokens": 4, "samplePrompts": 2},
+        "output": {"dir": str(run_dir), "plot": True},
+        "device": "cpu",
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
