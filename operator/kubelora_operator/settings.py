@@ -95,6 +95,25 @@ class OperatorSettings(BaseModel):
     )
     shm_size_limit: str | None = Field(None, description="sizeLimit of the memory-backed /dev/shm volume.")
     cache_size_limit: str | None = Field(None, description="sizeLimit of the /cache emptyDir (converted models).")
+    resync_seconds: float = Field(
+        30,
+        gt=0,
+        description=(
+            "Interval of the periodic reconcile of every LoRAFineTune: re-evaluates NoMatchingNodes and missing "
+            "references, checks activeDeadlineSeconds and ttlSecondsAfterFinished, catches missed pod events."
+        ),
+    )
+    progress_seconds: float = Field(
+        10, gt=0, description="How often rank 0's metrics are scraped into status.progress while Running."
+    )
+    scrape_timeout_seconds: float = Field(3, gt=0, description="Timeout of one metrics scrape.")
+    peering_name: str | None = Field(
+        None,
+        description=(
+            "kopf peering object for several operator replicas (one active, the others standby); needs the "
+            "kopf peering CRDs. Unset: standalone (one replica)."
+        ),
+    )
 
     def image_for(self, device: str) -> str:
         """Default trainer image for a placed device (`xpu` or `cpu`)."""

@@ -1,0 +1,137 @@
+"""kopf handlers: thin triggers around `reconcile.reconcile` and the progress scrape.
+
+Triggers (all run the same level-based reconcile of one LoRAFineTune):
+
+* `@kopf.on.create` / `@kopf.on.resume` / `@kopf.on.update(field="spec")` of the resource;
+* `@kopf.on.event` of its worker pods (label `kubelora.dev/name`), so pod phases reach status at once;
+* `@kopf.timer` every `resyncSeconds`: NoMatchingNodes and missing references are re-evaluated (a node
+  or Secret added later unblocks the run), activeDeadlineSeconds/ttlSecondsAfterFinished are checked,
+  missed events are caught up;
+* `@kopf.timer` every `progressSeconds` while Running: rank 0's metrics -> `status.progress`.
+
+Why `Runner` coalesces: kopf runs sync handlers in threads, and the triggers above fire concurrently
+for the same resource (a pod event during a create). Two reconciles of one resource at once could
+both start a restart; instead, a trigger that finds a reconcile of its resource running only marks
+it dirty, and the running one does one more pass. Nothing waits on a lock, so threads are never held.
+
+Errors: transient API errors become `kopf.TemporaryError` with a growing delay (kopf retries the
+handler; timers run again anyway); permanent ones are recorded by the reconcile as Failed/ApiError.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+
+from ..api import GROUP, PLURAL, VERSION
+from ..conditions import ConditionType, is_true
+from ..kube import Kube, TransientApiError
+from ..plan import LABEL_NAME, LABEL_ROLE
+from ..settings import OperatorSettings
+from ..wiring import worker_name
+from .progress import scrape
+from .reconcile import reconcile
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+
+
+class Runner:
+    """Runs reconciles, at most one per resource at a time, coalescing triggers that arrive meanwhile."""
+
+    def __init__(self, kube: Kube, settings: OperatorSettings, fn: Callable[[Kube, OperatorSettings, str, str], None] = reconcile) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.fn = fn
+        self._lock = threading.Lock()
+        self._running: set[Key] = set()
+        self._dirty: set[Key] = set()
+
+    def trigger(self, namespace: str, name: str, retry: int = 0) -> None:
+        key = (namespace, name)
+        with self._lock:
+            if key in self._running:
+                self._dirty.add(key)
+                return
+            self._running.add(key)
+        try:
+            while True:
+                with self._lock:
+                    self._dirty.discard(key)
+                self.fn(self.kube, self.settings, namespace, name)
+                with self._lock:
+                    if key not in self._dirty:
+                        self._running.discard(key)
+                        return
+        except TransientApiError as err:
+            with self._lock:
+                self._running.discard(key)
+                self._dirty.discard(key)
+            raise kopf.TemporaryError(f"transient API error: {err}", delay=min(60.0, 2.0 ** min(retry, 6))) from None
+        except BaseException:
+            with self._lock:
+                self._running.discard(key)
+                self._dirty.discard(key)
+            raise
+
+    def progress(self, namespace: str, name: str, status: Any) -> None:
+        """Scrape worker 0 (rank 0) and patch status.progress when it changed."""
+        pod = self.kube.get_pod(namespace, worker_name(name, 0))
+        if pod is None or (pod.get("status") or {}).get("phase") != "Running":
+            return
+        ip = (pod.get("status") or {}).get("podIP")
+        if not ip:
+            return
+        try:
+            fresh = scrape(ip, self.settings.metrics_port, self.settings.scrape_timeout_seconds)
+        except (OSError, ValueError) as err:
+            log.debug("%s/%s: metrics of %s not readable: %s", namespace, name, ip, err)
+            return
+        old = dict((status or {}).get("progress") or {})
+        new = {**old, **fresh}
+        if new != old:
+            self.kube.patch_lft_status(namespace, name, {"progress": new})
+
+
+def _is_running(status: Any, **_: Any) -> bool:
+    return is_true((status or {}).get("conditions"), ConditionType.RUNNING)
+
+
+def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: Kube) -> Runner:
+    """Register every handler on `registry` (intervals from `settings`); returns the Runner."""
+    runner = Runner(kube, settings)
+
+    @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-resume", registry=registry)
+    @kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile-create", registry=registry)
+    @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile-update", field="spec", registry=registry)
+    def lft_changed(namespace: str, name: str, retry: int, **_: Any) -> None:
+        runner.trigger(namespace, name, retry)
+
+    @kopf.timer(GROUP, VERSION, PLURAL, id="resync", interval=settings.resync_seconds, registry=registry)
+    def resync(namespace: str, name: str, retry: int, **_: Any) -> None:
+        runner.trigger(namespace, name, retry)
+
+    @kopf.timer(
+        GROUP, VERSION, PLURAL, id="progress", interval=settings.progress_seconds, when=_is_running, registry=registry
+    )
+    def progress(namespace: str, name: str, status: Any, **_: Any) -> None:
+        try:
+            runner.progress(namespace, name, status)
+        except TransientApiError as err:
+            log.debug("%s/%s: progress skipped: %s", namespace, name, err)
+
+    @kopf.on.event(
+        "", "v1", "pods", id="worker-pods", labels={LABEL_NAME: kopf.PRESENT, LABEL_ROLE: "worker"}, registry=registry
+    )
+    def worker_pod(namespace: str, labels: Any, **_: Any) -> None:
+        try:
+            runner.trigger(namespace, labels[LABEL_NAME])
+        except kopf.TemporaryError as err:  # events are not retried by kopf; the resync timer catches up
+            log.warning("%s/%s: %s", namespace, labels[LABEL_NAME], err)
+
+    return runner

@@ -1,0 +1,147 @@
+"""Reading worker pods: what the kubelet reported, reduced to the facts the reconcile acts on.
+
+Pure functions over pod dicts (as the API returns them), so the rules (which exit code means what,
+where the artifact info comes from) are unit-tested without a cluster.
+
+Exit codes of the trainer (kubelora_trainer.cli): 0 success, 2 bad input (a one-line message in the
+termination log), 143 preempted by SIGTERM after a checkpoint. Anything else is a failure that a
+restart from the newest checkpoint may fix.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..plan import CONTAINER_NAME, LABEL_ATTEMPT, LABEL_WORKER_INDEX
+
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 143
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """One worker pod, reduced."""
+
+    name: str
+    index: int
+    attempt: int
+    phase: str
+    node: str | None
+    ip: str | None
+    deleting: bool
+    exit_code: int | None
+    message: str | None
+    """The container's termination message (or the kubelet's reason when there is none)."""
+    uid: str | None
+    unschedulable: str | None
+    """The scheduler's message while the pod cannot be placed."""
+
+    @property
+    def failed(self) -> bool:
+        return self.phase == "Failed" or (self.exit_code is not None and self.exit_code != 0)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.phase == "Succeeded" and not self.failed
+
+    @property
+    def running(self) -> bool:
+        return self.phase == "Running" and self.exit_code is None
+
+    @property
+    def terminated(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+    def describe_failure(self) -> str:
+        """`worker 1 (demo-worker-1) exited with code 1: message`."""
+        what = f"worker {self.index} ({self.name})"
+        if self.exit_code is not None:
+            what += f" exited with code {self.exit_code}"
+        else:
+            what += " failed"
+        return what + (f": {self.message}" if self.message else "")
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def worker_state(pod: Mapping[str, Any]) -> WorkerState:
+    """Reduce a pod to a WorkerState."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    exit_code: int | None = None
+    message: str | None = None
+    statuses = status.get("containerStatuses") or []
+    trainer = next((c for c in statuses if c.get("name") == CONTAINER_NAME), statuses[0] if statuses else None)
+    if trainer is not None:
+        terminated = (trainer.get("state") or {}).get("terminated")
+        if terminated:
+            exit_code = _int(terminated.get("exitCode"), 1)
+            message = (terminated.get("message") or "").strip() or terminated.get("reason") or None
+    if message is None and status.get("phase") == "Failed":
+        message = status.get("message") or status.get("reason") or None
+    unschedulable = None
+    for cond in status.get("conditions") or ():
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            unschedulable = cond.get("message") or cond.get("reason") or "not scheduled yet"
+    return WorkerState(
+        name=meta.get("name", ""),
+        index=_int(labels.get(LABEL_WORKER_INDEX), -1),
+        attempt=_int(labels.get(LABEL_ATTEMPT), -1),
+        phase=status.get("phase") or "Pending",
+        node=spec.get("nodeName") or None,
+        ip=status.get("podIP") or None,
+        deleting=bool(meta.get("deletionTimestamp")),
+        exit_code=exit_code,
+        message=message,
+        uid=meta.get("uid"),
+        unschedulable=unschedulable,
+    )
+
+
+def first_failure(workers: Sequence[WorkerState]) -> WorkerState | None:
+    """The failed worker to report: bad input first (it explains the others), then the lowest index."""
+    failed = sorted((w for w in workers if w.failed), key=lambda w: (w.exit_code != EXIT_BAD_INPUT, w.index))
+    return failed[0] if failed else None
+
+
+def parse_termination_message(message: str | None) -> dict[str, Any] | None:
+    """The trainer's success JSON `{"artifact": {"uri", "sha256", "sizeBytes"}}` as status.artifact, or None.
+
+    Accepted spellings of the size: `sizeBytes`, `size_bytes`, `size`. Anything that is not such a
+    JSON object (e.g. an error line) gives None.
+    """
+    if not message:
+        return None
+    text = message.strip()
+    if not text.startswith("{"):
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("artifact"), dict):
+        return None
+    art = data["artifact"]
+    out: dict[str, Any] = {}
+    uri = art.get("uri")
+    if isinstance(uri, str) and uri:
+        out["uri"] = uri
+    sha = art.get("sha256")
+    if isinstance(sha, str) and sha:
+        out["sha256"] = sha
+    for key in ("sizeBytes", "size_bytes", "size"):
+        size = art.get(key)
+        if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+            out["sizeBytes"] = size
+            break
+    return out

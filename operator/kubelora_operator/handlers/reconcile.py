@@ -1,0 +1,475 @@
+"""The reconcile of one LoRAFineTune: read what exists, decide the next step, write status once.
+
+Level-based on purpose: every trigger (create/resume/update of the resource, any event of its worker
+pods, the periodic resync timer) runs the same function on freshly read state, so a missed event, an
+operator restart or a crash between two API calls is repaired by the next run. Children have
+deterministic names and are created with "AlreadyExists is fine", so nothing is ever duplicated.
+
+What the operator remembers between runs lives in annotations on the resource (never in `status`,
+which is for users, and never in memory):
+
+* `kubelora.dev/started-spec`: the spec the job was started with (JSON). It is written *before* the
+  first child is created (the commit point); later attempts are planned from it, and a spec change
+  after start is compared against it and refused (SpecChangeRefused names the fields). Only the run
+  policy (suspend, backoffLimit, activeDeadlineSeconds, ttlSecondsAfterFinished) is taken from the
+  live spec.
+* `kubelora.dev/started-generation`, `kubelora.dev/device` (the placed device, so that `auto` never
+  flips between attempts), `kubelora.dev/attempt` (the pods' `kubelora.dev/attempt` label).
+
+Lifecycle: not started -> validate (spec, then Secrets/PVCs/ConfigMaps) -> place (NoMatchingNodes
+waits for the resync timer) -> commit -> create ConfigMap, Service, pods -> observe pods: bound
+(Scheduled), all running (Running), worker 0 finished (Succeeded + artifact from its termination
+message), a worker failed (exit 2: Failed/InvalidSpec at once; otherwise delete the attempt's pods and
+start the next attempt until backoffLimit; exit 143 = preempted, restarted without counting).
+suspend deletes the pods (SIGTERM: the trainer checkpoints) and resuming starts a new attempt.
+activeDeadlineSeconds and ttlSecondsAfterFinished are checked on every run (the resync timer makes
+that periodic).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..api import LoRAFineTuneResource, LoRAFineTuneSpec, SpecError, parse_spec
+from ..conditions import ConditionReason as R
+from ..conditions import ConditionType as T
+from ..conditions import is_true
+from ..kube import Kube, NotFound, PermanentApiError, TransientApiError
+from ..placement import NodeFacts, PlacementDecision, decide_placement
+from ..plan import LABEL_WORKER_INDEX, artifact_uri, plan, ssh_secret, worker_selector
+from ..settings import OperatorSettings
+from .pods import EXIT_BAD_INPUT, EXIT_PREEMPTED, WorkerState, first_failure, parse_termination_message, worker_state
+from .status import StatusUpdate
+from .validate_create import validate
+
+log = logging.getLogger(__name__)
+
+ANN_STARTED_SPEC = "kubelora.dev/started-spec"
+ANN_STARTED_GENERATION = "kubelora.dev/started-generation"
+ANN_DEVICE = "kubelora.dev/device"
+ANN_ATTEMPT = "kubelora.dev/attempt"
+
+#: Spec fields that may change after start (camelCase, as stored).
+RUN_POLICY = ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def changed_fields(old: Any, new: Any, prefix: str = "spec") -> list[str]:
+    """Dotted paths where two specs differ (run-policy fields ignored at the top level)."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            if prefix == "spec" and key in RUN_POLICY:
+                continue
+            out += changed_fields(old.get(key), new.get(key), f"{prefix}.{key}")
+        return out
+    return [] if old == new else [prefix]
+
+
+def effective_spec(started: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
+    """The started spec with the live run policy."""
+    out = {k: v for k, v in started.items() if k not in RUN_POLICY}
+    out.update({k: live[k] for k in RUN_POLICY if k in live and live[k] is not None})
+    return out
+
+
+def parse_time(stamp: str) -> datetime:
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def reconcile(kube: Kube, settings: OperatorSettings, namespace: str, name: str) -> None:
+    """One pass over one resource. Raises TransientApiError (the caller retries later)."""
+    body = kube.get_lft(namespace, name)
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return
+    u = StatusUpdate(body)
+    try:
+        _reconcile(kube, settings, body, u)
+    except TransientApiError:
+        raise
+    except PermanentApiError as err:
+        if err.status == 403 and "quota" in err.message.lower():
+            raise TransientApiError(err.method, err.path, err.status, err.message) from None
+        if isinstance(err, NotFound) and err.path.endswith(f"/{name}"):
+            return  # the resource went away mid-reconcile
+        log.error("%s/%s: permanent API error: %s", namespace, name, err)
+        msg = f"the Kubernetes API refused {err.method} {err.path}: {err.status} {err.message}".strip()
+        _fail(u, R.API_ERROR, msg)
+        _stop_pods(kube, namespace, name, keep_terminated=True)
+    try:
+        u.flush(kube)
+    except NotFound:
+        return
+
+
+def _reconcile(kube: Kube, settings: OperatorSettings, body: Mapping[str, Any], u: StatusUpdate) -> None:
+    meta = body["metadata"]
+    annotations = meta.get("annotations") or {}
+    raw = dict(body.get("spec") or {})
+    if is_true(u.conditions, T.SUCCEEDED) or is_true(u.conditions, T.FAILED):
+        _finished(kube, body, u, raw)
+    elif ANN_STARTED_SPEC not in annotations:
+        _before_start(kube, settings, body, u, raw)
+    else:
+        _after_start(kube, settings, body, u, raw, annotations)
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def _finished(kube: Kube, body: Mapping[str, Any], u: StatusUpdate, raw: Mapping[str, Any]) -> None:
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    _stop_pods(kube, ns, name, keep_terminated=True)  # e.g. mpirun's sshd workers, or a stop that failed
+    ttl = raw.get("ttlSecondsAfterFinished")
+    done = u.status.get("completionTime")
+    if ttl is not None and done and (u.now - parse_time(done)).total_seconds() >= int(ttl):
+        log.info("%s/%s: ttlSecondsAfterFinished (%s s) passed: deleting the resource", ns, name, ttl)
+        kube.delete_lft(ns, name)
+
+
+def _before_start(
+    kube: Kube, settings: OperatorSettings, body: Mapping[str, Any], u: StatusUpdate, raw: Mapping[str, Any]
+) -> None:
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    u.status["observedGeneration"] = u.generation
+    v = validate(kube, name, ns, raw, settings)
+    if not v.ok:
+        u.condition(T.VALIDATED, False, v.reason, v.message, event="Warning")
+        return
+    u.condition(T.VALIDATED, True, R.SPEC_VALID, v.message, event="Normal")
+    spec = v.spec
+    assert spec is not None
+    if spec.suspend:
+        u.condition(
+            T.SUSPENDED,
+            True,
+            R.SUSPENDED_BY_USER,
+            "spec.suspend is true: no worker pods are created until it is false",
+            event="Normal",
+        )
+        return
+    if is_true(u.conditions, T.SUSPENDED):
+        u.condition(T.SUSPENDED, False, R.RESUMED, "spec.suspend is false: starting", event="Normal")
+    decision = _place(kube, settings, spec)
+    if not decision.ok:
+        u.status["placement"] = decision.to_status()
+        u.condition(T.SCHEDULED, False, R.NO_MATCHING_NODES, decision.reason, event="Warning")
+        return
+    assert decision.device is not None
+    # The commit point: from here on the run exists (a restart of the operator continues it).
+    kube.patch_lft_annotations(
+        ns,
+        name,
+        {
+            ANN_STARTED_SPEC: json.dumps(raw, sort_keys=True, separators=(",", ":")),
+            ANN_STARTED_GENERATION: str(u.generation),
+            ANN_DEVICE: decision.device,
+            ANN_ATTEMPT: "0",
+        },
+    )
+    u.status.update(startTime=u.stamp, placement=decision.to_status(), restarts=0)
+    resource = LoRAFineTuneResource(name, ns, meta.get("uid", ""), u.generation, spec)
+    _observe(kube, settings, u, resource, decision.device, 0, [])
+
+
+def _after_start(
+    kube: Kube,
+    settings: OperatorSettings,
+    body: Mapping[str, Any],
+    u: StatusUpdate,
+    raw: Mapping[str, Any],
+    annotations: Mapping[str, str],
+) -> None:
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    started = json.loads(annotations[ANN_STARTED_SPEC])
+    device = annotations.get(ANN_DEVICE) or None
+    attempt = int(annotations.get(ANN_ATTEMPT) or 0)
+    changed = changed_fields(started, raw)
+    if changed:
+        u.condition(
+            T.SPEC_CHANGE_REFUSED,
+            True,
+            R.SPEC_CHANGED_AFTER_START,
+            f"not applied to the started job: {', '.join(changed)} (after start only suspend, backoffLimit, "
+            "activeDeadlineSeconds and ttlSecondsAfterFinished may change); revert them or create a new LoRAFineTune",
+            event="Warning",
+        )
+    else:
+        u.drop(T.SPEC_CHANGE_REFUSED)
+        u.status["observedGeneration"] = u.generation
+    try:
+        spec = parse_spec(effective_spec(started, raw))
+    except SpecError as err:  # only possible through a hand-edited annotation
+        _fail(u, R.INVALID_SPEC, f"the started spec no longer parses: {err}")
+        return
+    generation = int(annotations.get(ANN_STARTED_GENERATION) or u.generation)
+    resource = LoRAFineTuneResource(name, ns, meta.get("uid", ""), generation, spec)
+    pods = [worker_state(p) for p in kube.list_pods(ns, worker_selector(name))]
+
+    start = u.status.get("startTime")
+    deadline = spec.active_deadline_seconds
+    if deadline and start and not spec.suspend:
+        elapsed = (u.now - parse_time(start)).total_seconds()
+        if elapsed >= deadline:
+            _delete(kube, ns, pods, keep_terminated=False)
+            _fail(u, R.DEADLINE_EXCEEDED, f"activeDeadlineSeconds ({deadline}) exceeded: {int(elapsed)} s since start; worker pods deleted")
+            return
+
+    if spec.suspend:
+        _delete(kube, ns, pods, keep_terminated=False)
+        u.condition(
+            T.SUSPENDED,
+            True,
+            R.SUSPENDED_BY_USER,
+            "spec.suspend is true: worker pods deleted (SIGTERM lets the trainer checkpoint); resuming continues "
+            "from the newest checkpoint in the run dir",
+            event="Normal",
+        )
+        u.condition(T.RUNNING, False, R.SUSPENDED_BY_USER, "suspended")
+        u.status["workers"] = {"ready": 0, "total": spec.workers}
+        return
+    if is_true(u.conditions, T.SUSPENDED):
+        attempt += 1
+        kube.patch_lft_annotations(ns, name, {ANN_ATTEMPT: str(attempt)})
+        u.condition(
+            T.SUSPENDED,
+            False,
+            R.RESUMED,
+            f"spec.suspend is false: attempt {attempt} resumes from the newest checkpoint",
+            event="Normal",
+        )
+    _observe(kube, settings, u, resource, device, attempt, pods)
+
+
+def _observe(
+    kube: Kube,
+    settings: OperatorSettings,
+    u: StatusUpdate,
+    resource: LoRAFineTuneResource,
+    device: str | None,
+    attempt: int,
+    pods: Sequence[WorkerState],
+) -> None:
+    ns, n = resource.namespace, resource.spec.workers
+    stale = [w for w in pods if w.attempt != attempt]
+    if stale:
+        _delete(kube, ns, stale, keep_terminated=False)
+        u.condition(
+            T.RUNNING,
+            False,
+            R.RESTARTING,
+            f"waiting for {_plural(len(stale), 'worker pod')} of the previous attempt to terminate before attempt "
+            f"{attempt} starts",
+        )
+        u.status["workers"] = {"ready": 0, "total": n}
+        return
+    current = {w.index: w for w in pods if not w.deleting}
+    failure = first_failure(list(current.values()))
+    if failure is not None:
+        _on_failure(kube, u, resource, attempt, list(current.values()), failure.describe_failure(), failure.exit_code)
+        return
+    w0 = current.get(0)
+    if w0 is not None and w0.succeeded and (
+        resource.spec.distributed.launcher == "mpirun" or all(i in current and current[i].succeeded for i in range(n))
+    ):
+        _on_success(kube, u, resource, list(current.values()), w0)
+        return
+    missing = [i for i in range(n) if i not in current]
+    if missing:
+        if any(w.running or w.terminated for w in current.values()):
+            names = ", ".join(f"{resource.name}-worker-{i}" for i in missing)
+            _on_failure(kube, u, resource, attempt, list(current.values()), f"worker pod(s) {names} disappeared while the job ran", None)
+            return
+        if any(w.deleting for w in pods):
+            u.condition(T.RUNNING, False, R.WORKERS_STARTING, "waiting for deleted worker pods to terminate")
+            return
+        if _create(kube, settings, u, resource, device, attempt, missing) is None:
+            return
+
+    workers = [current[i] for i in sorted(current)]
+    bound = [w for w in workers if w.node]
+    if len(bound) == n:
+        nodes = ", ".join(sorted({w.node for w in bound if w.node}))
+        u.condition(
+            T.SCHEDULED,
+            True,
+            R.PODS_SCHEDULED,
+            f"{_plural(n, 'worker pod')} of attempt {attempt} bound to {nodes}",
+            event="Normal",
+        )
+    else:
+        why = next((w.unschedulable for w in workers if w.unschedulable), None)
+        msg = f"{len(bound)}/{n} worker pods of attempt {attempt} bound to nodes" + (f"; scheduler: {why}" if why else "")
+        reason = R.PODS_PENDING if (why or bound) else R.PODS_CREATED
+        u.condition(T.SCHEDULED, False, reason, msg)
+    running = [w for w in workers if w.running]
+    finished = [w for w in workers if w.succeeded]
+    if len(running) == n:
+        u.condition(T.RUNNING, True, R.WORKERS_RUNNING, f"{_plural(n, 'worker')} running (attempt {attempt})", event="Normal")
+    else:
+        extra = f", {len(finished)} finished" if finished else ""
+        u.condition(T.RUNNING, False, R.WORKERS_STARTING, f"{len(running)}/{n} workers running{extra} (attempt {attempt})")
+    u.status["workers"] = {"ready": len(running), "total": n}
+
+
+# --------------------------------------------------------------------------- actions
+
+
+def _place(kube: Kube, settings: OperatorSettings, spec: LoRAFineTuneSpec) -> PlacementDecision:
+    nodes = [NodeFacts.from_k8s(node) for node in kube.list_nodes()]
+    return decide_placement(spec, nodes, settings)
+
+
+def _create(
+    kube: Kube,
+    settings: OperatorSettings,
+    u: StatusUpdate,
+    resource: LoRAFineTuneResource,
+    device: str | None,
+    attempt: int,
+    missing: Sequence[int],
+) -> PlacementDecision | None:
+    """Create the ConfigMap, Service and the missing pods of `attempt` (idempotent)."""
+    spec = resource.spec.model_copy(update={"device": device}) if device else resource.spec
+    decision = _place(kube, settings, spec)
+    if not decision.ok:
+        u.condition(T.SCHEDULED, False, R.NO_MATCHING_NODES, decision.reason, event="Warning")
+        return None
+    p = plan(resource, decision, settings, attempt=attempt)
+    if p.ssh_secret_to_create and p.ssh_secret_name and kube.read_secret(resource.namespace, p.ssh_secret_name) is None:
+        private, public = _ssh_keypair(f"kubelora-{resource.namespace}-{resource.name}")
+        kube.create_if_absent(ssh_secret(resource, private, public))
+    kube.create_if_absent(p.config_map)
+    kube.create_if_absent(p.service)
+    wanted = set(missing)
+    created = 0
+    for pod in p.pods:
+        if int(pod["metadata"]["labels"][LABEL_WORKER_INDEX]) in wanted and kube.create_if_absent(pod):
+            created += 1
+    if created:
+        u.event(
+            "Normal",
+            R.PODS_CREATED.value,
+            f"created {_plural(created, 'worker pod')} of attempt {attempt} on {decision.device}",
+        )
+    return decision
+
+
+def _delete(kube: Kube, namespace: str, pods: Sequence[WorkerState], *, keep_terminated: bool) -> int:
+    n = 0
+    for w in pods:
+        if w.deleting or (keep_terminated and w.terminated):
+            continue
+        if kube.delete_pod(namespace, w.name, uid=w.uid):
+            n += 1
+    return n
+
+
+def _stop_pods(kube: Kube, namespace: str, name: str, *, keep_terminated: bool) -> None:
+    pods = [worker_state(p) for p in kube.list_pods(namespace, worker_selector(name))]
+    _delete(kube, namespace, pods, keep_terminated=keep_terminated)
+
+
+def _fail(u: StatusUpdate, reason: R, message: str) -> None:
+    u.condition(T.FAILED, True, reason, message, event="Warning")
+    u.condition(T.RUNNING, False, reason, message)
+    u.status.setdefault("completionTime", u.stamp)
+    total = (u.status.get("workers") or {}).get("total")
+    if total is not None:
+        u.status["workers"] = {"ready": 0, "total": total}
+
+
+def _on_failure(
+    kube: Kube,
+    u: StatusUpdate,
+    resource: LoRAFineTuneResource,
+    attempt: int,
+    pods: Sequence[WorkerState],
+    description: str,
+    exit_code: int | None,
+) -> None:
+    ns, spec = resource.namespace, resource.spec
+    if exit_code == EXIT_BAD_INPUT:
+        _delete(kube, ns, pods, keep_terminated=True)  # terminated pods stay for `kubectl logs`
+        _fail(u, R.INVALID_SPEC, f"{description} (bad input: not retried)")
+        return
+    preempted = exit_code == EXIT_PREEMPTED
+    restarts = int(u.status.get("restarts") or 0)
+    if not preempted and restarts >= spec.backoff_limit:
+        _delete(kube, ns, pods, keep_terminated=True)
+        _fail(
+            u,
+            R.BACKOFF_LIMIT_EXCEEDED,
+            f"{description}; backoffLimit {spec.backoff_limit} reached after {_plural(restarts, 'restart')}",
+        )
+        return
+    attempt += 1
+    kube.patch_lft_annotations(ns, resource.name, {ANN_ATTEMPT: str(attempt)})
+    if not preempted:
+        restarts += 1
+        u.status["restarts"] = restarts
+    # Stable pod names: the whole attempt goes, then the next one is created under the same names.
+    _delete(kube, ns, pods, keep_terminated=False)
+    why = "preempted (checkpoint written)" if preempted else f"restart {restarts}/{spec.backoff_limit}"
+    u.condition(
+        T.RUNNING,
+        False,
+        R.RESTARTING,
+        f"{description}; attempt {attempt} resumes from the newest checkpoint ({why})",
+        event="Warning",
+        event_reason=R.WORKER_FAILED.value,
+    )
+    u.status["workers"] = {"ready": 0, "total": spec.workers}
+
+
+def _on_success(
+    kube: Kube, u: StatusUpdate, resource: LoRAFineTuneResource, pods: Sequence[WorkerState], w0: WorkerState
+) -> None:
+    artifact = parse_termination_message(w0.message) or {}
+    artifact.setdefault("uri", artifact_uri(resource))
+    _delete(kube, resource.namespace, pods, keep_terminated=True)  # mpirun: the sshd workers
+    u.status["artifact"] = artifact
+    u.status.setdefault("completionTime", u.stamp)
+    details = f"adapter at {artifact['uri']}"
+    if "sha256" in artifact:
+        details += f" (sha256 {artifact['sha256'][:12]}..., {artifact.get('sizeBytes', '?')} bytes)"
+    u.condition(T.SUCCEEDED, True, R.TRAINING_COMPLETE, f"training complete; {details}", event="Normal")
+    u.condition(T.RUNNING, False, R.TRAINING_COMPLETE, "all workers finished")
+    progress = dict(u.status.get("progress") or {})
+    if progress.get("totalSteps"):
+        progress["step"] = progress["totalSteps"]
+    progress.update(percent=100, etaSeconds=0)
+    u.status["progress"] = progress
+    u.status["workers"] = {"ready": 0, "total": resource.spec.workers}
+
+
+def _ssh_keypair(comment: str) -> tuple[str, str]:
+    """An ed25519 key pair for mpirun's sshd (ssh-keygen must be on PATH in the operator image)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        key = Path(tmp) / "id"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "LC_ALL": "C"},
+        )
+        return key.read_text(), (Path(tmp) / "id.pub").read_text()

@@ -1,0 +1,97 @@
+"""One reconcile's status changes: conditions, fields and the Events that go with transitions.
+
+Why a small accumulator: a reconcile decides several things (validated, scheduled, running, ...);
+collecting them and writing one merge patch of only the changed top-level keys keeps API traffic
+low and lets an Event be posted exactly when a condition actually changes (not on every resync).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from ..conditions import (
+    ConditionReason,
+    ConditionType,
+    format_time,
+    get_condition,
+    phase_of,
+    remove_condition,
+    set_condition,
+)
+from ..kube import Kube
+
+log = logging.getLogger(__name__)
+
+
+class StatusUpdate:
+    """Mutable copy of `status` plus pending Events; `flush` writes the difference."""
+
+    def __init__(self, body: Mapping[str, Any], now: datetime | None = None) -> None:
+        self.body = body
+        self.now = now or datetime.now(timezone.utc)
+        self.stamp = format_time(self.now)
+        self.old: dict[str, Any] = copy.deepcopy(dict(body.get("status") or {}))
+        self.status: dict[str, Any] = copy.deepcopy(self.old)
+        self.generation = int((body.get("metadata") or {}).get("generation") or 1)
+        self.events: list[tuple[str, str, str]] = []
+
+    @property
+    def conditions(self) -> list[dict[str, Any]]:
+        return list(self.status.get("conditions") or [])
+
+    def condition(
+        self,
+        type_: ConditionType,
+        status: bool,
+        reason: ConditionReason,
+        message: str,
+        event: str | None = None,
+        event_reason: str | None = None,
+    ) -> bool:
+        """Set a condition; post an Event of type `event` (Normal/Warning) when it changed. True if changed."""
+        before = get_condition(self.conditions, type_)
+        self.status["conditions"] = set_condition(
+            self.conditions, type_, status, reason, message, self.generation, self.stamp
+        )
+        want = "True" if status else "False"
+        changed = before is None or (before.get("status"), before.get("reason"), before.get("message") or "") != (
+            want,
+            reason.value,
+            message,
+        )
+        if changed and event:
+            self.events.append((event, event_reason or reason.value, message))
+        return changed
+
+    def drop(self, type_: ConditionType) -> None:
+        if get_condition(self.conditions, type_) is not None:
+            self.status["conditions"] = remove_condition(self.conditions, type_)
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+    def patch(self) -> dict[str, Any]:
+        """The merge patch of changed top-level keys (phase recomputed); {} when nothing changed."""
+        self.status["phase"] = phase_of(self.conditions).value
+        out: dict[str, Any] = {}
+        for key, value in self.status.items():
+            if self.old.get(key) != value:
+                out[key] = value
+        for key in self.old:
+            if key not in self.status:
+                out[key] = None
+        return out
+
+    def flush(self, kube: Kube) -> None:
+        meta = self.body.get("metadata") or {}
+        patch = self.patch()
+        if patch:
+            kube.patch_lft_status(meta["namespace"], meta["name"], patch)
+            self.old = copy.deepcopy(self.status)
+        events, self.events = self.events, []
+        for type_, reason, message in events:
+            kube.post_event(self.body, type_, reason, message)

@@ -1,0 +1,70 @@
+"""Running the operator: kopf with kubelora's handlers, storage and scope.
+
+* kopf's bookkeeping stays out of `status`: handler progress and the diff base are annotations with
+  the `kubelora.dev/` prefix; the finalizer (kopf adds one for the timers, so that they stop before
+  the object goes) is `kubelora.dev/finalizer`.
+* kopf's own Events about handler outcomes are switched off: the handlers post Events for real
+  transitions (Validated, NoMatchingNodes, WorkerFailed, ...), which is what users read.
+* Scope: `--namespace NS` (repeatable) or cluster-wide when none is given. Peering (one active
+  replica among several) only when a peering name is configured and `--standalone` is not given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import kopf
+
+from .handlers import register
+from .kube import Kube
+from .settings import OperatorSettings, load_settings
+
+PREFIX = "kubelora.dev"
+FINALIZER = f"{PREFIX}/finalizer"
+
+
+def kopf_settings() -> kopf.OperatorSettings:
+    """kopf settings: annotations storage, own finalizer, no handler-log Events."""
+    ks = kopf.OperatorSettings()
+    ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX, key="last-handled-configuration")
+    ks.persistence.finalizer = FINALIZER
+    ks.posting.enabled = False
+    ks.watching.server_timeout = 300
+    ks.watching.client_timeout = 330
+    ks.watching.connect_timeout = 30
+    ks.networking.request_timeout = 60
+    return ks
+
+
+def run_operator(
+    namespaces: Sequence[str] = (),
+    *,
+    standalone: bool | None = None,
+    peering_name: str | None = None,
+    liveness_endpoint: str | None = None,
+    verbose: bool = False,
+    settings: OperatorSettings | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code."""
+    settings = settings or load_settings()
+    kopf.configure(verbose=verbose)
+    logging.getLogger("kubelora_operator").setLevel(logging.DEBUG if verbose else logging.INFO)
+    registry = kopf.OperatorRegistry()
+    register(registry, settings, Kube())
+    # A registry of our own gets none of kopf's default handlers: log in like kopf does by default.
+    kopf.on.login(registry=registry, id="login")(kopf.login_via_client)
+    peering = peering_name or settings.peering_name
+    if standalone is None:
+        standalone = peering is None
+    kopf.run(
+        registry=registry,
+        settings=kopf_settings(),
+        standalone=standalone,
+        peering_name=None if standalone else peering,
+        namespaces=list(namespaces),
+        clusterwide=not namespaces,
+        liveness_endpoint=liveness_endpoint,
+    )
+    return 0
