@@ -80,7 +80,7 @@ def lft_spec(pool: str, **over: Any) -> dict[str, Any]:
         "resources": {"gpus": 1, "cpu": "2", "memory": "4Gi"},
     }
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+        if key in ("placement", "resources") and isinstance(value, dict):
             spec[key] = {**spec[key], **value}
         else:
             spec[key] = copy.deepcopy(value)
@@ -108,14 +108,20 @@ def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
 
 
 def wait_condition(
-    cp: ControlPlane, ns: str, name: str, type_: str, status: str = "True", reason: str | None = None, timeout: float = 30
+    cp: ControlPlane, ns: str, name: str, type_: str, status: str = "True", reason: str | None = None, timeout: float = 30,
+    contains: str | None = None,
 ) -> dict[str, Any]:
     """Wait until the resource has the condition; returns the resource."""
 
     def check() -> dict[str, Any] | None:
         obj = get_lft(cp, ns, name)
         cond = condition(obj, type_)
-        if cond and cond["status"] == status and (reason is None or cond["reason"] == reason):
+        if (
+            cond
+            and cond["status"] == status
+            and (reason is None or cond["reason"] == reason)
+            and (contains is None or contains in (cond.get("message") or ""))
+        ):
             return obj
         return None
 

@@ -240,8 +240,7 @@ def test_running_progress_and_success(env: Env) -> None:
     server = serve_metrics(state, METRICS_PORT, host="127.0.0.1")
     try:
         run_pod(cp, ns, ps[0]["metadata"]["name"])
-        obj = wait_condition(cp, ns, name, "Running", "False", "WorkersStarting")
-        assert "1/2 workers running" in condition(obj, "Running")["message"]
+        wait_condition(cp, ns, name, "Running", "False", "WorkersStarting", contains="1/2 workers running")
         run_pod(cp, ns, ps[1]["metadata"]["name"], ip="127.0.0.2")
         obj = wait_condition(cp, ns, name, "Running", "True", "WorkersRunning")
         assert obj["status"]["phase"] == "Running" and obj["status"]["workers"] == {"ready": 2, "total": 2}
@@ -356,11 +355,12 @@ def test_spec_change_after_start_is_refused(env: Env) -> None:
     cp, ns = env.cp, env.ns
     pool, _ = _gpu_pool(cp)
     name = f"chg-{pool}"
-    create_lft(cp, ns, name, lft_spec(pool, device="xpu", workers=2))
+    r0 = 8
+    create_lft(cp, ns, name, lft_spec(pool, device="xpu", workers=2, lora={"r": r0}))
     wait_pods(cp, ns, name, 2, _bound)
     started = get_lft(cp, ns, name)
     started_gen = started["metadata"]["generation"]
-    r0 = json.loads(started["metadata"]["annotations"]["kubelora.dev/started-spec"])["lora"]["r"]
+    assert json.loads(started["metadata"]["annotations"]["kubelora.dev/started-spec"])["lora"] == {"r": r0}
     patch_spec(cp, ns, name, {"workers": 3, "lora": {"r": r0 * 2}})
     obj = wait_condition(cp, ns, name, "SpecChangeRefused", "True", "SpecChangedAfterStart")
     msg = condition(obj, "SpecChangeRefused")["message"]

@@ -41,7 +41,7 @@ from typing import Any
 from ..api import LoRAFineTuneResource, LoRAFineTuneSpec, SpecError, parse_spec
 from ..conditions import ConditionReason as R
 from ..conditions import ConditionType as T
-from ..conditions import is_true
+from ..conditions import get_condition, is_true
 from ..kube import Kube, NotFound, PermanentApiError, TransientApiError
 from ..placement import NodeFacts, PlacementDecision, decide_placement
 from ..plan import LABEL_WORKER_INDEX, artifact_uri, plan, ssh_secret, worker_selector
@@ -221,6 +221,11 @@ def _after_start(
     except SpecError as err:  # only possible through a hand-edited annotation
         _fail(u, R.INVALID_SPEC, f"the started spec no longer parses: {err}")
         return
+    # After a crash between the commit point and the first status write, status catches up here.
+    u.status.setdefault("startTime", u.stamp)
+    u.status.setdefault("restarts", 0)
+    if get_condition(u.conditions, T.VALIDATED) is None:
+        u.condition(T.VALIDATED, True, R.SPEC_VALID, "spec and referenced objects are valid")
     generation = int(annotations.get(ANN_STARTED_GENERATION) or u.generation)
     resource = LoRAFineTuneResource(name, ns, meta.get("uid", ""), generation, spec)
     pods = [worker_state(p) for p in kube.list_pods(ns, worker_selector(name))]
@@ -354,6 +359,8 @@ def _create(
     if not decision.ok:
         u.condition(T.SCHEDULED, False, R.NO_MATCHING_NODES, decision.reason, event="Warning")
         return None
+    if not u.status.get("placement", {}).get("device"):
+        u.status["placement"] = decision.to_status()
     p = plan(resource, decision, settings, attempt=attempt)
     if p.ssh_secret_to_create and p.ssh_secret_name and kube.read_secret(resource.namespace, p.ssh_secret_name) is None:
         private, public = _ssh_keypair(f"kubelora-{resource.namespace}-{resource.name}")
