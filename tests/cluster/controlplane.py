@@ -36,6 +36,10 @@ from pathlib import Path
 from typing import Any
 
 K8S_PKG_VERSION = "1.20.5+really1.20.2-1.1+deb12u1"
+# build.sh's recipe revision: part of the cache key, so binaries from an older (broken) recipe are never used.
+# Must equal K8S_BUILD_REV in build.sh (test_build_script_and_controlplane_agree_on_cache_key checks).
+K8S_BUILD_REV = 2
+K8S_CACHE_KEY = f"{K8S_PKG_VERSION}+kubelora{K8S_BUILD_REV}"
 K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
 KCM_CONTROLLERS = "*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route"
 SERVICE_CIDR = "10.0.0.0/24"
@@ -52,7 +56,7 @@ BUILD_HINT = "run `bash tests/cluster/build.sh` (as root, ~6 min once; cached af
 def cache_dir() -> Path:
     """Where build.sh caches the binaries (whether or not they exist yet)."""
     root = os.environ.get("KUBELORA_K8S_CACHE") or str(Path.home() / ".cache" / "kubelora" / "k8s")
-    return Path(root) / K8S_PKG_VERSION
+    return Path(root) / K8S_CACHE_KEY
 
 
 def _is_exe(p: Path) -> bool:

@@ -131,6 +131,94 @@ def _try_create(cp: ControlPlane, path: str, obj: dict) -> dict | None:
         raise
 
 
+GADGETS = "gadgets"
+
+
+def _gadget_crd() -> dict:
+    str_props = {"foo": {"type": "string"}, "bar": {"type": "string"}}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{GADGETS}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {"plural": GADGETS, "singular": "gadget", "kind": "Gadget", "listKind": "GadgetList"},
+            "versions": [
+                {
+                    "name": "v1alpha1",
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "spec": {
+                                    "type": "object",
+                                    "properties": {
+                                        **str_props,
+                                        "count": {"type": "integer"},
+                                        "enabled": {"type": "boolean"},
+                                        "items": {"type": "array", "items": {"type": "string"}},
+                                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                    },
+                                },
+                                "status": {"type": "object", "properties": str_props},
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def test_empty_string_survives_in_custom_object(control_plane: ControlPlane, cluster_namespace: str) -> None:
+    """Regression: "" (and other zero values) in a custom object are valid and stay as sent, as on a real
+    1.20 cluster. Built with Go >= 1.16, 1.20's CRD type validator took a decoded "" for null and answered
+    422 `spec.foo in body must be of type string: "null"` (kubernetes/kubernetes#99804); build.sh patches it."""
+    cp = control_plane
+    crd_path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{GADGETS}.{GROUP}"
+    try:
+        cp.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", _gadget_crd())
+    except ApiError as e:
+        if e.status != 409:
+            raise
+
+    def established() -> bool:
+        conds = (cp.get(crd_path).get("status") or {}).get("conditions") or []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conds)
+
+    cp.wait_for(established, timeout=30, what="CRD Established")
+    base = f"/apis/{GROUP}/v1alpha1/namespaces/{cluster_namespace}/{GADGETS}"
+    spec = {"foo": "", "bar": "x", "count": 0, "enabled": False, "items": ["", "a"], "labels": {"empty": "", "k": "v"}}
+    obj = cp.wait_for(
+        lambda: _try_create(
+            cp, base, {"apiVersion": f"{GROUP}/v1alpha1", "kind": "Gadget", "metadata": {"name": "g1"}, "spec": spec}
+        ),
+        timeout=30,
+        what="custom object create with empty strings",
+    )
+    assert obj["spec"] == spec
+    assert cp.get(f"{base}/g1")["spec"] == spec  # read back from etcd
+
+    # Status subresource and a plain merge patch keep "" too.
+    patched = cp.merge_patch(f"{base}/g1/status", {"status": {"foo": "", "bar": ""}})
+    assert patched["status"] == {"foo": "", "bar": ""}
+    patched = cp.merge_patch(f"{base}/g1", {"spec": {"bar": ""}})
+    assert patched["spec"]["bar"] == "" and patched["spec"]["foo"] == ""
+    got = cp.get(f"{base}/g1")
+    assert got["status"] == {"foo": "", "bar": ""}
+    assert got["spec"] == {**spec, "bar": ""}
+    # Empty strings in built-in objects as well (ConfigMap data, labels).
+    cm = cp.create(
+        f"/api/v1/namespaces/{cluster_namespace}/configmaps",
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "e", "labels": {"l": ""}}, "data": {"k": ""}},
+    )
+    assert cm["data"] == {"k": ""} and cm["metadata"]["labels"] == {"l": ""}
+
+
 def _gpu_pod(name: str, node_label: str, gpus: int) -> dict:
     return {
         "apiVersion": "v1",
