@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     crd = sub.add_parser("crd", help="print the LoRAFineTune CustomResourceDefinition (YAML)")
     crd.set_defaults(func=_cmd_crd)
-    run = sub.add_parser("run", help="run the operator (kopf); settings from $KUBELORA_SETTINGS_FILE and KUBELORA_* env")
+    run = sub.add_parser(
+        "run", help="run the operator (kopf); settings from $KUBELORA_SETTINGS_FILE and KUBELORA_* env"
+    )
     run.add_argument(
         "-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable); none: cluster-wide"
     )

@@ -31,6 +31,9 @@ def kopf_settings() -> kopf.OperatorSettings:
     ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX, key="last-handled-configuration")
     ks.persistence.finalizer = FINALIZER
     ks.posting.enabled = False
+    # A timer still running when its resource is deleted (e.g. the resync that applies
+    # ttlSecondsAfterFinished) would hold the finalizer for kopf's default 60 s: check every second.
+    ks.background.cancellation_polling = 1
     ks.watching.server_timeout = 300
     ks.watching.client_timeout = 330
     ks.watching.connect_timeout = 30

@@ -32,7 +32,10 @@ REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "lorafinetunes.kubelora.dev.yaml"
 LFT_API = "/apis/kubelora.dev/v1alpha1"
 POOL_LABEL = "kubelora-test/pool"
-GPU_LABELS = {"intel.feature.node.kubernetes.io/gpu": "true", "feature.node.kubernetes.io/pci-0300_8086.present": "true"}
+GPU_LABELS = {
+    "intel.feature.node.kubernetes.io/gpu": "true",
+    "feature.node.kubernetes.io/pci-0300_8086.present": "true",
+}
 AMX_LABELS = {
     "feature.node.kubernetes.io/cpu-cpuid.AMXBF16": "true",
     "feature.node.kubernetes.io/cpu-cpuid.AMXTILE": "true",
@@ -108,7 +111,13 @@ def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
 
 
 def wait_condition(
-    cp: ControlPlane, ns: str, name: str, type_: str, status: str = "True", reason: str | None = None, timeout: float = 30,
+    cp: ControlPlane,
+    ns: str,
+    name: str,
+    type_: str,
+    status: str = "True",
+    reason: str | None = None,
+    timeout: float = 30,
     contains: str | None = None,
 ) -> dict[str, Any]:
     """Wait until the resource has the condition; returns the resource."""
@@ -141,7 +150,9 @@ def live_pods(cp: ControlPlane, ns: str, name: str) -> list[dict[str, Any]]:
     return [p for p in pods(cp, ns, name) if not p["metadata"].get("deletionTimestamp")]
 
 
-def wait_pods(cp: ControlPlane, ns: str, name: str, n: int, pred: Callable[[dict], bool] = lambda p: True, timeout: float = 30) -> list[dict]:
+def wait_pods(
+    cp: ControlPlane, ns: str, name: str, n: int, pred: Callable[[dict], bool] = lambda p: True, timeout: float = 30
+) -> list[dict]:
     def check() -> list[dict] | None:
         got = [p for p in live_pods(cp, ns, name) if pred(p)]
         return got if len(got) == n else None
@@ -151,7 +162,11 @@ def wait_pods(cp: ControlPlane, ns: str, name: str, n: int, pred: Callable[[dict
 
 def events(cp: ControlPlane, ns: str, name: str) -> list[dict[str, Any]]:
     items = cp.get(f"/api/v1/namespaces/{ns}/events")["items"]
-    return [e for e in items if e["involvedObject"].get("name") == name and e["involvedObject"].get("kind") == "LoRAFineTune"]
+    return [
+        e
+        for e in items
+        if e["involvedObject"].get("name") == name and e["involvedObject"].get("kind") == "LoRAFineTune"
+    ]
 
 
 # --------------------------------------------------------------------------- nodes
@@ -203,7 +218,9 @@ def run_pod(cp: ControlPlane, ns: str, pod_name: str, ip: str = "127.0.0.1") -> 
     return cp.merge_patch(f"/api/v1/namespaces/{ns}/pods/{pod_name}/status", {"status": status})
 
 
-def terminate_pod(cp: ControlPlane, ns: str, pod_name: str, exit_code: int, message: str | None = None) -> dict[str, Any]:
+def terminate_pod(
+    cp: ControlPlane, ns: str, pod_name: str, exit_code: int, message: str | None = None
+) -> dict[str, Any]:
     """The trainer container exited: phase Succeeded (0) or Failed, with a termination message."""
     pod = cp.get(f"/api/v1/namespaces/{ns}/pods/{pod_name}")
     term: dict[str, Any] = {
@@ -346,4 +363,3 @@ def operator_in_namespace(
 
 def free_port() -> int:
     return free_ports(1)[0]
-

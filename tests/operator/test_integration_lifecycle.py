@@ -100,7 +100,14 @@ def test_xpu_two_workers_children_and_scheduling(env: Env) -> None:
     assert "kubelora.dev/started-spec" in obj["metadata"]["annotations"]
     assert not any(k.startswith("kopf.zalando.org") for k in obj["metadata"].get("annotations", {}))
     assert set(st) <= {
-        "conditions", "observedGeneration", "phase", "startTime", "placement", "restarts", "workers", "progress",
+        "conditions",
+        "observedGeneration",
+        "phase",
+        "startTime",
+        "placement",
+        "restarts",
+        "workers",
+        "progress",
     }, st
 
     ps = wait_pods(cp, ns, name, 2, _bound)
@@ -185,7 +192,11 @@ def test_invalid_resources_get_validated_false_and_nothing_else(env: Env) -> Non
     s3 = {"s3": {"uri": "s3://bucket/x", "credentialsSecret": {"name": missing_secret}}}
     cases = {
         f"nosecret-{pool}": (lft_spec(pool, output=s3), "SecretNotFound", f"Secret '{missing_secret}'"),
-        f"nopvc-{pool}": (lft_spec(pool, output={"pvc": {"claimName": "nope"}}), "PVCNotFound", "PersistentVolumeClaim 'nope'"),
+        f"nopvc-{pool}": (
+            lft_spec(pool, output={"pvc": {"claimName": "nope"}}),
+            "PVCNotFound",
+            "PersistentVolumeClaim 'nope'",
+        ),
         f"badmod-{pool}": (
             lft_spec(pool, model={"nameOrPath": "smollm2-135m"}, lora={"targetModules": ["q_proj", "qkv"]}),
             "InvalidSpec",
@@ -245,7 +256,9 @@ def test_running_progress_and_success(env: Env) -> None:
         obj = wait_condition(cp, ns, name, "Running", "True", "WorkersRunning")
         assert obj["status"]["phase"] == "Running" and obj["status"]["workers"] == {"ready": 2, "total": 2}
 
-        state.update(step=5, total_steps=20, epoch=0.25, train_loss=1.5, tokens_per_second=321.5, eta_seconds=30.0, phase=1)
+        state.update(
+            step=5, total_steps=20, epoch=0.25, train_loss=1.5, tokens_per_second=321.5, eta_seconds=30.0, phase=1
+        )
 
         def progressed(step: int) -> dict | None:
             p = get_lft(cp, ns, name)["status"].get("progress") or {}
@@ -253,8 +266,13 @@ def test_running_progress_and_success(env: Env) -> None:
 
         p = cp.wait_for(lambda: progressed(5), timeout=20, what="progress step 5")
         assert p == {
-            "step": 5, "totalSteps": 20, "epoch": 0.25, "trainLoss": 1.5, "tokensPerSecond": 321.5,
-            "etaSeconds": 30, "percent": 25,
+            "step": 5,
+            "totalSteps": 20,
+            "epoch": 0.25,
+            "trainLoss": 1.5,
+            "tokensPerSecond": 321.5,
+            "etaSeconds": 30,
+            "percent": 25,
         }, p
         assert math.isnan(state.snapshot()["eval_loss"])  # NaN gauges are simply left out
         state.update(step=15, eval_loss=1.25, train_loss=1.1)
@@ -376,7 +394,9 @@ def test_active_deadline_and_ttl(env: Env) -> None:
     cp, ns = env.cp, env.ns
     pool, _ = _gpu_pool(cp, n=1)
     name = f"dl-{pool}"
-    create_lft(cp, ns, name, lft_spec(pool, device="xpu", workers=1, activeDeadlineSeconds=3, ttlSecondsAfterFinished=3))
+    create_lft(
+        cp, ns, name, lft_spec(pool, device="xpu", workers=1, activeDeadlineSeconds=3, ttlSecondsAfterFinished=3)
+    )
     (pod,) = wait_pods(cp, ns, name, 1, _bound)
     run_pod(cp, ns, pod["metadata"]["name"])
     obj = wait_condition(cp, ns, name, "Failed", "True", "DeadlineExceeded", timeout=20)

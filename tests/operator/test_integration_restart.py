@@ -30,14 +30,18 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 
 
 @pytest.fixture
-def crashy(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, OperatorProcess]]:
+def crashy(
+    control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, OperatorProcess]]:
     log_dir = tmp_path_factory.mktemp("operator-logs")
     with operator_in_namespace(control_plane, log_dir, KUBELORA_DEBUG_CREATE_DELAY="2") as (ns, op, _):
         yield ns, op
         print(f"--- operator logs ---\n{op.log_tail(120)}")
 
 
-def test_operator_killed_mid_reconcile_creates_no_duplicates(control_plane: ControlPlane, crashy: tuple[str, OperatorProcess]) -> None:
+def test_operator_killed_mid_reconcile_creates_no_duplicates(
+    control_plane: ControlPlane, crashy: tuple[str, OperatorProcess]
+) -> None:
     cp = control_plane
     ns, op = crashy
     pool = uid()

@@ -44,7 +44,9 @@ Key = tuple[str, str]
 class Runner:
     """Runs reconciles, at most one per resource at a time, coalescing triggers that arrive meanwhile."""
 
-    def __init__(self, kube: Kube, settings: OperatorSettings, fn: Callable[[Kube, OperatorSettings, str, str], None] = reconcile) -> None:
+    def __init__(
+        self, kube: Kube, settings: OperatorSettings, fn: Callable[[Kube, OperatorSettings, str, str], None] = reconcile
+    ) -> None:
         self.kube = kube
         self.settings = settings
         self.fn = fn

@@ -38,6 +38,8 @@ class WorkerState:
     uid: str | None
     unschedulable: str | None
     """The scheduler's message while the pod cannot be placed."""
+    waiting: str | None = None
+    """Why the container is not running yet (e.g. `ImagePullBackOff: ...`), when the kubelet says."""
 
     @property
     def failed(self) -> bool:
@@ -82,7 +84,11 @@ def worker_state(pod: Mapping[str, Any]) -> WorkerState:
     message: str | None = None
     statuses = status.get("containerStatuses") or []
     trainer = next((c for c in statuses if c.get("name") == CONTAINER_NAME), statuses[0] if statuses else None)
+    waiting: str | None = None
     if trainer is not None:
+        wait = (trainer.get("state") or {}).get("waiting") or {}
+        if wait.get("reason") and wait.get("reason") != "ContainerCreating":
+            waiting = wait["reason"] + (f": {wait['message']}" if wait.get("message") else "")
         terminated = (trainer.get("state") or {}).get("terminated")
         if terminated:
             exit_code = _int(terminated.get("exitCode"), 1)
@@ -105,6 +111,7 @@ def worker_state(pod: Mapping[str, Any]) -> WorkerState:
         message=message,
         uid=meta.get("uid"),
         unschedulable=unschedulable,
+        waiting=waiting,
     )
 
 

@@ -14,7 +14,9 @@ which is for users, and never in memory):
   policy (suspend, backoffLimit, activeDeadlineSeconds, ttlSecondsAfterFinished) is taken from the
   live spec.
 * `kubelora.dev/started-generation`, `kubelora.dev/device` (the placed device, so that `auto` never
-  flips between attempts), `kubelora.dev/attempt` (the pods' `kubelora.dev/attempt` label).
+  flips between attempts), `kubelora.dev/attempt` (the pods' `kubelora.dev/attempt` label),
+  `kubelora.dev/active-since` (start of the activeDeadlineSeconds clock: set at start and reset on
+  resume, as Kubernetes Jobs do; time spent suspended does not count).
 
 Lifecycle: not started -> validate (spec, then Secrets/PVCs/ConfigMaps) -> place (NoMatchingNodes
 waits for the resync timer) -> commit -> create ConfigMap, Service, pods -> observe pods: bound
@@ -56,6 +58,7 @@ ANN_STARTED_SPEC = "kubelora.dev/started-spec"
 ANN_STARTED_GENERATION = "kubelora.dev/started-generation"
 ANN_DEVICE = "kubelora.dev/device"
 ANN_ATTEMPT = "kubelora.dev/attempt"
+ANN_ACTIVE_SINCE = "kubelora.dev/active-since"
 
 #: Spec fields that may change after start (camelCase, as stored).
 RUN_POLICY = ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
@@ -183,6 +186,7 @@ def _before_start(
             ANN_STARTED_GENERATION: str(u.generation),
             ANN_DEVICE: decision.device,
             ANN_ATTEMPT: "0",
+            ANN_ACTIVE_SINCE: u.stamp,
         },
     )
     u.status.update(startTime=u.stamp, placement=decision.to_status(), restarts=0)
@@ -230,13 +234,18 @@ def _after_start(
     resource = LoRAFineTuneResource(name, ns, meta.get("uid", ""), generation, spec)
     pods = [worker_state(p) for p in kube.list_pods(ns, worker_selector(name))]
 
-    start = u.status.get("startTime")
+    start = annotations.get(ANN_ACTIVE_SINCE) or u.status.get("startTime")
     deadline = spec.active_deadline_seconds
     if deadline and start and not spec.suspend:
         elapsed = (u.now - parse_time(start)).total_seconds()
         if elapsed >= deadline:
             _delete(kube, ns, pods, keep_terminated=False)
-            _fail(u, R.DEADLINE_EXCEEDED, f"activeDeadlineSeconds ({deadline}) exceeded: {int(elapsed)} s since start; worker pods deleted")
+            _fail(
+                u,
+                R.DEADLINE_EXCEEDED,
+                f"activeDeadlineSeconds ({deadline}) exceeded: {int(elapsed)} s since the job started or resumed; "
+                "worker pods deleted",
+            )
             return
 
     if spec.suspend:
@@ -254,7 +263,7 @@ def _after_start(
         return
     if is_true(u.conditions, T.SUSPENDED):
         attempt += 1
-        kube.patch_lft_annotations(ns, name, {ANN_ATTEMPT: str(attempt)})
+        kube.patch_lft_annotations(ns, name, {ANN_ATTEMPT: str(attempt), ANN_ACTIVE_SINCE: u.stamp})
         u.condition(
             T.SUSPENDED,
             False,
@@ -293,8 +302,13 @@ def _observe(
         _on_failure(kube, u, resource, attempt, list(current.values()), failure.describe_failure(), failure.exit_code)
         return
     w0 = current.get(0)
-    if w0 is not None and w0.succeeded and (
-        resource.spec.distributed.launcher == "mpirun" or all(i in current and current[i].succeeded for i in range(n))
+    if (
+        w0 is not None
+        and w0.succeeded
+        and (
+            resource.spec.distributed.launcher == "mpirun"
+            or all(i in current and current[i].succeeded for i in range(n))
+        )
     ):
         _on_success(kube, u, resource, list(current.values()), w0)
         return
@@ -302,7 +316,15 @@ def _observe(
     if missing:
         if any(w.running or w.terminated for w in current.values()):
             names = ", ".join(f"{resource.name}-worker-{i}" for i in missing)
-            _on_failure(kube, u, resource, attempt, list(current.values()), f"worker pod(s) {names} disappeared while the job ran", None)
+            _on_failure(
+                kube,
+                u,
+                resource,
+                attempt,
+                list(current.values()),
+                f"worker pod(s) {names} disappeared while the job ran",
+                None,
+            )
             return
         if any(w.deleting for w in pods):
             u.condition(T.RUNNING, False, R.WORKERS_STARTING, "waiting for deleted worker pods to terminate")
@@ -323,16 +345,26 @@ def _observe(
         )
     else:
         why = next((w.unschedulable for w in workers if w.unschedulable), None)
-        msg = f"{len(bound)}/{n} worker pods of attempt {attempt} bound to nodes" + (f"; scheduler: {why}" if why else "")
+        msg = f"{len(bound)}/{n} worker pods of attempt {attempt} bound to nodes" + (
+            f"; scheduler: {why}" if why else ""
+        )
         reason = R.PODS_PENDING if (why or bound) else R.PODS_CREATED
         u.condition(T.SCHEDULED, False, reason, msg)
     running = [w for w in workers if w.running]
     finished = [w for w in workers if w.succeeded]
     if len(running) == n:
-        u.condition(T.RUNNING, True, R.WORKERS_RUNNING, f"{_plural(n, 'worker')} running (attempt {attempt})", event="Normal")
+        u.condition(
+            T.RUNNING, True, R.WORKERS_RUNNING, f"{_plural(n, 'worker')} running (attempt {attempt})", event="Normal"
+        )
     else:
         extra = f", {len(finished)} finished" if finished else ""
-        u.condition(T.RUNNING, False, R.WORKERS_STARTING, f"{len(running)}/{n} workers running{extra} (attempt {attempt})")
+        stuck = next((f"; worker {w.index}: {w.waiting}" for w in workers if w.waiting), "")
+        u.condition(
+            T.RUNNING,
+            False,
+            R.WORKERS_STARTING,
+            f"{len(running)}/{n} workers running{extra} (attempt {attempt}){stuck}",
+        )
     u.status["workers"] = {"ready": len(running), "total": n}
 
 

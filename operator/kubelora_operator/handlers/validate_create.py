@@ -43,9 +43,7 @@ def _read(kube: Kube, namespace: str, ref: Reference) -> dict[str, Any] | None:
     return kube.read_config_map(namespace, ref.name)
 
 
-def reference_problems(
-    kube: Kube, namespace: str, spec: LoRAFineTuneSpec
-) -> list[tuple[ConditionReason, str]]:
+def reference_problems(kube: Kube, namespace: str, spec: LoRAFineTuneSpec) -> list[tuple[ConditionReason, str]]:
     """(reason, message) for each missing object or key, and for PVC access modes that cannot work."""
     seen: dict[tuple[str, str], dict[str, Any] | None] = {}
     out: list[tuple[ConditionReason, str]] = []
@@ -60,7 +58,9 @@ def reference_problems(
             elif ref.kind == "PersistentVolumeClaim":
                 modes = list(((obj.get("spec") or {}).get("accessModes")) or [])
                 read_only = ref.field.startswith("dataVolume")
-                out += [(ConditionReason.INVALID_SPEC, m) for m in pvc_problems(spec, ref.name, modes, read_only=read_only)]
+                out += [
+                    (ConditionReason.INVALID_SPEC, m) for m in pvc_problems(spec, ref.name, modes, read_only=read_only)
+                ]
         obj = seen[key]
         if obj is not None and ref.key is not None:
             data: Mapping[str, Any] = {**(obj.get("data") or {}), **(obj.get("stringData") or {})}
@@ -69,7 +69,9 @@ def reference_problems(
     return out
 
 
-def validate(kube: Kube, name: str, namespace: str, raw_spec: Mapping[str, Any], settings: OperatorSettings) -> Validation:
+def validate(
+    kube: Kube, name: str, namespace: str, raw_spec: Mapping[str, Any], settings: OperatorSettings
+) -> Validation:
     """Spec checks first (no API calls when the spec itself is wrong), then the references."""
     spec, problems = check_resource(name, raw_spec, settings)
     if spec is None:

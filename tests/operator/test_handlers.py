@@ -1,0 +1,212 @@
+"""Pure parts of the runtime: pod facts, metrics, termination messages, spec diffs, status patches,
+trigger coalescing and the API layer's error policy (no cluster needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from typing import Any
+
+import kopf
+import pytest
+from kubelora_operator.conditions import ConditionReason as R
+from kubelora_operator.conditions import ConditionType as T
+from kubelora_operator.handlers import Runner
+from kubelora_operator.handlers.pods import first_failure, parse_termination_message, worker_state
+from kubelora_operator.handlers.progress import parse_prometheus, progress_from_metrics
+from kubelora_operator.handlers.reconcile import changed_fields, effective_spec
+from kubelora_operator.handlers.status import StatusUpdate
+from kubelora_operator.kube import Kube, NotFound, PermanentApiError, TransientApiError
+from kubelora_trainer.metrics import ProgressState
+from kubernetes.client.exceptions import ApiException
+
+from . import SETTINGS
+
+
+def pod(index: int = 0, attempt: int = 0, phase: str = "Running", state: dict | None = None, **status: Any) -> dict:
+    return {
+        "metadata": {
+            "name": f"demo-worker-{index}",
+            "uid": f"u{index}",
+            "labels": {"kubelora.dev/worker-index": str(index), "kubelora.dev/attempt": str(attempt)},
+        },
+        "spec": {"nodeName": "n1"},
+        "status": {
+            "phase": phase,
+            "podIP": "10.0.0.1",
+            "containerStatuses": [{"name": "trainer", "state": state or {"running": {}}}],
+            **status,
+        },
+    }
+
+
+def test_worker_state_reads_exit_codes_and_messages() -> None:
+    ok = worker_state(pod(phase="Succeeded", state={"terminated": {"exitCode": 0, "message": '{"artifact": {}}'}}))
+    assert ok.succeeded and not ok.failed and ok.terminated and ok.message == '{"artifact": {}}'
+    bad = worker_state(pod(1, phase="Failed", state={"terminated": {"exitCode": 2, "message": "data.path: missing\n"}}))
+    assert bad.failed and bad.exit_code == 2 and bad.message == "data.path: missing"
+    assert bad.describe_failure() == "worker 1 (demo-worker-1) exited with code 2: data.path: missing"
+    oom = worker_state(pod(phase="Failed", state={"terminated": {"exitCode": 137, "reason": "OOMKilled"}}))
+    assert oom.message == "OOMKilled"
+    evicted = worker_state({**pod(phase="Failed"), "status": {"phase": "Failed", "reason": "Evicted"}})
+    assert evicted.failed and evicted.exit_code is None and evicted.message == "Evicted"
+    pending = worker_state(
+        {
+            "metadata": {"name": "demo-worker-0", "labels": {}},
+            "spec": {},
+            "status": {
+                "phase": "Pending",
+                "conditions": [{"type": "PodScheduled", "status": "False", "message": "0/3 nodes are available"}],
+                "containerStatuses": [
+                    {
+                        "name": "trainer",
+                        "state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}},
+                    }
+                ],
+            },
+        }
+    )
+    assert pending.node is None and pending.unschedulable == "0/3 nodes are available"
+    assert pending.waiting == "ImagePullBackOff: no such image" and not pending.running
+
+
+def test_first_failure_prefers_bad_input() -> None:
+    a = worker_state(pod(0, phase="Failed", state={"terminated": {"exitCode": 1}}))
+    b = worker_state(pod(1, phase="Failed", state={"terminated": {"exitCode": 2, "message": "bad"}}))
+    assert first_failure([a, b]) is b
+    assert first_failure([worker_state(pod(0))]) is None
+
+
+def test_termination_message_contract() -> None:
+    msg = json.dumps({"artifact": {"uri": "s3://b/p/adapter", "sha256": "ab" * 32, "sizeBytes": 12}, "steps": 20})
+    assert parse_termination_message(msg) == {"uri": "s3://b/p/adapter", "sha256": "ab" * 32, "sizeBytes": 12}
+    assert parse_termination_message('{"artifact": {"sha256": "x", "size": 5}}') == {"sha256": "x", "sizeBytes": 5}
+    assert parse_termination_message('{"artifact": {"uri": "", "size_bytes": true}}') == {}
+    for other in (None, "", "RuntimeError: boom", "{not json", '{"no": "artifact"}', "[1]"):
+        assert parse_termination_message(other) is None
+
+
+def test_progress_from_the_trainers_own_exposition() -> None:
+    state = ProgressState()
+    assert progress_from_metrics(parse_prometheus(state.prometheus_text())) == {
+        "step": 0,
+        "epoch": 0.0,
+        "tokensPerSecond": 0.0,
+    }  # NaN losses/ETA left out, total 0 means "not planned yet"
+    state.update(step=7, total_steps=20, epoch=0.35, train_loss=1.25, eval_loss=math.nan, eta_seconds=12.7)
+    got = progress_from_metrics(parse_prometheus(state.prometheus_text()))
+    assert got == {
+        "step": 7,
+        "totalSteps": 20,
+        "epoch": 0.35,
+        "trainLoss": 1.25,
+        "tokensPerSecond": 0.0,
+        "etaSeconds": 12,
+        "percent": 35,
+    }
+    assert parse_prometheus('x{a="1"} 3\n# c\ny 2\nz nope\n') == {"y": 2.0}
+
+
+def test_changed_fields_ignore_run_policy() -> None:
+    old = {"workers": 2, "lora": {"r": 8}, "suspend": False, "backoffLimit": 3}
+    new = {"workers": 3, "lora": {"r": 8, "alpha": 16}, "suspend": True, "activeDeadlineSeconds": 60}
+    assert changed_fields(old, new) == ["spec.lora.alpha", "spec.workers"]
+    assert changed_fields(old, {**old, "suspend": True}) == []
+    assert effective_spec(old, new) == {"workers": 2, "lora": {"r": 8}, "suspend": True, "activeDeadlineSeconds": 60}
+
+
+def test_status_update_patches_only_changes_and_events_only_transitions() -> None:
+    body = {"metadata": {"name": "demo", "namespace": "ns", "generation": 2}, "status": {"restarts": 0}}
+    u = StatusUpdate(body)
+    assert u.condition(T.VALIDATED, True, R.SPEC_VALID, "ok", event="Normal")
+    patch = u.patch()
+    assert set(patch) == {"conditions", "phase"} and patch["phase"] == "Pending"
+    assert patch["conditions"][0]["observedGeneration"] == 2
+    assert u.events == [("Normal", "SpecValid", "ok")]
+    body2 = {**body, "status": {**body["status"], **patch}}
+    u2 = StatusUpdate(body2)
+    assert not u2.condition(T.VALIDATED, True, R.SPEC_VALID, "ok", event="Normal")
+    assert u2.patch() == {} and u2.events == []
+    u2.drop(T.VALIDATED)
+    u2.status.pop("restarts")
+    assert u2.patch() == {"conditions": [], "restarts": None}
+
+
+def test_runner_coalesces_triggers_and_maps_transient_errors() -> None:
+    calls: list[str] = []
+
+    def fn(kube: Any, settings: Any, ns: str, name: str) -> None:
+        calls.append(name)
+        if len(calls) == 1:
+            # A trigger for the same resource while it runs (e.g. a pod event): only marks it dirty.
+            t = threading.Thread(target=runner.trigger, args=(ns, name))
+            t.start()
+            t.join()
+            assert calls == ["demo"]
+
+    runner = Runner(kube=None, settings=SETTINGS, fn=fn)  # type: ignore[arg-type]
+    runner.trigger("ns", "demo")
+    assert calls == ["demo", "demo"]  # one more pass, in the first caller's thread
+
+    def flaky(*_: Any) -> None:
+        raise TransientApiError("GET", "/x", 503, "busy")
+
+    runner = Runner(kube=None, settings=SETTINGS, fn=flaky)  # type: ignore[arg-type]
+    with pytest.raises(kopf.TemporaryError) as err:
+        runner.trigger("ns", "demo", retry=3)
+    assert err.value.delay == 8.0
+    with pytest.raises(kopf.TemporaryError):  # not stuck as "running" after an error
+        runner.trigger("ns", "demo")
+
+
+class FakeResponse:
+    def __init__(self, data: Any) -> None:
+        self.data = json.dumps(data).encode()
+
+
+class FakeApiClient:
+    """Answers call_api from a script of results (ApiException instances are raised)."""
+
+    def __init__(self, *script: Any) -> None:
+        self.script = list(script)
+        self.calls: list[tuple[str, str, Any]] = []
+
+    def call_api(self, path: str, method: str, body: Any = None, **kw: Any) -> Any:
+        self.calls.append((method, path, body))
+        item = self.script.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return FakeResponse(item)
+
+
+def _exc(status: int, message: str = "") -> ApiException:
+    e = ApiException(status=status, reason="x")
+    e.body = json.dumps({"message": message}).encode()
+    return e
+
+
+def test_kube_retries_transient_errors_then_gives_up() -> None:
+    api = FakeApiClient(_exc(503), _exc(429), {"ok": 1})
+    kube = Kube(api, retries=3, backoff=0)
+    assert kube.request("GET", "/api/v1/nodes") == {"ok": 1} and len(api.calls) == 3
+    api = FakeApiClient(*[_exc(500, "etcd timeout")] * 3)
+    with pytest.raises(TransientApiError, match="etcd timeout"):
+        Kube(api, retries=2, backoff=0).request("GET", "/api/v1/nodes")
+    api = FakeApiClient(ConnectionResetError("reset"), {"ok": 2})
+    assert Kube(api, retries=1, backoff=0).request("GET", "/x") == {"ok": 2}
+
+
+def test_kube_permanent_errors_and_expected_404_409() -> None:
+    with pytest.raises(PermanentApiError, match="422"):
+        Kube(FakeApiClient(_exc(422, "spec.containers: Invalid")), backoff=0).request("POST", "/x", {})
+    assert Kube(FakeApiClient(_exc(404)), backoff=0).get("/x") is None
+    with pytest.raises(NotFound):
+        Kube(FakeApiClient(_exc(404)), backoff=0).request("GET", "/x")
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "ns"}}
+    api = FakeApiClient(_exc(409, "already exists"))
+    assert Kube(api, backoff=0).create_if_absent(cm) is False
+    assert api.calls[0][:2] == ("POST", "/api/v1/namespaces/ns/configmaps")
+    assert Kube(FakeApiClient({}), backoff=0).create_if_absent(cm) is True
+    assert Kube(FakeApiClient(_exc(404)), backoff=0).delete_pod("ns", "p") is False
+    assert Kube(FakeApiClient(_exc(409)), backoff=0).delete_pod("ns", "p", uid="u") is False
