@@ -127,3 +127,14 @@ def test_finished_adapter_is_not_overwritten_unless_asked(tiny_model_dir: Path, 
     assert weights.read_bytes() == first
     code, _ = _run(cfg, tmp_path, capsys, "--set", "output.overwrite=true", "--set", "training.seed=99")
     assert code == 0 and weights.read_bytes() != first
+
+
+def test_success_leaves_the_artifact_json_for_the_operator(tiny_model_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", training={"maxSteps": 1},
+                      evaluation={"exactMatch": False, "before": False})
+    assert _run(cfg, tmp_path, capsys)[0] == 0
+    message = json.loads((tmp_path / "termination-log").read_text())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert message == {"artifact": {"sha256": summary["adapter"]["sha256"],
+                                    "sizeBytes": summary["adapter"]["size_bytes"]}}

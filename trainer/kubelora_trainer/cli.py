@@ -22,15 +22,29 @@ EXIT_PREEMPTED = 143
 TERMINATION_LOG = Path(os.environ.get("KUBELORA_TERMINATION_LOG", "/dev/termination-log"))
 
 
+def _write_termination_message(text: str) -> None:
+    """Kubernetes shows this file as the container's termination message (the operator reads it)."""
+    if TERMINATION_LOG.parent.is_dir() and os.access(TERMINATION_LOG.parent, os.W_OK):
+        try:
+            TERMINATION_LOG.write_text(text[:4000])
+        except OSError:
+            pass
+
+
 def _fail(message: str, code: int) -> int:
     line = message.replace("\n", " ").strip()
     print(f"kubelora-train: error: {line}", file=sys.stderr)
-    if TERMINATION_LOG.parent.is_dir() and os.access(TERMINATION_LOG.parent, os.W_OK):
-        try:
-            TERMINATION_LOG.write_text(line[:4000])
-        except OSError:
-            pass
+    _write_termination_message(line)
     return code
+
+
+def success_message(summary: dict) -> str:
+    """The compact JSON the operator turns into `status.artifact` (URI only when it is not a pod path)."""
+    adapter = summary.get("adapter") or {}
+    artifact = {"sha256": adapter.get("sha256"), "sizeBytes": adapter.get("size_bytes")}
+    if summary.get("artifact_uri"):
+        artifact["uri"] = summary["artifact_uri"]
+    return json.dumps({"artifact": artifact}, separators=(",", ":"))
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -63,6 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         recipe.close()
     if summary:
+        _write_termination_message(success_message(summary))
         keys = ("device", "dtype", "steps", "train_tokens_per_s", "eval_loss_before", "eval_loss_after",
                 "exact_match_before", "exact_match_after", "wall_s")
         print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
