@@ -294,12 +294,22 @@ class OperatorProcess:
         self.log_path: Path | None = None
         self.starts = 0
 
-    def start(self, **env: str) -> OperatorProcess:
+    def start(self, *args: str, **env: str) -> OperatorProcess:
         self.starts += 1
         self.log_path = self.log_dir / f"operator-{self.ns}-{self.starts}.log"
         fh = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubelora_operator", "run", "--standalone", "--namespace", self.ns, "--verbose"],
+            [
+                sys.executable,
+                "-m",
+                "kubelora_operator",
+                "run",
+                "--standalone",
+                "--namespace",
+                self.ns,
+                "--verbose",
+                *args,
+            ],
             env={**self.env, **env},
             stdout=fh,
             stderr=subprocess.STDOUT,

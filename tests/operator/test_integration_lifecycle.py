@@ -434,3 +434,83 @@ def test_deletion_garbage_collects_children(env: Env) -> None:
 
     cp.wait_for(all_gone, timeout=60, what="resource and children gone")
     assert POOL_LABEL  # (pool nodes stay; they are unique to this test)
+
+
+# --------------------------------------------------------------------------- launchers and outputs
+
+
+def test_mpirun_ssh_secret_and_sshd_workers_stopped_on_success(env: Env) -> None:
+    cp, ns = env.cp, env.ns
+    pool, _ = _gpu_pool(cp)
+    name = f"mpi-{pool}"
+    created = create_lft(
+        cp, ns, name, lft_spec(pool, device="xpu", workers=2, distributed={"launcher": "mpirun", "backend": "ccl"})
+    )
+    ps = wait_pods(cp, ns, name, 2, _bound)
+    secret = cp.get(f"/api/v1/namespaces/{ns}/secrets/{name}-ssh")
+    assert secret["type"] == "kubernetes.io/ssh-auth" and {"ssh-privatekey", "ssh-publickey"} <= set(secret["data"])
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+    vols = {v["name"]: v for v in ps[0]["spec"]["volumes"]}
+    assert vols["ssh"]["secret"]["secretName"] == f"{name}-ssh"
+    for p in ps:
+        run_pod(cp, ns, p["metadata"]["name"])
+    wait_condition(cp, ns, name, "Running", "True")
+    # mpirun: the job is done when worker 0 (the launcher) exits; worker 1 only runs sshd and is stopped.
+    terminate_pod(cp, ns, ps[0]["metadata"]["name"], 0)
+    obj = wait_condition(cp, ns, name, "Succeeded", "True", "TrainingComplete")
+    assert obj["status"]["artifact"] == {"uri": "s3://bucket/runs/test"}  # no JSON message: the spec's URI
+    cp.wait_for(lambda: [p["metadata"]["name"] for p in pods(cp, ns, name)] == [f"{name}-worker-0"], timeout=20)
+
+
+def test_pvc_output_mounted_and_artifact_uri(env: Env) -> None:
+    cp, ns = env.cp, env.ns
+    pool, _ = _gpu_pool(cp)
+    claim, pv = f"runs-{pool}", f"pv-{pool}"
+    cp.create(
+        "/api/v1/persistentvolumes",
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "hostPath": {"path": f"/tmp/{pv}"},
+                "storageClassName": "manual",
+                "claimRef": {"namespace": ns, "name": claim},
+            },
+        },
+    )
+    try:
+        cp.create(
+            f"/api/v1/namespaces/{ns}/persistentvolumeclaims",
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "resources": {"requests": {"storage": "1Gi"}},
+                    "storageClassName": "manual",
+                    "volumeName": pv,
+                },
+            },
+        )
+        name = f"pvc-{pool}"
+        create_lft(cp, ns, name, lft_spec(pool, device="xpu", workers=2, output={"pvc": {"claimName": claim}}))
+        ps = wait_pods(cp, ns, name, 2, _bound, timeout=45)
+        mounts = {m["mountPath"]: m for m in ps[0]["spec"]["containers"][0]["volumeMounts"]}
+        assert mounts["/output"]["subPath"] == f"{ns}/{name}"
+        for p in ps:
+            run_pod(cp, ns, p["metadata"]["name"])
+        art = {"artifact": {"sha256": "cd" * 32, "sizeBytes": 42}}
+        terminate_pod(cp, ns, ps[1]["metadata"]["name"], 0)
+        terminate_pod(cp, ns, ps[0]["metadata"]["name"], 0, json.dumps(art))
+        obj = wait_condition(cp, ns, name, "Succeeded", "True")
+        assert obj["status"]["artifact"] == {
+            "uri": f"pvc://{claim}/{ns}/{name}/adapter",
+            "sha256": "cd" * 32,
+            "sizeBytes": 42,
+        }
+    finally:
+        cp.delete(f"/api/v1/persistentvolumes/{pv}")

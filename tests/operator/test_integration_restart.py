@@ -6,6 +6,7 @@ lands deterministically between the creation of worker 0 and the last worker.
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +18,7 @@ from .cluster_helpers import (
     add_gpu_node,
     condition,
     create_lft,
+    free_port,
     get_lft,
     lft_spec,
     operator_in_namespace,
@@ -55,7 +57,8 @@ def test_operator_killed_mid_reconcile_creates_no_duplicates(
     assert len(pods(cp, ns, name)) < 3, "the kill came too late to be mid-reconcile"
     assert get_lft(cp, ns, name).get("status", {}).get("startTime") is None  # status not written yet
 
-    op.start(KUBELORA_DEBUG_CREATE_DELAY="0")
+    port = free_port()
+    op.start("--liveness", f"http://127.0.0.1:{port}/healthz", KUBELORA_DEBUG_CREATE_DELAY="0")
     ps = wait_pods(cp, ns, name, 3, lambda p: bool(p["spec"].get("nodeName")))
     obj = wait_condition(cp, ns, name, "Scheduled", "True", "PodsScheduled")
     assert [p["metadata"]["name"] for p in ps] == [f"{name}-worker-{i}" for i in range(3)]
@@ -68,3 +71,7 @@ def test_operator_killed_mid_reconcile_creates_no_duplicates(
     cms = cp.get(f"/api/v1/namespaces/{ns}/configmaps", params={"labelSelector": f"kubelora.dev/name={name}"})
     assert len(cms["items"]) == 1
     op.assert_alive()
+    # The liveness endpoint answers while the operator is healthy.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+        assert resp.status == 200
