@@ -2,7 +2,7 @@
 
 Subcommands: `crd` prints the CustomResourceDefinition YAML (the committed
 `crds/lorafinetunes.kubelora.dev.yaml` is its output); `run` runs the kopf operator
-(operator_main.py). argparse subcommands keep each entry point independent.
+(operator_main.py); `rbac` prints the ClusterRoles and bindings it needs (rbac.py). argparse subcommands keep each entry point independent.
 """
 
 from __future__ import annotations
@@ -16,6 +16,16 @@ def _cmd_crd(args: argparse.Namespace) -> int:
     from .crd import crd_yaml
 
     sys.stdout.write(crd_yaml())
+    return 0
+
+
+def _cmd_rbac(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .rbac import manifests
+
+    docs = manifests(args.service_account, args.sa_namespace, args.namespace, peering=args.peering)
+    sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False))
     return 0
 
 
@@ -55,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--liveness", metavar="URL", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_cmd_run)
+    rbac = sub.add_parser("rbac", help="print the RBAC objects the operator needs (YAML)")
+    rbac.add_argument("-n", "--namespace", action="append", default=[], help="watched namespace; none: cluster-wide")
+    rbac.add_argument("--service-account", default="kubelora-operator", help="the operator's ServiceAccount")
+    rbac.add_argument("--sa-namespace", default="kubelora-system", help="namespace of that ServiceAccount")
+    rbac.add_argument("--peering", action="store_true", help="include kopf's peering objects")
+    rbac.set_defaults(func=_cmd_rbac)
     return parser
 
 

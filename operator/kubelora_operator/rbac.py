@@ -1,0 +1,105 @@
+"""The operator's RBAC: exactly what the handlers and kopf itself call, nothing more.
+
+Checked by tests/operator/test_integration_rbac.py, which runs the operator with a ServiceAccount
+holding only these rules against the local control plane (RBAC authorizer on).
+
+Two roles:
+
+* `CLUSTER_RULES` (always a ClusterRoleBinding): Nodes for placement; CRDs and Namespaces that
+  kopf scans/watches even when it serves named namespaces only.
+* `NAMESPACED_RULES`: the LoRAFineTunes and their children. Cluster-wide: a ClusterRoleBinding;
+  `--namespace NS`: a RoleBinding in each watched namespace (to the same ClusterRole).
+
+Trainer pods get none of this: their ServiceAccount token is not even mounted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .api import GROUP, PLURAL
+
+CLUSTER_RULES: list[dict[str, Any]] = [
+    # Placement: allocatable GPUs / AMX labels of every node.
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list"]},
+    # kopf: resource discovery and its namespace observer.
+    {
+        "apiGroups": ["apiextensions.k8s.io"],
+        "resources": ["customresourcedefinitions"],
+        "verbs": ["get", "list", "watch"],
+    },
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+]
+
+NAMESPACED_RULES: list[dict[str, Any]] = [
+    # The resource: watched by kopf; metadata patched by kopf (finalizer, annotations) and by the
+    # handlers (kubelora.dev/* annotations); deleted after ttlSecondsAfterFinished.
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch", "update", "delete"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch", "update"]},
+    # Owner references with blockOwnerDeletion (checked where OwnerReferencesPermissionEnforcement is on).
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
+    # Worker pods: watched for phases, created per attempt, deleted on restart/suspend/deadline.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create"]},
+    # References are checked (get); mpirun's `<name>-ssh` key pair is created.
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+]
+
+#: Only with peering (several replicas, one active): kopf's peering objects.
+PEERING_CLUSTER_RULES: list[dict[str, Any]] = [
+    {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"], "verbs": ["get", "list", "watch", "patch"]},
+]
+PEERING_NAMESPACED_RULES: list[dict[str, Any]] = [
+    {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"], "verbs": ["get", "list", "watch", "patch"]},
+]
+
+
+def manifests(
+    service_account: str,
+    sa_namespace: str,
+    namespaces: Sequence[str] = (),
+    *,
+    name: str = "kubelora-operator",
+    peering: bool = False,
+) -> list[dict[str, Any]]:
+    """ClusterRoles and bindings for a ServiceAccount; `namespaces` empty: cluster-wide."""
+    subject = [{"kind": "ServiceAccount", "name": service_account, "namespace": sa_namespace}]
+    cluster_rules = CLUSTER_RULES + (PEERING_CLUSTER_RULES if peering and not namespaces else [])
+    ns_rules = NAMESPACED_RULES + (PEERING_NAMESPACED_RULES if peering and namespaces else [])
+    rbac = "rbac.authorization.k8s.io/v1"
+    out: list[dict[str, Any]] = [
+        {"apiVersion": rbac, "kind": "ClusterRole", "metadata": {"name": f"{name}-cluster"}, "rules": cluster_rules},
+        {"apiVersion": rbac, "kind": "ClusterRole", "metadata": {"name": name}, "rules": ns_rules},
+        {
+            "apiVersion": rbac,
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": f"{name}-cluster"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": f"{name}-cluster"},
+            "subjects": subject,
+        },
+    ]
+    role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}
+    if not namespaces:
+        out.append(
+            {
+                "apiVersion": rbac,
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": name},
+                "roleRef": role_ref,
+                "subjects": subject,
+            }
+        )
+    for ns in namespaces:
+        out.append(
+            {
+                "apiVersion": rbac,
+                "kind": "RoleBinding",
+                "metadata": {"name": name, "namespace": ns},
+                "roleRef": role_ref,
+                "subjects": subject,
+            }
+        )
+    return out
