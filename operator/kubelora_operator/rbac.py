@@ -22,14 +22,13 @@ from .api import GROUP, PLURAL
 
 CLUSTER_RULES: list[dict[str, Any]] = [
     # Placement: allocatable GPUs / AMX labels of every node.
-    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list"]},
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
     # kopf: resource discovery and its namespace observer.
     {
         "apiGroups": ["apiextensions.k8s.io"],
         "resources": ["customresourcedefinitions"],
         "verbs": ["get", "list", "watch"],
     },
-    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
 ]
 
 NAMESPACED_RULES: list[dict[str, Any]] = [

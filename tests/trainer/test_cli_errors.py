@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from kubelora_trainer.cli import EXIT_BAD_INPUT, main
 
 from .conftest import tiny_config

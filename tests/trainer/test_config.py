@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from kubelora_trainer.config import ConfigError, TrainerConfig, apply_overrides, dump_config, load_config, parse_config
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from kubelora_trainer.config import load_config
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples" / "trainer").glob("*.yaml"))

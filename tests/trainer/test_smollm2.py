@@ -7,11 +7,9 @@ from the base model's 0, and the exported adapter reproduces the in-memory model
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
 from kubelora_trainer.config import parse_config
 from kubelora_trainer.recipe import LoRAFineTuneRecipe
 

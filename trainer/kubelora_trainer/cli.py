@@ -8,6 +8,7 @@ traceback; unexpected failures still print their traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -25,10 +26,8 @@ TERMINATION_LOG = Path(os.environ.get("KUBELORA_TERMINATION_LOG", "/dev/terminat
 def _write_termination_message(text: str) -> None:
     """Kubernetes shows this file as the container's termination message (the operator reads it)."""
     if TERMINATION_LOG.parent.is_dir() and os.access(TERMINATION_LOG.parent, os.W_OK):
-        try:
+        with contextlib.suppress(OSError):
             TERMINATION_LOG.write_text(text[:4000])
-        except OSError:
-            pass
 
 
 def _fail(message: str, code: int) -> int:

@@ -69,11 +69,10 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         path = resolve_alias(name)
         return ModelSource(str(path.parent), path.name)
     path = Path(name).expanduser()
-    if path.suffix == ".gguf" or (cfg.gguf_file and path.suffix == ""):
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise ModelError(f"GGUF file not found: {path}")
-            return ModelSource(str(path.parent.resolve()), path.name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        return ModelSource(str(path.parent.resolve()), path.name)
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"model path {path} is a file but not a .gguf file; give a model directory")

@@ -77,6 +77,11 @@ app.kubernetes.io/part-of: kubelora
 - apiGroups: ["kubelora.dev"]
   resources: ["lorafinetunes/status"]
   verbs: ["patch"]
+# Children carry an owner reference with blockOwnerDeletion: true, which clusters with the
+# OwnerReferencesPermissionEnforcement admission plugin (e.g. OpenShift) allow only with this.
+- apiGroups: ["kubelora.dev"]
+  resources: ["lorafinetunes/finalizers"]
+  verbs: ["update"]
 # Worker pods: created per attempt, listed by label, read for progress, watched (kopf on.event),
 # deleted on restart/suspend/deadline. No pods/exec, pods/log or updates.
 - apiGroups: [""]
