@@ -21,26 +21,29 @@ from typing import Any
 from .api import GROUP, PLURAL
 
 CLUSTER_RULES: list[dict[str, Any]] = [
-    # Placement: allocatable GPUs / AMX labels of every node.
+    # Placement: allocatable GPUs / AMX labels of every node (one list per decision).
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
-    # kopf: resource discovery and its namespace observer.
-    {
-        "apiGroups": ["apiextensions.k8s.io"],
-        "resources": ["customresourcedefinitions"],
-        "verbs": ["get", "list", "watch"],
-    },
+    # kopf: resource discovery (notices the CRD being (re)installed).
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+    # kopf 1.45 lists/watches namespaces even with `--namespace NAME`: without it, it never starts serving.
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
 ]
 
 NAMESPACED_RULES: list[dict[str, Any]] = [
-    # The resource: watched by kopf; metadata patched by kopf (finalizer, annotations) and by the
-    # handlers (kubelora.dev/* annotations); deleted after ttlSecondsAfterFinished.
-    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch", "update", "delete"]},
-    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch", "update"]},
-    # Owner references with blockOwnerDeletion (checked where OwnerReferencesPermissionEnforcement is on).
+    # The resource: read and watched; metadata patched by kopf (finalizer, annotations) and by the
+    # handlers (kubelora.dev/* annotations); deleted after ttlSecondsAfterFinished. kopf and the
+    # handlers only ever PATCH (no PUT), so no `update`.
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch", "delete"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
+    # Owner references with blockOwnerDeletion: required where the OwnerReferencesPermissionEnforcement
+    # admission plugin is on (OpenShift, hardened clusters; not on the test control plane).
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
-    # Worker pods: watched for phases, created per attempt, deleted on restart/suspend/deadline.
+    # Worker pods: watched for phases, read for rank 0's IP, created per attempt, deleted on
+    # restart/suspend/deadline.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
-    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create"]},
+    # ConfigMap: created (trainer config) and read (a dataVolume ConfigMap must exist). Service: created.
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["create"]},
     # References are checked (get); mpirun's `<name>-ssh` key pair is created.
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
