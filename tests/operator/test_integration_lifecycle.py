@@ -514,3 +514,18 @@ def test_pvc_output_mounted_and_artifact_uri(env: Env) -> None:
         }
     finally:
         cp.delete(f"/api/v1/persistentvolumes/{pv}")
+
+
+def test_permanent_api_error_ends_in_failed_not_a_retry_loop(env: Env) -> None:
+    cp, ns = env.cp, env.ns
+    pool, _ = _gpu_pool(cp, n=1)
+    name = f"prio-{pool}"
+    # The Priority admission plugin refuses pods naming a PriorityClass that does not exist (403).
+    create_lft(cp, ns, name, lft_spec(pool, device="xpu", placement={"priorityClassName": f"nope-{pool}"}))
+    obj = wait_condition(cp, ns, name, "Failed", "True", "ApiError")
+    msg = condition(obj, "Failed")["message"]
+    assert f"nope-{pool}" in msg and "POST" in msg, msg
+    assert obj["status"]["phase"] == "Failed" and obj["status"]["completionTime"]
+    time.sleep(2.5)  # resyncs leave a terminal resource alone
+    assert pods(cp, ns, name) == []
+    assert len([e for e in events(cp, ns, name) if e["reason"] == "ApiError"]) == 1
