@@ -529,3 +529,32 @@ def test_permanent_api_error_ends_in_failed_not_a_retry_loop(env: Env) -> None:
     time.sleep(2.5)  # resyncs leave a terminal resource alone
     assert pods(cp, ns, name) == []
     assert len([e for e in events(cp, ns, name) if e["reason"] == "ApiError"]) == 1
+
+
+def test_disruptions_restart_without_counting(env: Env) -> None:
+    cp, ns = env.cp, env.ns
+    pool, _ = _gpu_pool(cp)
+    name = f"drain-{pool}"
+    create_lft(cp, ns, name, lft_spec(pool, device="xpu", workers=2, backoffLimit=0))
+
+    def attempt(n: int) -> list[dict]:
+        return wait_pods(
+            cp, ns, name, 2, lambda p: p["metadata"]["labels"]["kubelora.dev/attempt"] == str(n) and _bound(p)
+        )
+
+    for p in attempt(0):
+        run_pod(cp, ns, p["metadata"]["name"])
+    wait_condition(cp, ns, name, "Running", "True")
+    # A node drain evicts worker 1 (graceful delete; FakeKubelet confirms it).
+    cp.delete(f"/api/v1/namespaces/{ns}/pods/{name}-worker-1")
+    ps = attempt(1)
+    for p in ps:
+        run_pod(cp, ns, p["metadata"]["name"])
+    wait_condition(cp, ns, name, "Running", "True", contains="attempt 1")
+    # The trainer was SIGTERMed and checkpointed (exit 143): again not a failure of the job.
+    terminate_pod(cp, ns, ps[0]["metadata"]["name"], 143, "preempted: checkpoint written at step 7")
+    attempt(2)
+    obj = get_lft(cp, ns, name)
+    assert obj["status"]["restarts"] == 0 and condition(obj, "Failed") is None
+    msgs = [e["message"] for e in events(cp, ns, name) if e["reason"] == "WorkerFailed"]
+    assert any("disruption" in m for m in msgs) and any("checkpoint written at step 7" in m for m in msgs), msgs

@@ -22,7 +22,8 @@ Lifecycle: not started -> validate (spec, then Secrets/PVCs/ConfigMaps) -> place
 waits for the resync timer) -> commit -> create ConfigMap, Service, pods -> observe pods: bound
 (Scheduled), all running (Running), worker 0 finished (Succeeded + artifact from its termination
 message), a worker failed (exit 2: Failed/InvalidSpec at once; otherwise delete the attempt's pods and
-start the next attempt until backoffLimit; exit 143 = preempted, restarted without counting).
+start the next attempt until backoffLimit). Disruptions do not count against backoffLimit: exit 143
+(SIGTERM after a checkpoint) and worker pods deleted by someone else (drain, eviction, kubectl).
 suspend deletes the pods (SIGTERM: the trainer checkpoints) and resuming starts a new attempt.
 activeDeadlineSeconds and ttlSecondsAfterFinished are checked on every run (the resync timer makes
 that periodic).
@@ -297,9 +298,22 @@ def _observe(
         u.status["workers"] = {"ready": 0, "total": n}
         return
     current = {w.index: w for w in pods if not w.deleting}
-    failure = first_failure(list(current.values()))
+    # A pod of the current attempt that is being deleted was deleted by someone else (the operator
+    # moves to a new attempt before it deletes pods): a node drain, an eviction, `kubectl delete`.
+    disrupted = [w for w in pods if w.deleting]
+    failure = first_failure(list(pods))
+    if failure is not None and failure.exit_code == EXIT_BAD_INPUT:
+        _on_failure(kube, u, resource, attempt, list(pods), failure.describe_failure(), failure.exit_code)
+        return
+    if disrupted:
+        # Peers of a disrupted worker typically fail too (broken collectives): all one disruption.
+        names = ", ".join(w.name for w in disrupted)
+        _on_failure(
+            kube, u, resource, attempt, list(pods), f"worker pod(s) {names} deleted (disruption)", EXIT_PREEMPTED
+        )
+        return
     if failure is not None:
-        _on_failure(kube, u, resource, attempt, list(current.values()), failure.describe_failure(), failure.exit_code)
+        _on_failure(kube, u, resource, attempt, list(pods), failure.describe_failure(), failure.exit_code)
         return
     w0 = current.get(0)
     if (
@@ -315,19 +329,18 @@ def _observe(
     missing = [i for i in range(n) if i not in current]
     if missing:
         if any(w.running or w.terminated for w in current.values()):
+            # The job started and a peer is gone for good (force-deleted): a replacement cannot join
+            # the running process group, so the attempt restarts (not counted: not the job's fault).
             names = ", ".join(f"{resource.name}-worker-{i}" for i in missing)
             _on_failure(
                 kube,
                 u,
                 resource,
                 attempt,
-                list(current.values()),
-                f"worker pod(s) {names} disappeared while the job ran",
-                None,
+                list(pods),
+                f"worker pod(s) {names} disappeared (disruption)",
+                EXIT_PREEMPTED,
             )
-            return
-        if any(w.deleting for w in pods):
-            u.condition(T.RUNNING, False, R.WORKERS_STARTING, "waiting for deleted worker pods to terminate")
             return
         if _create(kube, settings, u, resource, device, attempt, missing) is None:
             return
@@ -451,6 +464,8 @@ def _on_failure(
         _delete(kube, ns, pods, keep_terminated=True)  # terminated pods stay for `kubectl logs`
         _fail(u, R.INVALID_SPEC, f"{description} (bad input: not retried)")
         return
+    # Exit 143 (SIGTERM, after a checkpoint) and pods deleted by others are disruptions, not failures
+    # of the job: the next attempt resumes without counting against backoffLimit.
     preempted = exit_code == EXIT_PREEMPTED
     restarts = int(u.status.get("restarts") or 0)
     if not preempted and restarts >= spec.backoff_limit:
@@ -468,7 +483,7 @@ def _on_failure(
         u.status["restarts"] = restarts
     # Stable pod names: the whole attempt goes, then the next one is created under the same names.
     _delete(kube, ns, pods, keep_terminated=False)
-    why = "preempted (checkpoint written)" if preempted else f"restart {restarts}/{spec.backoff_limit}"
+    why = "disruption, not counted" if preempted else f"restart {restarts}/{spec.backoff_limit}"
     u.condition(
         T.RUNNING,
         False,
