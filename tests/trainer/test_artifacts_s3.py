@@ -368,6 +368,31 @@ def test_refuses_to_overwrite_another_runs_artifact(s3_server: S3Server, s3_buck
     check_target(tgt, run_id=run_identity(run_a))  # the same run may come back
 
 
+def test_racing_runs_only_one_manifest_wins(s3_server: S3Server, s3_bucket: str, aws_env, tmp_path: Path):
+    """Run A has passed the manifest check and sent its files when run B completes at the same prefix:
+    A's conditional manifest write fails and A is refused; B's manifest and objects stand."""
+    aws_env(s3_server)
+    tgt = target(s3_server, s3_bucket, "race")
+    run_a = make_run_dir(tmp_path / "a", seed=1)
+    run_b = make_run_dir(tmp_path / "b", seed=2)
+    n_files = sum(1 for p in run_a.rglob("*") if p.is_file())
+    sent: list[str] = []
+
+    def b_finishes_first(rel: str, uploaded: bool) -> None:
+        sent.append(rel)
+        if len(sent) == n_files:
+            upload_run(run_b, tgt, include_merged=False)
+
+    with pytest.raises(ArtifactError, match="already holds a finished artifact"):
+        upload_run(run_a, tgt, include_merged=False, on_file=b_finishes_first)
+    client = s3_server.client()
+    manifest = read_manifest(client, s3_bucket, "race")
+    assert manifest["run_id"] == run_identity(run_b)
+    for f in manifest["files"]:
+        body = client.get_object(Bucket=s3_bucket, Key=f"race/{f['path']}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == f["sha256"]
+
+
 def test_run_id_from_summary_allows_same_run_to_update(s3_server: S3Server, s3_bucket: str, aws_env, tmp_path: Path):
     aws_env(s3_server)
     tgt = target(s3_server, s3_bucket, "by-id")
@@ -376,7 +401,13 @@ def test_run_id_from_summary_allows_same_run_to_update(s3_server: S3Server, s3_b
     upload_run(run, tgt, include_merged=False)
     # the same run (same id) re-uploads after e.g. re-plotting: allowed, manifest updated
     (run / "samples.md").write_text("# Sample generations\n\nupdated\n")
-    upload_run(run, tgt, include_merged=False)
+    client = s3_server.client()
+    seen: list[bool] = []
+    # the old manifest no longer describes the objects: it is withdrawn before any object changes
+    upload_run(
+        run, tgt, include_merged=False, on_file=lambda rel, up: seen.append(has_manifest(client, s3_bucket, "by-id"))
+    )
+    assert seen and not any(seen)
     manifest = read_manifest(s3_server.client(), s3_bucket, "by-id")
     assert manifest["run_id"] == "ns/job-uid-123"
     sizes = {f["path"]: f["size_bytes"] for f in manifest["files"]}

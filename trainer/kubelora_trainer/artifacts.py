@@ -10,13 +10,15 @@ Layout under the target URI `s3://bucket/prefix`::
 Why it is built like this:
 
 * `manifest.json` is the only completion marker. It is written after every other object was
-  uploaded and verified, never when any file failed. Readers must treat a prefix without it as
+  uploaded, never when any file failed. Readers must treat a prefix without it as
   incomplete, and trust only the objects it lists (a crashed earlier attempt may leave extras).
 * A finished artifact is never overwritten by another run. Run identity (`run_id`) is, in order:
   the `run_id` argument, `summary.json`'s `"run_id"`, else derived from content:
   `sha256:` + sha256(adapter_model.safetensors sha256 + ":" + config.yaml sha256). Uploading a run
   whose manifest is already there is idempotent (objects that match by size and sha256 are skipped,
-  an unchanged manifest is left alone); a manifest of a different run is refused with ArtifactError.
+  an unchanged manifest is left alone; if the same run's content changed, its manifest is deleted
+  before any object changes and written again at the end); a manifest of a different run is
+  refused with ArtifactError before anything is uploaded.
   The manifest is put with a conditional write (If-None-Match / If-Match) so two uploaders racing
   for the same prefix cannot both win.
 * Transient failures (connection errors, timeouts, 5xx, throttling) are retried per object with
@@ -423,10 +425,24 @@ def upload_run(
     rid = run_id or run_identity(run_dir, weights.sha256)
     client = _make_client(target)
 
+    listing = [{"path": f.rel, "size_bytes": f.size, "sha256": f.sha256} for f in files]
     existing, etag = _read_manifest(client, loc, retries=retries, backoff_s=backoff_s)
     if existing is not None:
         _refuse_foreign(existing, loc, rid)
-        log.info("%s already finished by this run (%s); re-uploading idempotently", loc.uri(), rid)
+        if existing.get("files") == listing and existing.get("merged") == include_merged:
+            log.info("%s already finished by this run (%s); verifying idempotently", loc.uri(), rid)
+        else:
+            # The same run with other content (e.g. re-published): withdraw the completion marker
+            # first, so that no reader ever sees a manifest that disagrees with the objects.
+            log.info("%s: this run's content changed; withdrawing %s until re-uploaded", loc.uri(), MANIFEST_FILE)
+            _with_retries(
+                lambda: client.delete_object(Bucket=loc.bucket, Key=loc.key(MANIFEST_FILE)),
+                what=f"withdrawing {loc.uri(MANIFEST_FILE)}",
+                bucket=loc.bucket,
+                retries=retries,
+                backoff_s=backoff_s,
+            )
+            existing, etag = None, None
 
     transfer = TransferConfig(
         multipart_threshold=multipart_threshold,
@@ -466,7 +482,7 @@ def upload_run(
         "uri": loc.uri(),
         "adapter": {"path": weights.rel, "sha256": weights.sha256, "size_bytes": weights.size},
         "merged": include_merged,
-        "files": [{"path": f.rel, "size_bytes": f.size, "sha256": f.sha256} for f in files],
+        "files": listing,
         "total_bytes": sum(f.size for f in files),
     }
     info = ArtifactInfo(loc.uri(), weights.sha256, weights.size, loc.uri(MANIFEST_FILE))
