@@ -1,3 +1,4 @@
-"""Shared pytest wiring: the local control plane fixtures (tests/cluster) for every test folder."""
+"""Shared pytest wiring: the local control plane (tests/cluster) and the SeaweedFS S3 server
+(tests/s3server.py) fixtures, for every test folder."""
 
-pytest_plugins = ["tests.cluster.fixtures"]
+pytest_plugins = ["tests.cluster.fixtures", "tests.s3server"]

@@ -48,6 +48,7 @@ def success_message(summary: dict) -> str:
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     """Error classes that mean "your input is wrong" (imported lazily: they pull in torch)."""
+    from .artifacts import ArtifactError
     from .data import DataError
     from .device import DeviceError
     from .distributed import DistributedError
@@ -55,7 +56,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .model import ModelError
     from .recipe import RunDirError
 
-    return (ConfigError, DataError, ModelError, LoraTargetError, RunDirError, DeviceError, DistributedError)
+    return (ConfigError, ArtifactError, DataError, ModelError, LoraTargetError, RunDirError, DeviceError, DistributedError)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

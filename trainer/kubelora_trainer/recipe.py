@@ -16,10 +16,12 @@ import contextlib
 import json
 import logging
 import math
+import os
 import resource
 import shutil
 import signal
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,8 @@ class LoRAFineTuneRecipe:
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
         t0 = time.monotonic()
+        if self.deliver_only():
+            return self.summary_on_disk()
         self.guard_run_dir()
         self.setup_device_and_group()
         self.load_tokenizer_and_data()
@@ -95,6 +99,55 @@ class LoRAFineTuneRecipe:
         return summary
 
     # ------------------------------------------------------------------ setup
+    def deliver_only(self) -> bool:
+        """A finished run whose S3 delivery did not complete (the pod died mid-upload) only uploads.
+
+        The upload is idempotent for the same run id, so a restarted pod finishes the delivery
+        instead of being refused for "overwriting" its own finished adapter.
+        """
+        target = self.cfg.output.s3
+        if target is None or self.cfg.output.overwrite or not is_finished(self.run_dir):
+            return False
+        if self.world.is_main:
+            log.info("run already finished in %s: delivering it to %s", self.run_dir, target.uri)
+            self.deliver()
+        return True
+
+    def summary_on_disk(self) -> dict[str, Any]:
+        if not self.world.is_main:
+            return {}
+        return dict(json.loads((self.run_dir / SUMMARY_FILE).read_text()))
+
+    def run_id(self) -> str:
+        """Who this run is, for "never overwrite another run's artifact": the operator passes the
+        resource UID in KUBELORA_RUN_ID; a laptop run gets a uuid kept in the run dir across resumes."""
+        given = os.environ.get("KUBELORA_RUN_ID")
+        if given:
+            return given
+        path = self.run_dir / "run_id"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(uuid.uuid4().hex)
+        return path.read_text().strip()
+
+    def check_delivery_target(self) -> None:
+        """Fail at start, not after hours of training, when the bucket is unusable or taken."""
+        if self.cfg.output.s3 is not None and self.world.is_main:
+            from .artifacts import check_target
+
+            check_target(self.cfg.output.s3, run_id=self.run_id())
+
+    def deliver(self) -> dict[str, Any] | None:
+        """Upload the finished run to S3 (manifest last); no-op for a run dir that stays local."""
+        if self.cfg.output.s3 is None:
+            return None
+        from .artifacts import upload_run
+
+        info = upload_run(self.run_dir, self.cfg.output.s3, include_merged=self.cfg.output.merge,
+                          run_id=self.run_id())
+        log.info("delivered to %s (manifest %s)", info.uri, info.manifest_uri)
+        return info.to_dict()
+
     def guard_run_dir(self) -> None:
         """Refuse to overwrite a finished adapter unless asked; clear it when asked."""
         if is_finished(self.run_dir):
@@ -111,6 +164,7 @@ class LoRAFineTuneRecipe:
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        self.check_delivery_target()
         self.metrics = MetricsLog(self.run_dir, enabled=self.world.is_main)
 
     def setup_device_and_group(self) -> None:
@@ -409,6 +463,8 @@ class LoRAFineTuneRecipe:
                       self.cfg.evaluation.sample_prompts)
         weights = adapter / "adapter_model.safetensors"
         summary = {
+            "run_id": self.run_id(),
+            "artifact_uri": self.cfg.output.s3.uri.rstrip("/") if self.cfg.output.s3 else None,
             "device": self.device.type,
             "device_name": self.device.name,
             "cpu_isa": self.device.isa,
@@ -433,6 +489,7 @@ class LoRAFineTuneRecipe:
         if self.cfg.output.merge:
             summary["merged"] = str(save_merged(self.model, self.run_dir, self.tokenizer))
         write_summary(self.run_dir, summary)
+        self.deliver()
         return summary
 
     def close(self) -> None:
