@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from kubelora_trainer.cli import EXIT_BAD_INPUT, main
+
 from tests.s3server import S3Server
 
 from .conftest import tiny_config
