@@ -250,6 +250,33 @@ def test_namespaced_rbac() -> None:
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
 
 
+@pytest.mark.parametrize(
+    "values",
+    [{}, {"watchNamespaces": ["team-a"]}, {"replicaCount": 2}, {"replicaCount": 2, "watchNamespaces": ["team-a"]}],
+    ids=["clusterwide", "namespaced", "clusterwide-peering", "namespaced-peering"],
+)
+def test_rules_match_the_operator_rbac_module(values: dict[str, Any]) -> None:
+    """The chart grants what kubelora_operator.rbac (checked by tests/operator/test_integration_rbac.py)
+    lists; the one deliberate difference: kopf's namespace observer runs only in namespaced mode, so
+    cluster-wide mode gets no `namespaces` rule."""
+    from kubelora_operator import rbac
+
+    namespaces = values.get("watchNamespaces", [])
+    expected = {
+        o["metadata"]["name"].removeprefix("kubelora-operator"): rule_set(o["rules"])
+        for o in rbac.manifests("sa", "ns", namespaces, peering="replicaCount" in values)
+        if o["kind"] == "ClusterRole"
+    }
+    if not namespaces:
+        expected["-cluster"] -= NAMESPACE_OBSERVER
+    objs = render(values)
+    assert rule_set(one(objs, "ClusterRole", f"{FULL}-cluster")["rules"]) == expected["-cluster"]
+    if namespaces:
+        assert rule_set(one(objs, "Role", FULL, namespaces[0])["rules"]) == expected[""]
+    else:
+        assert rule_set(one(objs, "ClusterRole", FULL)["rules"]) == expected[""]
+
+
 def test_no_wildcards_and_no_dangerous_rights() -> None:
     for values in ({}, {"watchNamespaces": ["a"], "replicaCount": 2}, {"replicaCount": 2}):
         rules = [r for o in render(values) if o["kind"] in ("Role", "ClusterRole") for r in o["rules"]]
@@ -493,9 +520,11 @@ def _allowed(
 
 def _can_i_list(cp: ControlPlane, ns: str, sa: str, namespace: str) -> set[tuple[str, str, str]]:
     """`kubectl auth can-i --list` impersonating the ServiceAccount -> (group, resource, verb)."""
+    assert cp.workdir is not None
     proc = subprocess.run(
         [kubectl_bin(), "auth", "can-i", "--list", f"--as=system:serviceaccount:{ns}:{sa}", "-n", namespace],
-        env={"KUBECONFIG": str(cp.kubeconfig), "PATH": "/usr/bin:/bin"},
+        # HOME: kubectl's discovery cache (~/.kube/cache) goes to the control plane's temp dir.
+        env={"KUBECONFIG": str(cp.kubeconfig), "PATH": "/usr/bin:/bin", "HOME": str(cp.workdir)},
         capture_output=True,
         text=True,
         timeout=60,
@@ -715,7 +744,7 @@ def test_namespaced_service_account_runs_the_operator(control_plane: ControlPlan
             token = _sa_token(cp, ns, sa)
             kubeconfig = _sa_kubeconfig(cp, token, ns, tmp_path / "sa-kubeconfig")
             # Real impersonated calls: allowed and refused.
-            kubectl = [kubectl_bin(), f"--kubeconfig={kubeconfig}"]
+            kubectl = [kubectl_bin(), f"--kubeconfig={kubeconfig}", f"--cache-dir={tmp_path / 'kube-cache'}"]
             ok = subprocess.run([*kubectl, "get", "nodes", "-o", "name"], capture_output=True, text=True, timeout=60)
             assert ok.returncode == 0, ok.stderr
             denied = subprocess.run(

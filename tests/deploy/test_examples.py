@@ -180,11 +180,13 @@ def _ensure_crd(cp: ControlPlane) -> None:
 
 @pytest.mark.cluster
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
-def test_server_dry_run_accepts(control_plane: ControlPlane, cluster_namespace: str, path: Path) -> None:
+def test_server_dry_run_accepts(
+    control_plane: ControlPlane, cluster_namespace: str, path: Path, tmp_path: Path
+) -> None:
     _ensure_crd(control_plane)
     proc = subprocess.run(
         [kubectl_bin(), "apply", "--dry-run=server", "-n", cluster_namespace, "-f", str(path), "-o", "yaml"],
-        env={"KUBECONFIG": str(control_plane.kubeconfig), "PATH": "/usr/bin:/bin"},
+        env={"KUBECONFIG": str(control_plane.kubeconfig), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=60,

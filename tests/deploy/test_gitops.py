@@ -5,6 +5,7 @@ schema, and the paths they point Flux at exist in this repository."""
 from __future__ import annotations
 
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,14 @@ FLUX = REPO / "examples" / "gitops" / "flux"
 
 
 def kustomize(path: Path) -> list[dict[str, Any]]:
-    proc = subprocess.run([kubectl_bin(), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    with tempfile.TemporaryDirectory() as home:  # kubectl never writes a ~/.kube cache into the repo
+        proc = subprocess.run(
+            [kubectl_bin(), "kustomize", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "HOME": home},
+        )
     assert proc.returncode == 0, proc.stderr
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
