@@ -84,7 +84,9 @@ def _settings_file(objs: list[dict[str, Any]], tmp_path: Path) -> OperatorSettin
 
 
 def test_chart_crd_is_the_repository_crd() -> None:
-    assert (CHART / "crds" / CRD_FILE.name).read_bytes() == CRD_FILE.read_bytes()
+    assert (CHART / "crds" / CRD_FILE.name).read_bytes() == CRD_FILE.read_bytes(), (
+        "charts/kubelora/crds/ is stale: cp crds/lorafinetunes.kubelora.dev.yaml charts/kubelora/crds/"
+    )
 
 
 def test_chart_ships_kopf_peering_crds() -> None:
