@@ -178,9 +178,15 @@ class Kube:
     def get_lft(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.get(lft_path(namespace, name))
 
-    def patch_lft_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Any:
-        """Merge-patch `status` (lists replace wholesale, None removes a key)."""
-        return self.merge_patch(lft_path(namespace, name) + "/status", {"status": dict(status)})
+    def patch_lft_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None = None
+    ) -> Any:
+        """Merge-patch `status` (lists replace wholesale, None removes a key); with `resource_version`,
+        only if the object did not change since (else Conflict)."""
+        patch: dict[str, Any] = {"status": dict(status)}
+        if resource_version:
+            patch["metadata"] = {"resourceVersion": resource_version}
+        return self.merge_patch(lft_path(namespace, name) + "/status", patch)
 
     def patch_lft_annotations(self, namespace: str, name: str, annotations: Mapping[str, str | None]) -> Any:
         return self.merge_patch(lft_path(namespace, name), {"metadata": {"annotations": dict(annotations)}})

@@ -169,6 +169,24 @@ def events(cp: ControlPlane, ns: str, name: str) -> list[dict[str, Any]]:
     ]
 
 
+def wait_events(
+    cp: ControlPlane,
+    ns: str,
+    name: str,
+    *reasons: str,
+    pred: Callable[[list[dict[str, Any]]], bool] | None = None,
+    timeout: float = 15,
+) -> list[dict[str, Any]]:
+    """The resource's Events once every reason (and `pred`) is there: Events follow the status patch."""
+
+    def check() -> list[dict[str, Any]] | None:
+        evs = events(cp, ns, name)
+        have = {e["reason"] for e in evs}
+        return evs if set(reasons) <= have and (pred is None or pred(evs)) else None
+
+    return cp.wait_for(check, timeout=timeout, what=f"events {reasons} of {name}")
+
+
 # --------------------------------------------------------------------------- nodes
 
 

@@ -25,7 +25,6 @@ from .cluster_helpers import (
     add_gpu_node,
     condition,
     create_lft,
-    events,
     free_port,
     get_lft,
     lft_spec,
@@ -37,6 +36,7 @@ from .cluster_helpers import (
     terminate_pod,
     uid,
     wait_condition,
+    wait_events,
     wait_pods,
 )
 
@@ -140,7 +140,7 @@ def test_xpu_two_workers_children_and_scheduling(env: Env) -> None:
     assert "config.yaml" in cm["data"] and cm["metadata"]["ownerReferences"][0]["uid"] == owner_uid
     svc = cp.get(f"/api/v1/namespaces/{ns}/services/{name}-workers")
     assert svc["spec"]["clusterIP"] == "None" and svc["metadata"]["ownerReferences"][0]["uid"] == owner_uid
-    reasons = {e["reason"] for e in events(cp, ns, name)}
+    reasons = {e["reason"] for e in wait_events(cp, ns, name, "PodsCreated", "PodsScheduled")}
     assert {"PodsCreated", "PodsScheduled"} <= reasons, reasons
 
 
@@ -177,7 +177,10 @@ def test_no_matching_nodes_then_node_added(env: Env) -> None:
     assert "4 gpu.intel.com/i915" in msg and "no node" in msg, msg
     assert obj["status"]["phase"] == "Unschedulable"
     assert pods(cp, ns, name) == []
-    assert any(e["reason"] == "NoMatchingNodes" and e["type"] == "Warning" for e in events(cp, ns, name))
+    assert any(
+        e["reason"] == "NoMatchingNodes" and e["type"] == "Warning"
+        for e in wait_events(cp, ns, name, "NoMatchingNodes")
+    )
     # A node with enough GPUs appears: the resync timer places the job.
     add_gpu_node(cp, f"gpu-{pool}", pool, gpus=4)
     wait_condition(cp, ns, name, "Scheduled", "True", "PodsScheduled")
@@ -209,7 +212,7 @@ def test_invalid_resources_get_validated_false_and_nothing_else(env: Env) -> Non
         obj = wait_condition(cp, ns, name, "Validated", "False", reason)
         assert text in condition(obj, "Validated")["message"]
         assert obj["status"]["phase"] == "Invalid"
-        evs = [e for e in events(cp, ns, name) if e["reason"] == reason]
+        evs = [e for e in wait_events(cp, ns, name, reason) if e["reason"] == reason]
         assert evs and evs[0]["type"] == "Warning" and text in evs[0]["message"]
     # Nothing was created for any of them, and stays so across a few resyncs.
     time.sleep(2.5)
@@ -292,7 +295,7 @@ def test_running_progress_and_success(env: Env) -> None:
     assert st["phase"] == "Succeeded" and st["completionTime"]
     assert st["progress"]["percent"] == 100 and st["progress"]["step"] == 20
     assert condition(obj, "Running")["status"] == "False"
-    assert any(e["reason"] == "TrainingComplete" for e in events(cp, ns, name))
+    assert any(e["reason"] == "TrainingComplete" for e in wait_events(cp, ns, name, "TrainingComplete"))
     # Finished pods stay (logs), nothing is recreated.
     assert [p["status"]["phase"] for p in pods(cp, ns, name)] == ["Succeeded", "Succeeded"]
 
@@ -329,7 +332,7 @@ def test_worker_failure_restarts_then_backoff_limit(env: Env) -> None:
     obj = get_lft(cp, ns, name)
     assert obj["status"]["restarts"] == 1
     assert {p["metadata"]["uid"] for p in ps2}.isdisjoint({p["metadata"]["uid"] for p in ps})
-    warn = [e for e in events(cp, ns, name) if e["reason"] == "WorkerFailed"]
+    warn = [e for e in wait_events(cp, ns, name, "WorkerFailed") if e["reason"] == "WorkerFailed"]
     assert warn and "connection reset" in warn[0]["message"] and warn[0]["type"] == "Warning"
     for p in ps2:
         run_pod(cp, ns, p["metadata"]["name"])
@@ -528,7 +531,7 @@ def test_permanent_api_error_ends_in_failed_not_a_retry_loop(env: Env) -> None:
     assert obj["status"]["phase"] == "Failed" and obj["status"]["completionTime"]
     time.sleep(2.5)  # resyncs leave a terminal resource alone
     assert pods(cp, ns, name) == []
-    assert len([e for e in events(cp, ns, name) if e["reason"] == "ApiError"]) == 1
+    assert len([e for e in wait_events(cp, ns, name, "ApiError") if e["reason"] == "ApiError"]) == 1
 
 
 def test_disruptions_restart_without_counting(env: Env) -> None:
@@ -556,5 +559,6 @@ def test_disruptions_restart_without_counting(env: Env) -> None:
     attempt(2)
     obj = get_lft(cp, ns, name)
     assert obj["status"]["restarts"] == 0 and condition(obj, "Failed") is None
-    msgs = [e["message"] for e in events(cp, ns, name) if e["reason"] == "WorkerFailed"]
+    evs = wait_events(cp, ns, name, pred=lambda es: sum(e["reason"] == "WorkerFailed" for e in es) >= 2)
+    msgs = [e["message"] for e in evs if e["reason"] == "WorkerFailed"]
     assert any("disruption" in m for m in msgs) and any("checkpoint written at step 7" in m for m in msgs), msgs

@@ -27,7 +27,6 @@ from .cluster_helpers import (
     condition,
     create_lft,
     ensure_crd,
-    events,
     get_lft,
     lft_spec,
     release_lfts,
@@ -35,6 +34,7 @@ from .cluster_helpers import (
     terminate_pod,
     uid,
     wait_condition,
+    wait_events,
     wait_pods,
 )
 
@@ -152,7 +152,7 @@ def test_operator_needs_nothing_beyond_its_rbac(
     for p in ps:
         run_pod(cp, ns, p["metadata"]["name"])
     wait_condition(cp, ns, name, "Running", "True")
-    assert any(e["reason"] == "WorkersRunning" for e in events(cp, ns, name))
+    wait_events(cp, ns, name, "WorkersRunning")
     terminate_pod(cp, ns, ps[0]["metadata"]["name"], 0, json.dumps({"artifact": {"sha256": "ef" * 32, "sizeBytes": 7}}))
     wait_condition(cp, ns, name, "Succeeded", "True")
 

@@ -29,7 +29,7 @@ import kopf
 
 from ..api import GROUP, PLURAL, VERSION
 from ..conditions import ConditionType, is_true
-from ..kube import Kube, TransientApiError
+from ..kube import Conflict, Kube, TransientApiError
 from ..plan import LABEL_NAME, LABEL_ROLE
 from ..settings import OperatorSettings
 from ..wiring import worker_name
@@ -81,8 +81,12 @@ class Runner:
                 self._dirty.discard(key)
             raise
 
-    def progress(self, namespace: str, name: str, status: Any) -> None:
-        """Scrape worker 0 (rank 0) and patch status.progress when it changed."""
+    def progress(self, namespace: str, name: str, status: Any, resource_version: str | None = None) -> None:
+        """Scrape worker 0 (rank 0) and patch status.progress when it changed.
+
+        The patch carries the resourceVersion the decision was based on: if the reconcile changed
+        the resource meanwhile (e.g. Succeeded with progress 100 %), the stale scrape is dropped (409).
+        """
         pod = self.kube.get_pod(namespace, worker_name(name, 0))
         if pod is None or (pod.get("status") or {}).get("phase") != "Running":
             return
@@ -97,7 +101,10 @@ class Runner:
         old = dict((status or {}).get("progress") or {})
         new = {**old, **fresh}
         if new != old:
-            self.kube.patch_lft_status(namespace, name, {"progress": new})
+            try:
+                self.kube.patch_lft_status(namespace, name, {"progress": new}, resource_version=resource_version)
+            except Conflict:
+                log.debug("%s/%s: resource changed while scraping; progress dropped", namespace, name)
 
 
 def _is_running(status: Any, **_: Any) -> bool:
@@ -121,9 +128,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: 
     @kopf.timer(
         GROUP, VERSION, PLURAL, id="progress", interval=settings.progress_seconds, when=_is_running, registry=registry
     )
-    def progress(namespace: str, name: str, status: Any, **_: Any) -> None:
+    def progress(namespace: str, name: str, status: Any, meta: Any, **_: Any) -> None:
         try:
-            runner.progress(namespace, name, status)
+            runner.progress(namespace, name, status, meta.get("resourceVersion"))
         except TransientApiError as err:
             log.debug("%s/%s: progress skipped: %s", namespace, name, err)
 
