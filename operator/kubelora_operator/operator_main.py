@@ -18,6 +18,7 @@ import kopf
 
 from .handlers import register
 from .kube import Kube
+from .plan import LABEL_NAME, LABEL_ROLE
 from .settings import OperatorSettings, load_settings
 
 PREFIX = "kubelora.dev"
@@ -34,6 +35,9 @@ def kopf_settings() -> kopf.OperatorSettings:
     # A timer still running when its resource is deleted (e.g. the resync that applies
     # ttlSecondsAfterFinished) would hold the finalizer for kopf's default 60 s: check every second.
     ks.background.cancellation_polling = 1
+    # Only worker pods are watched (server-side selector): the operator never streams every pod of
+    # the cluster, which matters cluster-wide.
+    ks.watching.label_selectors["v1", "pods"] = f"{LABEL_NAME},{LABEL_ROLE}=worker"
     ks.watching.server_timeout = 300
     ks.watching.client_timeout = 330
     ks.watching.connect_timeout = 30
