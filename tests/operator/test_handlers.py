@@ -210,3 +210,14 @@ def test_kube_permanent_errors_and_expected_404_409() -> None:
     assert Kube(FakeApiClient({}), backoff=0).create_if_absent(cm) is True
     assert Kube(FakeApiClient(_exc(404)), backoff=0).delete_pod("ns", "p") is False
     assert Kube(FakeApiClient(_exc(409)), backoff=0).delete_pod("ns", "p", uid="u") is False
+
+
+def test_trainer_success_message_round_trips_into_status_artifact() -> None:
+    """The trainer's side of the termination-message contract (kubelora_trainer.cli.success_message)."""
+    from kubelora_trainer.cli import success_message
+
+    summary = {"adapter": {"path": "/output/adapter", "sha256": "ab" * 32, "size_bytes": 123}, "artifact_uri": None}
+    assert parse_termination_message(success_message(summary)) == {"sha256": "ab" * 32, "sizeBytes": 123}
+    summary["artifact_uri"] = "s3://bucket/runs/demo"
+    assert parse_termination_message(success_message(summary))["uri"] == "s3://bucket/runs/demo"
+    assert parse_termination_message(success_message({})) == {}  # nulls are dropped, not written as ""
