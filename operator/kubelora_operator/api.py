@@ -87,6 +87,7 @@ OPERATOR_ENV = frozenset(
         "KUBELORA_CACHE",
         "KUBELORA_METRICS_PORT",
         "KUBELORA_RUN_DIR",
+        "KUBELORA_RUN_ID",
         "KUBELORA_WORKER_INDEX",
     }
 )

@@ -302,3 +302,10 @@ def test_placement_extras_and_data_volumes() -> None:
     cm = resource(dataVolume={"configMap": {"name": "tiny-data", "mountPath": "/data"}}, data={"path": "/data/t.jsonl"})
     pod = make(cm).pods[0]
     assert volumes(pod)["data"]["configMap"] == {"name": "tiny-data"}
+
+
+def test_workers_carry_the_resource_uid_as_run_identity() -> None:
+    """The trainer refuses an S3 prefix finished by another resource: it needs this resource's uid."""
+    res = resource(device="xpu", workers=2)
+    for pod in make(res).pods:
+        assert env_of(pod)["KUBELORA_RUN_ID"] == res.uid
