@@ -84,7 +84,7 @@ def generate(
                 ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
                 mask[i, width - len(p) :] = 1
             with autocast():
-                out = model.generate(
+                out = model.generate(  # type: ignore[operator]
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
                     max_new_tokens=max_new_tokens,

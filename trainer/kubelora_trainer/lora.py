@@ -6,6 +6,8 @@ list of linear modules the model actually has.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -27,7 +29,7 @@ class LoraTargetError(ValueError):
 def linear_module_names(model: nn.Module) -> list[str]:
     """Short names of the linear layers a LoRA adapter can target (the output head excluded)."""
     names: set[str] = set()
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output: Any = getattr(model, "get_output_embeddings", lambda: None)()
     for full, module in model.named_modules():
         if module is output:
             continue
@@ -53,11 +55,11 @@ def build_lora_config(settings: LoraSettings):  # noqa: ANN201 - peft type
 
     return LoraConfig(
         r=settings.r,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules,
         bias=settings.bias,
-        init_lora_weights=INIT_MAP[settings.init],
+        init_lora_weights=INIT_MAP[settings.init],  # type: ignore[arg-type]
         modules_to_save=settings.modules_to_save or None,
         task_type="CAUSAL_LM",
     )

@@ -415,7 +415,7 @@ class LoRAFineTuneRecipe:
         tps = tokens / train_time if train_time else 0.0
         steps_done = done - start_step
         eta = (self.total_steps - done) * (train_time / steps_done) if steps_done else math.nan
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])
         self.progress.update(step=done, epoch=done / self.steps_per_epoch, train_loss=loss,
                              tokens_per_second=tps, eta_seconds=eta,
                              train_tokens=self.train_tokens_before + tokens)
