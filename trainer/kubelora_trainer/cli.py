@@ -105,11 +105,18 @@ def _load_for_inference(base_cfg_path: str | None, adapter: str, overrides: list
     return cfg, device, tok, model
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _autocast_for(dtype: str, device_type: str):  # noqa: ANN202
+    """bf16 autocast for a bf16 base (as in training), nothing otherwise."""
     import contextlib
 
     import torch
 
+    if dtype == "bf16":
+        return lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     from .data import encode_prompt, prompt_only
     from .evaluate import generate
 
@@ -118,9 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = prompt_only(record, cfg.data, tok)
     ids = [encode_prompt(prompt, tok, cfg.data)]
 
-    def autocast() -> contextlib.AbstractContextManager:
-        return (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-                if cfg.model.dtype == "bf16" else contextlib.nullcontext())
+    autocast = _autocast_for(cfg.model.dtype, device.type)
 
     out = generate(model, ids, int(tok.pad_token_id), tok.eos_token_id, args.max_new_tokens,
                    device.torch_device, autocast)
@@ -129,10 +134,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import contextlib
-
-    import torch
-
     from .data import answer_of, build_datasets, collate, encode_prompt, prompt_only
     from .distributed import WorldView
     from .evaluate import GenerationResult, eval_loss, exact_match, generate
@@ -141,9 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg, device, tok, model = _load_for_inference(args.config, args.adapter, args.set)
     data = build_datasets(cfg.data, tok, cfg.training.seed)
 
-    def autocast() -> contextlib.AbstractContextManager:
-        return (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-                if cfg.model.dtype == "bf16" else contextlib.nullcontext())
+    autocast = _autocast_for(cfg.model.dtype, device.type)
 
     pad = int(tok.pad_token_id)
     bs = cfg.training.micro_batch_size
