@@ -1,0 +1,97 @@
+"""End to end on one machine: examples/local/two-workers-s3.yaml through the real control plane, the
+real operator, two fake AMX nodes whose pods the node agent runs as local torchrun processes (gloo on
+127.0.0.1), and a real S3 server (SeaweedFS).
+
+`test_two_workers_tiny_model`: the example with a tiny random Llama (SmolLM2's tokenizer) served
+through a hostPath PV: checks the mechanics (Succeeded, adapter + manifest in the bucket, sha256 in
+status, the adapter loads with peft). `test_two_workers_smollm2` (slow): the example as written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.operator.cluster_helpers import condition, pods, wait_condition
+
+from .conftest import E2E, add_hostpath_claim, apply, load_example
+
+pytestmark = [pytest.mark.cluster, pytest.mark.s3]
+
+NAME = "two-workers-s3"
+PREFIX = "adapters/two-workers-s3"
+
+
+def _tiny(lft: dict[str, Any], **training: Any) -> dict[str, Any]:
+    spec = lft["spec"]
+    spec["model"] = {"nameOrPath": "/models/tiny", "dtype": "fp32"}
+    spec["dataVolume"] = {"pvc": {"claimName": "e2e-models", "mountPath": "/models"}}
+    spec["data"].update({"maxSamples": 64, "maxEvalSamples": 8})
+    spec["training"].update({"maxSteps": 6, "saveSteps": 2, "learningRate": 5e-3, **training})
+    spec["evaluation"] = {"maxExactMatchSamples": 2, "maxNewTokens": 4, "samplePrompts": 1}
+    return lft
+
+
+def _wait_succeeded(e: E2E, timeout: float) -> dict[str, Any]:
+    try:
+        return wait_condition(e.cp, e.ns, NAME, "Succeeded", "True", timeout=timeout)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{e.diagnostics(NAME)}") from None
+
+
+def _check_artifact(e: E2E, s3: Any, bucket: str, obj: dict[str, Any], tmp: Path) -> tuple[Path, dict]:
+    """Manifest (completion marker) present, sha256 in status == manifest's; returns (adapter dir, summary)."""
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{PREFIX}/manifest.json")["Body"].read())
+    st = obj["status"]
+    assert st["phase"] == "Succeeded", st
+    assert st["artifact"]["sha256"] == manifest["adapter"]["sha256"], (st["artifact"], manifest["adapter"])
+    assert st["artifact"]["uri"].startswith(f"s3://{bucket}/{PREFIX}")
+    adapter = tmp / "adapter"
+    adapter.mkdir()
+    listed = {f["path"] for f in manifest["files"]}
+    for rel in listed:
+        if rel.startswith("adapter/"):
+            s3.download_file(bucket, f"{PREFIX}/{rel}", str(adapter / rel[len("adapter/") :]))
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    summary = json.loads(s3.get_object(Bucket=bucket, Key=f"{PREFIX}/summary.json")["Body"].read())
+    return adapter, summary
+
+
+def _load_with_peft(base: str | Path, adapter: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter))
+    lora = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert lora, "no LoRA parameters after loading the adapter"
+
+
+@pytest.mark.timeout(300)
+def test_two_workers_tiny_model(e2e: E2E, s3_server: Any, s3_bucket: str, tiny_model_dir: Path, tmp_path: Path):
+    t0 = time.monotonic()
+    add_hostpath_claim(e2e, "e2e-models", tiny_model_dir.parent, read_only=True)
+    secret, lft = load_example(
+        bucket=s3_bucket,
+        endpoint=s3_server.endpoint,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        pool=e2e.pool,
+    )
+    apply(e2e.cp, e2e.ns, secret, _tiny(lft))
+    obj = _wait_succeeded(e2e, timeout=240)
+    elapsed = time.monotonic() - t0
+
+    ps = pods(e2e.cp, e2e.ns, NAME)
+    assert sorted(p["spec"]["nodeName"] for p in ps) == sorted(e2e.nodes), "one worker per node"
+    assert all(p["status"]["phase"] == "Succeeded" for p in ps)
+    assert obj["status"].get("restarts", 0) == 0
+    assert condition(obj, "Failed") is None or condition(obj, "Failed")["status"] != "True"
+
+    adapter, summary = _check_artifact(e2e, s3_server.client(), s3_bucket, obj, tmp_path)
+    assert summary["adapter"]["sha256"] == obj["status"]["artifact"]["sha256"]
+    _load_with_peft(tiny_model_dir, adapter)
+    print(f"two workers, tiny model: Succeeded in {elapsed:.1f}s")
