@@ -38,6 +38,9 @@ def kopf_settings() -> kopf.OperatorSettings:
     # Only worker pods are watched (server-side selector): the operator never streams every pod of
     # the cluster, which matters cluster-wide.
     ks.watching.label_selectors["v1", "pods"] = f"{LABEL_NAME},{LABEL_ROLE}=worker"
+    # Handlers are sync and block on API round trips (~17 per resource at creation): kopf's default
+    # pool (min(32, cpus + 4) threads = 6 on 2 CPUs) made 200 resources queue (docs/operator-benchmark.md).
+    ks.execution.max_workers = 32
     ks.watching.server_timeout = 300
     ks.watching.client_timeout = 330
     ks.watching.connect_timeout = 30
