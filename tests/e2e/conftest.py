@@ -62,6 +62,13 @@ class E2E:
         if name:
             with contextlib.suppress(Exception):
                 out.append(f"--- status ---\n{yaml.safe_dump(self.lft(name).get('status'))}")
+        with contextlib.suppress(Exception):
+            for p in self.cp.get(f"/api/v1/namespaces/{self.ns}/pods")["items"]:
+                st = p.get("status") or {}
+                out.append(
+                    f"--- pod {p['metadata']['name']}: node={p['spec'].get('nodeName')} phase={st.get('phase')} "
+                    f"conditions={st.get('conditions')}"
+                )
         for run in self.agent.runs.values():
             if run.log_path and run.log_path.exists():
                 tail = "\n".join(run.log_path.read_text(errors="replace").splitlines()[-40:])
@@ -168,10 +175,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def add_hostpath_claim(e: E2E, claim: str, path: Path, read_only: bool = False) -> None:
-    """A hostPath PV pre-bound to `claim` in the namespace (the agent maps the claim to `path`)."""
+    """A hostPath PV pre-bound to `claim` in the namespace (the agent maps the claim to `path`).
+    ReadWriteMany (or ReadOnlyMany): every "node" is this machine, and the operator requires RWX for
+    a run dir shared by several workers."""
     pv = f"{e.ns}-{claim}"
     path.mkdir(parents=True, exist_ok=True)
-    mode = "ReadOnlyMany" if read_only else "ReadWriteOnce"
+    mode = "ReadOnlyMany" if read_only else "ReadWriteMany"
     e.cp.create(
         "/api/v1/persistentvolumes",
         {

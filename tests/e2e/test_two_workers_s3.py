@@ -10,6 +10,7 @@ status, the adapter loads with peft). `test_two_workers_smollm2` (slow): the exa
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,13 @@ import pytest
 
 from tests.operator.cluster_helpers import condition, pods, wait_condition
 
-from .conftest import E2E, add_hostpath_claim, apply, load_example
+from .conftest import E2E, add_hostpath_claim, apply, load_example, slow_enabled
 
 pytestmark = [pytest.mark.cluster, pytest.mark.s3]
 
 NAME = "two-workers-s3"
 PREFIX = "adapters/two-workers-s3"
+MAX_STEPS_FAULT = 30
 
 
 def _tiny(lft: dict[str, Any], **training: Any) -> dict[str, Any]:
@@ -95,3 +97,83 @@ def test_two_workers_tiny_model(e2e: E2E, s3_server: Any, s3_bucket: str, tiny_m
     assert summary["adapter"]["sha256"] == obj["status"]["artifact"]["sha256"]
     _load_with_peft(tiny_model_dir, adapter)
     print(f"two workers, tiny model: Succeeded in {elapsed:.1f}s")
+
+
+
+@pytest.mark.timeout(300)
+def test_worker_killed_mid_run_resumes_from_checkpoint(
+    e2e: E2E, s3_server: Any, s3_bucket: str, tiny_model_dir: Path, tmp_path: Path
+):
+    """SIGKILL one worker's processes after the first checkpoint: the operator restarts the job (attempt
+    1), the trainer resumes from the newest checkpoint in the run dir (on a PVC: output.s3.workdirPvc),
+    and the run still succeeds with one artifact."""
+    add_hostpath_claim(e2e, "e2e-models", tiny_model_dir.parent, read_only=True)
+    workdir = tmp_path / "workdir"
+    add_hostpath_claim(e2e, "e2e-workdir", workdir)
+    secret, lft = load_example(
+        bucket=s3_bucket,
+        endpoint=s3_server.endpoint,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        pool=e2e.pool,
+    )
+    lft = _tiny(lft, maxSteps=MAX_STEPS_FAULT, saveSteps=3)
+    lft["spec"]["output"]["s3"]["workdirPvc"] = {"claimName": "e2e-workdir"}
+    apply(e2e.cp, e2e.ns, secret, lft)
+
+    run_dir = workdir / e2e.ns / NAME  # the default subPath <namespace>/<name>
+    try:
+        first = e2e.cp.wait_for(
+            lambda: sorted((run_dir / "checkpoints").glob("step-*/state.json")),
+            timeout=150,
+            interval=0.1,
+            what="the first complete checkpoint",
+        )
+    except TimeoutError as err:
+        raise AssertionError(f"{err}\n{e2e.diagnostics(NAME)}") from None
+    victim = f"{NAME}-worker-1"
+    assert e2e.agent.signal_pod(e2e.ns, victim, signal.SIGKILL), (
+        f"{victim} was not running any more at the first checkpoint ({first}): the run is too short\n"
+        + e2e.diagnostics(NAME)
+    )
+    obj = _wait_succeeded(e2e, timeout=240)
+
+    st = obj["status"]
+    assert st.get("restarts") == 1, st
+    ps = pods(e2e.cp, e2e.ns, NAME)
+    assert len(ps) == 2 and {p["metadata"]["labels"]["kubelora.dev/attempt"] for p in ps} == {"1"}
+    adapter, summary = _check_artifact(e2e, s3_server.client(), s3_bucket, obj, tmp_path)
+    assert summary["steps"] == MAX_STEPS_FAULT
+    assert 0 < summary["steps_this_session"] < MAX_STEPS_FAULT, summary  # resumed, not started over
+    worker0 = e2e.agent.run_for(e2e.ns, f"{NAME}-worker-0")
+    assert worker0 is not None and worker0.log_path is not None
+    assert "resumed from" in worker0.log_path.read_text(errors="replace")
+    _load_with_peft(tiny_model_dir, adapter)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not slow_enabled(), reason="SmolLM2 end to end takes minutes: set KUBELORA_E2E_SLOW=1")
+@pytest.mark.timeout(600)
+def test_two_workers_smollm2(e2e: E2E, s3_server: Any, s3_bucket: str, tmp_path: Path):
+    """The example as written: SmolLM2-135M learns the held-out tasks (exact match above the base model's)."""
+    t0 = time.monotonic()
+    secret, lft = load_example(
+        bucket=s3_bucket,
+        endpoint=s3_server.endpoint,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        pool=e2e.pool,
+    )
+    apply(e2e.cp, e2e.ns, secret, lft)
+    obj = _wait_succeeded(e2e, timeout=540)
+    elapsed = time.monotonic() - t0
+    adapter, summary = _check_artifact(e2e, s3_server.client(), s3_bucket, obj, tmp_path)
+    assert summary["exact_match_after"] > summary["exact_match_before"], summary
+    assert summary["eval_loss_after"] < summary["eval_loss_before"], summary
+    from kubelora_trainer.config import ModelConfig
+    from kubelora_trainer.model import materialize
+
+    base = materialize(ModelConfig.model_validate({"nameOrPath": "smollm2-135m"}))  # GGUF -> cached safetensors
+    _load_with_peft(base.location, adapter)
+    print(f"two workers, SmolLM2: Succeeded in {elapsed:.1f}s; exact match "
+          f"{summary['exact_match_before']} -> {summary['exact_match_after']}")
