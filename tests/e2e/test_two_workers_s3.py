@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.operator.cluster_helpers import condition, pods, wait_condition
+from tests.operator.cluster_helpers import condition, pods, wait_condition, wait_pods
 
 from .conftest import E2E, add_hostpath_claim, apply, load_example, slow_enabled
 
@@ -149,6 +149,42 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(
     assert worker0 is not None and worker0.log_path is not None
     assert "resumed from" in worker0.log_path.read_text(errors="replace")
     _load_with_peft(tiny_model_dir, adapter)
+
+
+
+@pytest.mark.timeout(240)
+def test_operator_killed_mid_run_no_duplicates(
+    e2e: E2E, s3_server: Any, s3_bucket: str, tiny_model_dir: Path, tmp_path: Path
+):
+    """SIGKILL the operator while both workers run, start a new one: it adopts the running pods (same
+    uids, attempt 0, no restart), and the run completes with one artifact."""
+    add_hostpath_claim(e2e, "e2e-models", tiny_model_dir.parent, read_only=True)
+    secret, lft = load_example(
+        bucket=s3_bucket,
+        endpoint=s3_server.endpoint,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        pool=e2e.pool,
+    )
+    apply(e2e.cp, e2e.ns, secret, _tiny(lft, maxSteps=30))
+    try:
+        running = wait_pods(
+            e2e.cp, e2e.ns, NAME, 2, lambda p: (p.get("status") or {}).get("phase") == "Running", timeout=90
+        )
+    except TimeoutError as err:
+        raise AssertionError(f"{err}\n{e2e.diagnostics(NAME)}") from None
+    e2e.op.kill()
+    time.sleep(2)  # the workers keep running without an operator
+    e2e.op.start()
+    obj = _wait_succeeded(e2e, timeout=180)
+
+    ps = pods(e2e.cp, e2e.ns, NAME)
+    why = e2e.diagnostics(NAME)
+    assert {p["metadata"]["uid"] for p in ps} == {p["metadata"]["uid"] for p in running}, f"recreated\n{why}"
+    assert {p["metadata"]["labels"]["kubelora.dev/attempt"] for p in ps} == {"0"}, why
+    assert obj["status"].get("restarts", 0) == 0, why
+    assert len(e2e.agent.runs) == 2, f"the agent ran more pods than the two workers\n{why}"
+    _check_artifact(e2e, s3_server.client(), s3_bucket, obj, tmp_path)
 
 
 @pytest.mark.slow
