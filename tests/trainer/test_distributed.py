@@ -79,3 +79,34 @@ def test_missing_peer_fails_with_a_clear_error_instead_of_hanging(tiny_model_dir
     assert done.returncode == 2
     assert "could not join the process group" in done.stderr
     assert not (tmp_path / "lonely" / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_each_rank_converts_the_gguf_into_its_own_cache(tmp_path: Path) -> None:
+    """Pods have pod-local caches: every rank converts SmolLM2's GGUF itself (regression: with a
+    process group up, transformers saved the converted weights on rank 0 only)."""
+    cfg = {
+        "model": {"nameOrPath": "smollm2-135m", "dtype": "fp32"},
+        "data": {"path": "sample://train.jsonl", "evalPath": "sample://heldout.jsonl", "maxSamples": 16,
+                 "maxEvalSamples": 2, "cutoffLen": 64},
+        "training": {"maxSteps": 1, "microBatchSize": 1},
+        "evaluation": {"exactMatch": False, "before": False},
+        "output": {"dir": str(tmp_path / "run")},
+        "device": "cpu",
+    }
+    path = tmp_path / "gguf.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "KUBELORA_CACHE": str(tmp_path / f"cache{rank}"),
+               "KUBELORA_TERMINATION_LOG": str(tmp_path / f"t{rank}.log")}
+        procs.append(subprocess.Popen([sys.executable, "-m", "kubelora_trainer.cli", "run", str(path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-2000:]
+    for rank in range(2):
+        (converted,) = [d for d in (tmp_path / f"cache{rank}" / "models").iterdir() if d.is_dir()]
+        assert (converted / "model.safetensors").is_file() and (converted / "config.json").is_file()

@@ -132,8 +132,10 @@ def convert_gguf(source: ModelSource, root: Path) -> Path:
             missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
             if missing or unexpected:
                 raise ModelError(f"GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
-            plain.save_pretrained(tmp, safe_serialization=True)
+            plain.save_pretrained(tmp, safe_serialization=True, is_main_process=True)
             AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file).save_pretrained(tmp)
+            if not (tmp / "config.json").is_file() or not list(tmp.glob("*.safetensors")):
+                raise ModelError(f"GGUF conversion of {source.describe()} wrote no weights into {tmp}")
             tmp.chmod(0o755)
             os.replace(tmp, target)
         finally:

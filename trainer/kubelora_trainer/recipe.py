@@ -179,6 +179,9 @@ class LoRAFineTuneRecipe:
                 ) from None
         if self.cfg.distributed.deepspeed_stage or self.cfg.distributed.deepspeed_config:
             raise RuntimeError("distributed.deepspeedStage > 0 is not supported by this trainer build yet")
+        # Before the process group exists: transformers' save_pretrained writes only on global rank 0
+        # once one does, and every rank converts a GGUF into its own (pod-local) cache.
+        self.source = materialize(self.cfg.model)
         backend = dist_.resolve_backend(self.cfg.distributed.backend, self.device.type)
         dist_.init_process_group(self.world, backend, self.cfg.distributed.timeout_s)
         self.backend = backend if self.world.distributed else None
@@ -194,7 +197,6 @@ class LoRAFineTuneRecipe:
                  self.world.world_size, self.backend or "single process")
 
     def load_tokenizer_and_data(self) -> None:
-        self.source = materialize(self.cfg.model)
         self.tokenizer = load_tokenizer(self.source, self.cfg.model)
         self.data = build_datasets(self.cfg.data, self.tokenizer, self.cfg.training.seed)
         data_cfg = self.cfg.data
