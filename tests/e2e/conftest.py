@@ -148,30 +148,9 @@ def e2e(
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with SmolLM2's real tokenizer, at <models>/tiny."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.trainer import build_tiny_llama
 
-    from tests.trainer import smollm2_tokenizer
-
-    tok = smollm2_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("models") / "tiny"
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny")
 
 
 def add_hostpath_claim(e: E2E, claim: str, path: Path, read_only: bool = False) -> None:
