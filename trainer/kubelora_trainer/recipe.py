@@ -205,7 +205,9 @@ class LoRAFineTuneRecipe:
             (prompt_only(r, data_cfg, self.tokenizer), answer_of(r, data_cfg)) for r in records
         ]
         pad = int(self.tokenizer.pad_token_id)
-        bs = self.cfg.training.micro_batch_size
+        # Eval rows are single samples (short): batch 4x wider than training so each matmul is big
+        # enough that OpenMP's per-op synchronisation does not dominate on a busy or throttled CPU.
+        bs = 4 * self.cfg.training.micro_batch_size
         rows = self.data.eval_rows
         self.eval_batches = [collate(rows[i : i + bs], pad) for i in range(0, len(rows), bs)]
         log.info("data: %s", self.data.stats)
