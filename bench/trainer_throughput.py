@@ -608,13 +608,33 @@ def driver(args: argparse.Namespace) -> None:
         specs = args.only.split(";")
     facts = cpu_facts()
     started = dt.datetime.now(dt.UTC)
+    out = Path(args.output) if args.output else RESULTS / f"trainer-{started:%Y%m%d}-{host_tag()}.json"
     runs: list[dict[str, Any]] = []
+    if args.append and out.is_file():  # continue a session that was cut off: keep its finished runs
+        old = json.loads(out.read_text())
+        runs, started = old["runs"], dt.datetime.fromisoformat(old["started_utc"])
+    done = {(r["contender"], r["round"]) for r in runs if "error" not in r}
     for rnd in range(args.rounds):
         order = specs if rnd % 2 == 0 else list(reversed(specs))
         for spec in order:
+            if (spec, rnd) in done:
+                continue
             res = run_one(args, spec, evaluate=rnd < args.eval_rounds)
             res["round"] = rnd
             runs.append(res)
+            doc = write_doc(args, out, facts, started, runs, specs)  # after every contender: a kill loses one
+    doc = write_doc(args, out, facts, started, runs, specs)
+    md = markdown(doc)
+    print(md)
+    if doc.get("variant_loss_diff"):
+        print(json.dumps(doc["variant_loss_diff"], indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(md)
+    print(f"results: {out}")
+
+
+def write_doc(args: argparse.Namespace, out: Path, facts: dict[str, Any], started: dt.datetime,
+              runs: list[dict[str, Any]], specs: list[str]) -> dict[str, Any]:
     agg = aggregate(runs)
     doc: dict[str, Any] = {
         "benchmark": "trainer_throughput",
@@ -627,11 +647,10 @@ def driver(args: argparse.Namespace) -> None:
             "lr": args.lr, "schedule": f"warmup {args.warmup} + cosine", "lora": "r 8, alpha 16, all-linear, dropout 0",
             "max_grad_norm": 1.0, "seed": args.seed, "eval_samples": args.eval_samples,
             "max_new_tokens": args.max_new_tokens, "baseline_attn": args.baseline_attn,
-            "rounds": args.rounds, "no_eval": args.no_eval,
+            "rounds": args.rounds, "eval_rounds": args.eval_rounds, "no_eval": args.no_eval,
         },
         # the load average includes this benchmark's own threads; other processes' CPU share does not
-        "under_load": runs[0]["load_avg_start"][0] > args.quiet_load
-        or any((r["others_cpu_share"] or 0) > args.quiet_share for r in runs),
+        "under_load": any((r.get("others_cpu_share") or 0) > args.quiet_share for r in runs),
         "runs": runs,
         "summary": agg,
         "ratios": ratios(agg),
@@ -639,15 +658,8 @@ def driver(args: argparse.Namespace) -> None:
     if args.variants or any(s.startswith("kubelora:") for s in specs):
         doc["variant_loss_diff"] = variant_diffs(runs, agg)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = Path(args.output) if args.output else RESULTS / f"trainer-{started:%Y%m%d}-{host_tag()}.json"
     out.write_text(json.dumps(doc, indent=1) + "\n")
-    md = markdown(doc)
-    print(md)
-    if doc.get("variant_loss_diff"):
-        print(json.dumps(doc["variant_loss_diff"], indent=1))
-    if args.markdown:
-        Path(args.markdown).write_text(md)
-    print(f"results: {out}")
+    return doc
 
 
 def variant_diffs(runs: list[dict[str, Any]], agg: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -701,6 +713,8 @@ def main() -> None:
     p.add_argument("--wait-quiet-until", metavar="HH:MM",
                    help="before each contender wait (until this UTC time at most) for cores idle below --quiet-share")
     p.add_argument("--output", help="results JSON path (default bench/results/trainer-<date>-<host>.json)")
+    p.add_argument("--append", action="store_true",
+                   help="continue the session in --output: keep its finished runs, run only the missing ones")
     p.add_argument("--markdown", help="also write the markdown table here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
