@@ -240,6 +240,20 @@ class TrainingConfig(StrictModel):
     autocast: bool = Field(
         True, description="Run matmuls under bf16 autocast when the base is bf16 (LoRA weights stay fp32)."
     )
+    padding_free: bool = Field(
+        True,
+        description=(
+            "Train on each micro-batch as one sequence without padding, attention kept inside each sample "
+            "(no compute on padding, no T x T mask). Same loss as padded batches; off falls back to padded rows."
+        ),
+    )
+    fused_lora: bool = Field(
+        True,
+        description=(
+            "Compute LoRA layers as one in-place addmm on the base output (fewer memory passes); "
+            "peft's own forward is used wherever this does not apply."
+        ),
+    )
 
 
 class DistributedConfig(StrictModel):

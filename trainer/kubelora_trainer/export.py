@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import segment_attention
 from .checkpoint import write_json_atomic
 from .evaluate import GenerationResult
 
@@ -80,6 +81,7 @@ def save_merged(peft_model: Any, run_dir: Path, tokenizer: Any) -> Path:
     """
     build = Path(tempfile.mkdtemp(prefix=".merged.", dir=run_dir))
     merged = peft_model.merge_and_unload()
+    segment_attention.disable(merged)  # the saved config must name an attention anyone can load
     merged.config.use_cache = True
     merged.save_pretrained(str(build), safe_serialization=True)
     tokenizer.save_pretrained(str(build))

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .segment_attention import SEGMENTS_KWARG, segment_bounds
+
 IGNORE_INDEX = -100
 
 
@@ -39,9 +41,13 @@ class CausalLMLoss(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        seq_starts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        extra: dict[str, Any] = {}
+        if seq_starts is not None:  # a padding-free batch from collate_flat: attend within each sample
+            extra[SEGMENTS_KWARG] = segment_bounds(seq_starts)
         hidden = self._decoder(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **extra
         ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX

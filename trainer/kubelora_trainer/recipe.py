@@ -30,8 +30,9 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist_
+from . import fused_lora, segment_attention
 from .config import TrainerConfig, dump_config
-from .data import PackedRow, answer_of, build_datasets, collate, encode_prompt, prompt_only
+from .data import PackedRow, answer_of, build_datasets, collate, collate_flat, encode_prompt, prompt_only
 from .device import DeviceInfo, peak_memory_bytes, resolve_dtype, select_device, synchronize
 from .evaluate import GenerationResult, eval_loss, exact_match, generate
 from .export import (
@@ -209,13 +210,15 @@ class LoRAFineTuneRecipe:
         # enough that OpenMP's per-op synchronisation does not dominate on a busy or throttled CPU.
         bs = 4 * self.cfg.training.micro_batch_size
         rows = self.data.eval_rows
-        self.eval_batches = [collate(rows[i : i + bs], pad) for i in range(0, len(rows), bs)]
+        batch_of = (lambda chunk: collate_flat(chunk)) if self.padding_free else (lambda chunk: collate(chunk, pad))
+        self.eval_batches = [batch_of(rows[i : i + bs]) for i in range(0, len(rows), bs)]
         log.info("data: %s", self.data.stats)
 
     def load_model_with_adapter(self) -> None:
         base = load_model(self.source, self.cfg.model, self.device.type, self.dtype)
         self.model = attach_lora(base, self.cfg.lora, self.cfg.training.seed)
         self.model.to(self.device.torch_device)
+        self.enable_fast_paths()
         if self.cfg.training.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
@@ -234,6 +237,18 @@ class LoRAFineTuneRecipe:
         trainable, total = trainable_parameters(self.model)
         self.param_counts = {"trainable": trainable, "total": total}
         log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+
+    @property
+    def padding_free(self) -> bool:
+        """Flat, padding-free micro-batches (not under torch.compile: each new sample layout would recompile)."""
+        return self.cfg.training.padding_free and not self.cfg.training.compile
+
+    def enable_fast_paths(self) -> None:
+        """Per-sample attention for flat batches and the fused LoRA forward (see their modules for why)."""
+        if self.padding_free:
+            log.info("attention: %s (padding-free batches)", segment_attention.enable(self.model))
+        if self.cfg.training.fused_lora:
+            log.info("fused LoRA forward on %d layers", fused_lora.enable(self.model))
 
     def build_optimizer(self) -> None:
         t = self.cfg.training
@@ -340,7 +355,7 @@ class LoRAFineTuneRecipe:
         for a in range(self.cfg.training.gradient_accumulation_steps):
             chunk = rows[a * mbs * world : (a + 1) * mbs * world]
             mine = chunk[self.world.rank * mbs : (self.world.rank + 1) * mbs]
-            yield collate(mine, pad)
+            yield collate_flat(mine) if self.padding_free else collate(mine, pad)
 
     def train(self, start_step: int) -> dict[str, Any]:
         t = self.cfg.training

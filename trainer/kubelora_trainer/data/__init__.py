@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import DataConfig
-from .collate import PACKED_FORWARD_KWARGS, collate
+from .collate import PACKED_FORWARD_KWARGS, collate, collate_flat
 from .errors import DataError
 from .loading import SAMPLE_DATA_DIR, load_records, read_records, split_records
 from .packing import PackedRow, no_pack, pack, packing_stats
@@ -37,6 +37,7 @@ __all__ = [
     "answer_of",
     "build_datasets",
     "collate",
+    "collate_flat",
     "encode_prompt",
     "load_records",
     "no_pack",

@@ -61,3 +61,34 @@ def collate(
     if packed:
         batch["position_ids"] = pos
     return batch
+
+
+def collate_flat(rows: Sequence[PackedRow]) -> dict[str, torch.Tensor]:
+    """Concatenate rows into one padding-free sequence of batch size 1.
+
+    Returns ``input_ids``, ``labels``, ``position_ids`` (restarting at every sample) and
+    ``seq_starts``: the offsets ``[0, s1, ..., T]`` of the samples, which the loss hands to
+    ``segment_attention`` so each sample attends only to itself. No token is padding, so no
+    compute is spent on it; the first token of every sample carries no label (the loss masks
+    targets at position 0), exactly as in :func:`collate`.
+    """
+    if not rows:
+        raise ValueError("collate_flat needs at least one row")
+    ids: list[int] = []
+    labels: list[int] = []
+    pos: list[int] = []
+    starts = [0]
+    for row in rows:
+        ids.extend(row.input_ids)
+        labels.extend(row.labels)
+        pos.extend(row.position_ids)
+        for n in row.seq_lens:
+            starts.append(starts[-1] + n)
+    if starts[-1] != len(ids):
+        raise ValueError(f"row sample lengths add up to {starts[-1]}, the rows hold {len(ids)} tokens")
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([pos], dtype=torch.long),
+        "seq_starts": torch.tensor(starts, dtype=torch.long),
+    }
