@@ -16,7 +16,9 @@ Contenders (each runs in its own subprocess, so peak RSS is its own):
 ``trainer-pad``     transformers ``Trainer`` + peft, one sample per row, padded per batch.
 ``kubelora``        ``kubelora_trainer.recipe.LoRAFineTuneRecipe`` (its own train loop), leak-free
                     packing. Variants: ``kubelora:attn=sdpa``, ``kubelora:compile=1``,
-                    ``kubelora:mb=8,ga=1``, ``kubelora:mb=4,ga=2`` (keys combine with ``,``).
+                    ``kubelora:mb=8,ga=1``, ``kubelora:mb=4,ga=2``, ``kubelora:pf=0`` (padded rows
+                    instead of padding-free batches), ``kubelora:fl=0`` (peft's LoRA forward instead
+                    of the fused one); keys combine with ``,``.
 
 Measured for each: training tokens/s = non-pad tokens processed / training wall time (model load,
 data preparation and evaluation excluded; the same definition for all), label tokens/s (tokens
@@ -66,6 +68,8 @@ VARIANTS = (
     "kubelora:compile=1",
     "kubelora:mb=4,ga=2",
     "kubelora:mb=8,ga=1",
+    "kubelora:pf=0,fl=0",
+    "kubelora:fl=0",
 )
 LABEL = {
     "sft-packing": "trl SFTTrainer, packing=True (BFD, padding-free)",
@@ -196,6 +200,8 @@ def kubelora_config(args: argparse.Namespace, out_dir: str, opts: dict[str, str]
             "saveTotalLimit": 1,
             "resume": "never",
             "compile": opts.get("compile", "0") in ("1", "true", "yes"),
+            "paddingFree": opts.get("pf", "1") in ("1", "true", "yes"),
+            "fusedLora": opts.get("fl", "1") in ("1", "true", "yes"),
         },
         "evaluation": {
             "before": False,
