@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubelora_trainer.cli import EXIT_BAD_INPUT, main
+from kubelora_trainer.cli import EXIT_BAD_INPUT, EXIT_RETRYABLE, main
 
-from tests.s3server import S3Server
+from tests.s3server import S3Server, free_port
 
 from .conftest import tiny_config
 
@@ -68,4 +68,20 @@ def test_unusable_bucket_fails_before_training(tiny_model_dir: Path, tmp_path: P
     err = capsys.readouterr().err
     assert code == EXIT_BAD_INPUT and "no-such-bucket" in err
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_unreachable_store_is_retryable_not_bad_input(tiny_model_dir: Path, tmp_path: Path, s3_env: S3Server,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing listens at the endpoint: after the retries the run ends with exit 1 (the operator restarts
+    the job), not 2 (bad input: Failed at once), and says the store was unreachable."""
+    cfg_path = _cfg(tiny_model_dir, tmp_path, s3_env, "any-bucket")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["output"]["s3"]["endpoint"] = f"http://127.0.0.1:{free_port()}"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    code = main(["run", str(cfg_path)])
+    err = capsys.readouterr().err
+    assert code == EXIT_RETRYABLE != EXIT_BAD_INPUT, err
+    assert "S3 unreachable" in err and "after 3 attempts" in err
+    assert "S3 unreachable" in (tmp_path / "termination-log").read_text()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

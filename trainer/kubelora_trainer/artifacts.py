@@ -23,7 +23,9 @@ Why it is built like this:
   for the same prefix cannot both win.
 * Transient failures (connection errors, timeouts, 5xx, throttling) are retried per object with
   exponential backoff; anything else (bad credentials, missing bucket, access denied) fails at once
-  with one line that names the bucket and the cause, never the credentials.
+  with one line that names the bucket and the cause, never the credentials. Transient failures that
+  outlast the retries raise ArtifactUnavailable (the CLI exits 1, not 2: the operator restarts the
+  job, and a restart that finds the finished run in its run dir only uploads it).
 * Credentials come only from boto3's own chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the
   environment, or a profile / web identity); this module never reads, logs or prints them.
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -94,6 +97,12 @@ T = TypeVar("T")
 
 class ArtifactError(RuntimeError):
     """The artifact could not be delivered (or may not be): a specific one-line message."""
+
+
+class ArtifactUnavailable(ArtifactError):  # noqa: N818 - a state of the store, like ArtifactError's cases
+    """The store stayed unreachable (transient errors) through every retry. Not the user's input: the
+    CLI exits 1, not 2, so the operator restarts the job, and a restart whose run dir survived
+    (a PVC) re-delivers the finished run without training again (recipe.deliver_only)."""
 
 
 @dataclass(frozen=True)
@@ -257,15 +266,46 @@ def _with_retries(fn: Callable[[], T], *, what: str, bucket: str, retries: int, 
         except ArtifactError:
             raise
         except Exception as exc:
-            if not is_transient(exc) or attempt >= retries:
+            if not is_transient(exc):
                 tries = f" after {attempt + 1} attempts" if attempt else ""
                 raise ArtifactError(f"{what} failed{tries}: {_describe(exc, bucket)}") from exc
+            if attempt >= retries:
+                raise ArtifactUnavailable(
+                    f"{what} failed after {attempt + 1} attempts: {_describe(exc, bucket)} (S3 unreachable; "
+                    f"nothing incomplete is published: {MANIFEST_FILE} is written last)"
+                ) from exc
             delay = min(backoff_s * (2**attempt), 30.0)
             attempt += 1
             log.warning(
                 "%s: transient error (%s); retry %d/%d in %.1fs", what, _describe(exc, bucket), attempt, retries, delay
             )
             time.sleep(delay)
+
+
+#: TEST-ONLY knob (tests/e2e: "the S3 server stops during the upload"); never set it in production.
+#: When it names a file that does not exist yet, an upload pauses after its first object: it writes
+#: "holding" to the file and waits (at most TEST_HOLD_MAX_S) until the file says anything else. An
+#: existing file does not hold, so a restarted attempt uploads straight through. Gives a test a
+#: deterministic point where part of the artifact is in the bucket and the manifest is not.
+TEST_UPLOAD_HOLD_ENV = "KUBELORA_TEST_UPLOAD_HOLD"
+TEST_HOLD_MAX_S = 300.0
+
+
+def _test_hold() -> None:
+    path = os.environ.get(TEST_UPLOAD_HOLD_ENV)
+    if not path:
+        return
+    hold = Path(path)
+    try:
+        with hold.open("x") as fh:
+            fh.write("holding")
+    except FileExistsError:
+        return
+    log.warning("%s: upload held after its first object (test-only knob)", TEST_UPLOAD_HOLD_ENV)
+    deadline = time.monotonic() + TEST_HOLD_MAX_S
+    while time.monotonic() < deadline and hold.read_text() == "holding":
+        time.sleep(0.05)
+    log.warning("%s: upload released", TEST_UPLOAD_HOLD_ENV)
 
 
 def _is_not_found(exc: BaseException) -> bool:
@@ -473,6 +513,8 @@ def upload_run(
         log.info("%s %s (%d bytes)", "uploaded" if uploaded else "already there:", loc.uri(f.rel), f.size)
         if on_file is not None:
             on_file(f.rel, uploaded)
+        if f is files[0]:
+            _test_hold()
 
     manifest = {
         "format": MANIFEST_FORMAT,

@@ -20,6 +20,7 @@ from .config import ConfigError, load_config
 
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 143
+EXIT_RETRYABLE = 1
 TERMINATION_LOG = Path(os.environ.get("KUBELORA_TERMINATION_LOG", "/dev/termination-log"))
 
 
@@ -230,10 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         return _fail(str(err), EXIT_BAD_INPUT)
     except Exception as err:
+        from .artifacts import ArtifactUnavailable
         from .recipe import Preempted
 
         if isinstance(err, Preempted):
             return _fail(str(err), EXIT_PREEMPTED)
+        if isinstance(err, ArtifactUnavailable):  # the store's fault, not the input's: worth a restart
+            return _fail(str(err), EXIT_RETRYABLE)
         if isinstance(err, _bad_input_errors()):
             return _fail(str(err), EXIT_BAD_INPUT)
         raise
