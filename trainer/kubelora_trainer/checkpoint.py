@@ -71,14 +71,27 @@ def save(
     keep: int | None,
 ) -> Path:
     """Write a checkpoint atomically and prune old ones down to `keep`."""
+    return write(run_dir, step, trainable_state(model), optimizer.state_dict(), scheduler.state_dict(), state, keep)
+
+
+def write(
+    run_dir: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
+    state: dict[str, Any],
+    keep: int | None,
+) -> Path:
+    """`save` from tensors already in hand: a DeepSpeed run gathers them from all ranks first."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
     try:
-        save_file(trainable_state(model), str(tmp / WEIGHTS_FILE))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_file(weights, str(tmp / WEIGHTS_FILE))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(scheduler_state, tmp / "scheduler.pt")
         _write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
         if final.exists():
             shutil.rmtree(final)
@@ -94,7 +107,7 @@ def save(
 
 def load(ref: CheckpointRef, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
     """Restore weights, optimizer and scheduler in place; return the saved state dict."""
-    weights = load_file(str(ref.path / WEIGHTS_FILE))
+    weights, optimizer_state = read(ref)
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
@@ -102,7 +115,19 @@ def load(ref: CheckpointRef, model: torch.nn.Module, optimizer: torch.optim.Opti
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(torch.load(ref.path / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(optimizer_state)
+    return load_scheduler(ref, scheduler)
+
+
+def read(ref: CheckpointRef) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trainable weights by name and the optimizer state_dict of a checkpoint (CPU tensors)."""
+    weights = load_file(str(ref.path / WEIGHTS_FILE))
+    optimizer_state = torch.load(ref.path / "optimizer.pt", map_location="cpu", weights_only=True)
+    return weights, optimizer_state
+
+
+def load_scheduler(ref: CheckpointRef, scheduler: Any) -> dict:
+    """Restore the LR scheduler; return the checkpoint's state.json."""
     scheduler.load_state_dict(torch.load(ref.path / "scheduler.pt", map_location="cpu", weights_only=True))
     return json.loads((ref.path / STATE_FILE).read_text())
 

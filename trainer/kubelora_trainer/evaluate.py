@@ -31,6 +31,13 @@ def normalize(text: str) -> str:
     return " ".join(text.strip().split())
 
 
+def partitions_weights(module: torch.nn.Module) -> bool:
+    """True for a DeepSpeed ZeRO-3 engine: its forward gathers each layer's weights from all ranks,
+    so every rank must run the same number of forward passes (a rank alone would wait forever)."""
+    check = getattr(module, "zero_optimization_partition_weights", None)
+    return bool(check()) if callable(check) else False
+
+
 @torch.no_grad()
 def eval_loss(
     loss_module: torch.nn.Module,
@@ -43,13 +50,19 @@ def eval_loss(
     was_training = loss_module.training
     loss_module.eval()
     total = torch.zeros(2, dtype=torch.float64)
-    for i, batch in enumerate(batches):
-        if i % world.world_size != world.rank:
+    lockstep = partitions_weights(loss_module)
+    rounds = -(-len(batches) // world.world_size)
+    for r in range(rounds):
+        i = r * world.world_size + world.rank
+        if i >= len(batches) and not lockstep:
             continue
-        moved = {k: v.to(device) for k, v in batch.items()}
+        # Under ZeRO-3 a rank without a batch of its own still runs one (and discards it) so that
+        # every rank takes part in every layer's weight gathering.
+        moved = {k: v.to(device) for k, v in batches[min(i, len(batches) - 1)].items()}
         with autocast():
             loss_sum, count = loss_module(**moved)
-        total += torch.tensor([float(loss_sum), float(count)], dtype=torch.float64)
+        if i < len(batches):
+            total += torch.tensor([float(loss_sum), float(count)], dtype=torch.float64)
     all_reduce_sum(total, world)
     loss_module.train(was_training)
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
@@ -65,11 +78,14 @@ def generate(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
     batch_size: int = 16,
+    synced: bool = False,
 ) -> list[list[int]]:
     """Greedy completions (new token ids only), batched with left padding; each row stops at EOS.
 
     Takes prompt ids rather than text so the caller can encode prompts exactly as training did
-    (`data.encode_prompt`: same special-token prefix).
+    (`data.encode_prompt`: same special-token prefix). `synced`: every rank runs this same call
+    (ZeRO-3, where each forward gathers weights from all ranks); generation then continues until
+    all ranks are done (transformers' `synced_gpus`).
     """
     was_training = model.training
     model.eval()
@@ -92,6 +108,7 @@ def generate(
                     use_cache=True,
                     pad_token_id=pad_token_id,
                     eos_token_id=eos_token_id,
+                    synced_gpus=synced,
                 )
             for row in out[:, width:].tolist():
                 if eos_token_id is not None and eos_token_id in row:

@@ -30,7 +30,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist_
-from . import fused_lora, segment_attention
+from . import fused_lora, segment_attention, zero
 from .config import TrainerConfig, dump_config
 from .data import PackedRow, answer_of, build_datasets, collate, collate_flat, encode_prompt, prompt_only
 from .device import DeviceInfo, peak_memory_bytes, resolve_dtype, select_device, synchronize
@@ -94,7 +94,8 @@ class LoRAFineTuneRecipe:
         train_stats = self.train(start_step)
         self.progress.update(phase=2)
         after = self.measure(self.eval_prompts, label="after")
-        summary = self.publish(before, after, train_stats, wall_s=time.monotonic() - t0)
+        with zero.gathered(self.zero):  # ZeRO-3: full LoRA weights on every rank while rank 0 exports
+            summary = self.publish(before, after, train_stats, wall_s=time.monotonic() - t0)
         self.progress.update(phase=3)
         dist_.barrier(self.world)
         return summary
@@ -178,8 +179,9 @@ class LoRAFineTuneRecipe:
                     "ipex: true needs intel_extension_for_pytorch (retired; only in the legacy image with torch "
                     "2.8) - stock PyTorch already uses oneDNN/AMX on CPU and supports xpu"
                 ) from None
-        if self.cfg.distributed.deepspeed_stage or self.cfg.distributed.deepspeed_config:
-            raise RuntimeError("distributed.deepspeedStage > 0 is not supported by this trainer build yet")
+        # DeepSpeed settings are checked here, before any model loads (bad JSON: one line, exit 2).
+        self.zero_settings = zero.prepare(self.cfg, self.device.type) if zero.wanted(self.cfg) else None
+        self.zero: zero.ZeroRun | None = None
         # Before the process group exists: transformers' save_pretrained writes only on global rank 0
         # once one does, and every rank converts a GGUF into its own (pod-local) cache.
         self.source = materialize(self.cfg.model)
@@ -229,7 +231,7 @@ class LoRAFineTuneRecipe:
         if self.cfg.training.compile:
             self.loss_module = torch.compile(self.loss_module)  # type: ignore[assignment]
         self.train_module = self.loss_module
-        if self.world.distributed:
+        if self.world.distributed and self.zero_settings is None:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.index is not None else None
@@ -268,6 +270,10 @@ class LoRAFineTuneRecipe:
             weight_decay=t.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
+        if self.zero_settings is not None:
+            ds_config = zero.build_config(self.cfg, self.zero_settings, self.dtype, self.world.world_size)
+            self.zero = zero.ZeroRun.start(self.loss_module, self.model, self.optimizer, ds_config, self.world)
+            self.train_module = self.loss_module = self.zero.engine
         self.progress.update(total_steps=self.total_steps)
 
     def lr_lambda(self, step: int) -> float:
@@ -296,7 +302,11 @@ class LoRAFineTuneRecipe:
             ref = ckpt.CheckpointRef(int(json.loads((path / ckpt.STATE_FILE).read_text())["step"]), path)
         if ref is None:
             return 0
-        state = ckpt.load(ref, self.model, self.optimizer, self.scheduler)
+        if self.zero is not None:  # every rank reads the same rank-independent files
+            self.zero.load_full_state(*ckpt.read(ref))
+            state = ckpt.load_scheduler(ref, self.scheduler)
+        else:
+            state = ckpt.load(ref, self.model, self.optimizer, self.scheduler)
         self.train_tokens_before = int(state.get("train_tokens", 0))
         self.metrics.truncate_after(ref.step)
         self.history = self.metrics.read()
@@ -308,11 +318,13 @@ class LoRAFineTuneRecipe:
         """Held-out loss (all ranks) and generations (rank 0)."""
         loss = eval_loss(self.loss_module, self.eval_batches, self.device.torch_device, self.autocast, self.world)
         results: list[GenerationResult] = []
-        if self.world.is_main and self.cfg.evaluation.exact_match and prompts:
+        # Under ZeRO-3 every rank generates (each forward gathers weights from all); rank 0 keeps the text.
+        if (self.world.is_main or self.zero is not None) and self.cfg.evaluation.exact_match and prompts:
             ids = [encode_prompt(p, self.tokenizer, self.cfg.data) for p, _ in prompts]
             gen = generate(
                 self.model, ids, int(self.tokenizer.pad_token_id), self.tokenizer.eos_token_id,
                 self.cfg.evaluation.max_new_tokens, self.device.torch_device, self.autocast,
+                synced=self.zero is not None and self.world.distributed,
             )
             texts = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
             results = [GenerationResult(p, a, g) for (p, a), g in zip(prompts, texts, strict=True)]
@@ -379,10 +391,13 @@ class LoRAFineTuneRecipe:
                 sync = i == len(batches) - 1 or not self.world.distributed
                 with self._maybe_no_sync(sync), self.autocast():
                     loss_sum, _ = self.train_module(**moved)
-                (loss_sum * self.world.world_size / global_labels).backward()
+                self._backward(loss_sum * self.world.world_size / global_labels)
                 loss_total += float(loss_sum.detach())
-            grad_norm = self._clip()
-            self.optimizer.step()
+            if self.zero is not None:
+                grad_norm = self.zero.step()
+            else:
+                grad_norm = self._clip()
+                self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             dist_.all_reduce_sum(loss_total, self.world)
@@ -417,8 +432,14 @@ class LoRAFineTuneRecipe:
         pad = int(self.tokenizer.pad_token_id)
         return max(1, sum(count_label_tokens(collate([r], pad)) for r in rows))
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.zero is not None:
+            self.zero.backward(loss)
+        else:
+            loss.backward()
+
     def _maybe_no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
-        if sync or not hasattr(self.train_module, "no_sync"):
+        if sync or self.zero is not None or not hasattr(self.train_module, "no_sync"):
             return contextlib.nullcontext()
         return self.train_module.no_sync()  # type: ignore[operator]
 
@@ -449,10 +470,15 @@ class LoRAFineTuneRecipe:
         self.metrics.append(entry)
 
     def save_checkpoint(self, step: int, tokens_this_session: int) -> None:
-        if self.world.is_main:
-            ckpt.save(self.run_dir, step, self.model, self.optimizer, self.scheduler,
-                      {"train_tokens": self.train_tokens_before + tokens_this_session,
-                       "world_size": self.world.world_size, "total_steps": self.total_steps},
+        state = {"train_tokens": self.train_tokens_before + tokens_this_session,
+                 "world_size": self.world.world_size, "total_steps": self.total_steps}
+        if self.zero is not None:  # all ranks gather the partitions; rank 0 writes the same format as DDP
+            weights, optimizer_state = self.zero.full_state(step)
+            if self.world.is_main:
+                ckpt.write(self.run_dir, step, weights, optimizer_state, self.scheduler.state_dict(), state,
+                           keep=self.cfg.training.save_total_limit)
+        elif self.world.is_main:
+            ckpt.save(self.run_dir, step, self.model, self.optimizer, self.scheduler, state,
                       keep=self.cfg.training.save_total_limit)
         dist_.barrier(self.world)
 
@@ -491,6 +517,7 @@ class LoRAFineTuneRecipe:
             "dtype": self.dtype,
             "world_size": self.world.world_size,
             "backend": self.backend,
+            "zero_stage": self.zero.stage if self.zero is not None else 0,
             "model": self.cfg.model.name_or_path,
             "params": self.param_counts,
             **train_stats,
@@ -506,7 +533,10 @@ class LoRAFineTuneRecipe:
             "adapter": {"path": str(adapter), "sha256": sha256_file(weights), "size_bytes": weights.stat().st_size},
         }
         if self.cfg.output.merge:
-            summary["merged"] = str(save_merged(self.model, self.run_dir, self.tokenizer))
+            summary["merged"] = str(
+                zero.save_merged_from_adapter(self.source, self.cfg.model, self.dtype, adapter, self.run_dir,
+                                              self.tokenizer)
+                if self.zero is not None else save_merged(self.model, self.run_dir, self.tokenizer))
         write_summary(self.run_dir, summary)
         self.deliver()
         return summary

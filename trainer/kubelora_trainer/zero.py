@@ -1,0 +1,344 @@
+"""DeepSpeed ZeRO (stage 2 or 3) under the trainer's own loop: config, engine, and gathering.
+
+Why kubelora drives DeepSpeed itself rather than through the Hugging Face Trainer integration:
+the recipe owns the batch (one seeded global permutation sliced per rank), the loss (only
+labelled positions reach the output head, normalised by the label count of the *global* batch),
+the LR schedule and its rank-independent checkpoints. DeepSpeed here only partitions weights,
+gradients and optimizer state and reduces gradients; everything the user sees stays the same as a
+DDP run, so a ZeRO-3 loss curve can be compared with a DDP one step by step.
+
+What this module does for the recipe, and nothing else:
+
+- ``prepare``: validate `distributed.deepspeed*` early (one-line errors, exit 2) and fix the stage;
+- ``build_config``: the DeepSpeed JSON from the trainer's settings, or the user's file checked
+  against what the loop needs (batch shape, no optimizer/scheduler/fp16 of DeepSpeed's own);
+- ``ZeroRun``: the engine with torch's AdamW as client optimizer; backward/step in the shape of
+  the recipe's loop; the full (gathered) trainable weights and AdamW state in the layout of
+  ``torch.optim.AdamW.state_dict()`` for checkpoints, and their inverse for resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, TrainerConfig
+from .distributed import DistributedError, WorldView
+
+log = logging.getLogger("kubelora.zero")
+
+# DeepSpeed's ZeRO-3 calls these torch.distributed functions on every step; torch warns each time.
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor).*",
+                        category=FutureWarning)
+
+#: DeepSpeed keys that would take over what the recipe owns.
+_OWNED_BY_TRAINER = ("optimizer", "scheduler")
+_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """What `distributed.deepspeedStage/deepspeedConfig` asked for, validated before any model loads."""
+
+    stage: int
+    user_config: dict[str, Any] | None
+    source: str  # "trainer settings" or the JSON path
+
+
+def wanted(cfg: TrainerConfig) -> bool:
+    return bool(cfg.distributed.deepspeed_stage or cfg.distributed.deepspeed_config)
+
+
+def _import_deepspeed(device_type: str | None = None) -> Any:
+    """Import DeepSpeed with its accelerator pinned to the trainer's device (it would otherwise pick
+    the first one it detects, e.g. CUDA for a `device: cpu` run on a GPU host)."""
+    if device_type is not None:
+        os.environ.setdefault("DS_ACCELERATOR", device_type)
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise DistributedError(
+            f"distributed.deepspeedStage/deepspeedConfig needs the deepspeed package ({err}): "
+            "DS_BUILD_OPS=0 pip install 'kubelora[deepspeed]'"
+        ) from None
+    return deepspeed
+
+
+def load_user_config(path: str) -> dict[str, Any]:
+    """Read `distributed.deepspeedConfig`: a missing file or bad JSON is one line, not a traceback."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"distributed.deepspeedConfig: file not found: {p}") from None
+    except OSError as err:
+        raise ConfigError(f"distributed.deepspeedConfig: cannot read {p}: {err.strerror}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"distributed.deepspeedConfig: {p} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"distributed.deepspeedConfig: {p} must hold a JSON object at the top level")
+    return raw
+
+
+def prepare(cfg: TrainerConfig, device_type: str) -> ZeroSettings:
+    """Check everything that can be checked before a model loads; DeepSpeed must be importable."""
+    dist = cfg.distributed
+    user = load_user_config(dist.deepspeed_config) if dist.deepspeed_config else None
+    stage = int(dist.deepspeed_stage)
+    if user is not None:
+        for key in _OWNED_BY_TRAINER:
+            if key in user:
+                raise ConfigError(
+                    f"distributed.deepspeedConfig: remove {key!r}: kubelora trains with torch's AdamW and its "
+                    "own LR schedule (training.*)"
+                )
+        if (user.get("fp16") or {}).get("enabled") is True:
+            raise ConfigError("distributed.deepspeedConfig: fp16 is not supported (use bf16 or fp32)")
+        json_stage = (user.get("zero_optimization") or {}).get("stage", 0)
+        if json_stage not in (2, 3):
+            raise ConfigError(
+                f"distributed.deepspeedConfig: zero_optimization.stage is {json_stage!r}; kubelora supports 2 or 3"
+            )
+        if stage and stage != json_stage:
+            raise ConfigError(
+                f"distributed.deepspeedStage is {stage} but deepspeedConfig sets zero_optimization.stage "
+                f"{json_stage}: set one of them"
+            )
+        stage = int(json_stage)
+    if cfg.model.dtype == "fp16":
+        raise ConfigError("DeepSpeed runs need model.dtype bf16, fp32 or auto (fp16 is not supported)")
+    if cfg.training.compile:
+        raise ConfigError("training.compile is not supported together with DeepSpeed")
+    _import_deepspeed(device_type)
+    return ZeroSettings(stage, user, dist.deepspeed_config or "trainer settings")
+
+
+def build_config(cfg: TrainerConfig, settings: ZeroSettings, dtype: str, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config: the user's JSON (checked) or one built from the trainer's settings.
+
+    The batch shape always comes from the trainer (it slices the data); `managed_gradient_
+    accumulation: false` makes `engine.step()` the accumulation boundary, matching the recipe's loop
+    of several backward passes and one optimizer step.
+    """
+    t = cfg.training
+    batch = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
+    }
+    if settings.user_config is None:
+        ds: dict[str, Any] = {
+            "zero_optimization": {"stage": settings.stage},
+            "gradient_clipping": t.max_grad_norm or 0.0,
+            "bf16": {"enabled": dtype == "bf16"},
+            "fp16": {"enabled": False},
+        }
+    else:
+        ds = json.loads(json.dumps(settings.user_config))
+        for key, ours in batch.items():
+            theirs = ds.get(key, "auto")
+            if theirs != "auto" and theirs != ours:
+                raise ConfigError(
+                    f"distributed.deepspeedConfig sets {key} {theirs!r} but the trainer's settings give {ours} "
+                    "(training.microBatchSize, gradientAccumulationSteps, world size): use \"auto\" or remove it"
+                )
+        ds.setdefault("gradient_clipping", t.max_grad_norm or 0.0)
+        ds.setdefault("bf16", {"enabled": dtype == "bf16"})
+    ds.update(batch)
+    ds["managed_gradient_accumulation"] = False
+    ds.setdefault("steps_per_print", 1 << 30)  # the trainer logs its own progress
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def _ensure_process_group(world: WorldView) -> None:
+    """DeepSpeed needs torch.distributed even for one process; without a launcher it would try MPI."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _skip_shm_comm_op(deepspeed: Any) -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op.
+
+    Why: that op serves only DeepSpeed's tensor-parallel *inference* all-reduce, which ZeRO training
+    never calls, yet building it runs g++ on first use (measured ~20 s here) and needs a compiler in
+    the image. Marking it incompatible makes the backend fall back to torch.distributed's all-reduce.
+    """
+    with contextlib.suppress(Exception):  # an internal of DeepSpeed: if it moves, the op just gets built
+        ops = deepspeed.ops.__compatible_ops__
+        for name in list(ops):
+            if "shm_comm" in name:
+                ops[name] = False
+
+
+class ZeroRun:
+    """A DeepSpeed engine around the recipe's loss module, with the hooks the recipe calls."""
+
+    def __init__(self, engine: Any, model: torch.nn.Module, stage: int) -> None:
+        self.engine = engine
+        self.model = model
+        self.stage = stage
+        self.deepspeed = _import_deepspeed()
+
+    @classmethod
+    def start(cls, loss_module: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              ds_config: dict[str, Any], world: WorldView) -> ZeroRun:
+        """Partition `loss_module` (which holds `model`) and wrap the client AdamW.
+
+        The LR scheduler stays on `optimizer`: DeepSpeed keeps its param-group dicts (only their
+        `params` now point at flat fp32 partitions), so LambdaLR's writes reach the real update.
+        """
+        deepspeed = _import_deepspeed()
+        _ensure_process_group(world)
+        _skip_shm_comm_op(deepspeed)
+        engine, _, _, _ = deepspeed.initialize(model=loss_module, optimizer=optimizer, config=ds_config,
+                                               dist_init_required=False)
+        managed = getattr(engine, "managed_gradient_accumulation", None)
+        if managed is None or managed():
+            raise DistributedError(
+                f"deepspeed {deepspeed.__version__} ignores managed_gradient_accumulation: false, which the "
+                "trainer's accumulation loop needs: install deepspeed>=0.19.8,<0.20"
+            )
+        run = cls(engine, model, int(ds_config["zero_optimization"]["stage"]))
+        log.info("DeepSpeed ZeRO-%d over %d process(es): %s", run.stage, world.world_size, run.partition_summary())
+        return run
+
+    # ------------------------------------------------------------------ training
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss` is already normalised by the global label count (and x world size, which ZeRO's
+        gradient averaging divides out, as DDP's does): no extra 1/accumulation scaling."""
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        """Reduce, clip (gradient_clipping), update; returns the pre-clip global gradient norm."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # ------------------------------------------------------------------ what ranks hold
+    def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def partition_summary(self) -> str:
+        """How much of the model this rank holds: proof that ZeRO-3 really partitioned it."""
+        held = total = 0
+        for p in self.model.parameters():
+            numel = int(getattr(p, "ds_numel", p.numel()))
+            total += numel
+            held += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else numel
+        return f"this rank holds {held} of {total} parameter elements"
+
+    @contextlib.contextmanager
+    def gathered_trainable(self) -> Iterator[None]:
+        """Full trainable (LoRA) weights on every rank for the duration, e.g. for peft's save_pretrained.
+
+        A collective: every rank must enter. The frozen base stays partitioned.
+        """
+        params = [p for _, p in self.trainable()]
+        with self.deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+
+    # ------------------------------------------------------------------ checkpoints
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer.optimizer  # the client AdamW, stepped over flat fp32 partitions
+
+    def _flat_partitions(self) -> list[torch.Tensor]:
+        """This rank's flat fp32 master partitions: the tensors the client AdamW keeps state for
+        (stage 3 takes them out of its param groups between steps, so ask the ZeRO optimizer)."""
+        zopt = self.engine.optimizer
+        flats = getattr(zopt, "fp32_partitioned_groups_flat", None)  # stage 3
+        if flats is None:
+            flats = zopt.single_partition_of_fp32_groups  # stage 1/2
+        return list(flats)
+
+    def full_state(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Trainable fp32 weights by name and an AdamW state_dict as a DDP run would write it.
+
+        A collective (every rank gathers every tensor); the result is rank- and world-independent,
+        so kubelora's checkpoint format resumes with any world size, with or without DeepSpeed.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        inner = self._inner_optimizer()
+        has_state = any(len(inner.state.get(flat, {})) for flat in self._flat_partitions())
+        weights: dict[str, torch.Tensor] = {}
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for idx, (name, p) in enumerate(self.trainable()):
+            weights[name] = safe_get_full_fp32_param(p).detach().to("cpu").reshape(p.ds_shape if hasattr(
+                p, "ds_shape") else p.shape).contiguous()
+            if has_state:
+                state[idx] = {
+                    "step": torch.tensor(float(step)),
+                    "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").detach().to("cpu").reshape(
+                        weights[name].shape),
+                    "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").detach().to("cpu").reshape(
+                        weights[name].shape),
+                }
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
+        groups[0]["params"] = list(range(len(weights)))
+        for g in groups[1:]:
+            g["params"] = []
+        return weights, {"state": state, "param_groups": groups}
+
+    def load_full_state(self, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> None:
+        """Inverse of `full_state` (every rank reads the same files): weights into the partitioned
+        model params and the fp32 masters, AdamW moments and step into the flat partitions."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        named = self.trainable()
+        missing = [n for n, _ in named if n not in weights]
+        if missing:
+            raise RuntimeError(f"checkpoint does not match the model: missing {missing[:3]}")
+        params = [p for _, p in named]
+        with self.deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+            for name, p in named:
+                p.data.copy_(weights[name].to(p.dtype).reshape(p.data.shape))
+        for name, p in named:
+            safe_set_full_fp32_param(p, weights[name].float())
+        saved = optimizer_state.get("state", {})
+        if not saved:
+            return
+        inner = self._inner_optimizer()
+        step = float(next(iter(saved.values()))["step"])
+        for flat in self._flat_partitions():  # AdamW creates its state lazily at the first step: do it now
+            if not inner.state.get(flat):
+                inner.state[flat] = {"step": torch.tensor(step), "exp_avg": torch.zeros_like(flat),
+                                     "exp_avg_sq": torch.zeros_like(flat)}
+            else:
+                inner.state[flat]["step"] = torch.tensor(step)
+        for idx, (_, p) in enumerate(named):
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, saved[idx][key].float(), key)
+        for saved_group, group in zip(optimizer_state.get("param_groups", []), inner.param_groups, strict=False):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+
+def save_merged_from_adapter(source: Any, model_cfg: Any, dtype: str, adapter: Path, run_dir: Path,
+                             tokenizer: Any) -> Path:
+    """`merged/` without gathering the whole partitioned base: rank 0 loads the base afresh on CPU and
+    folds in the adapter it just published (the same result as merging the in-memory model)."""
+    from peft import PeftModel
+
+    from .export import save_merged
+    from .model import load_model
+
+    base = load_model(source, model_cfg, "cpu", dtype)
+    return save_merged(PeftModel.from_pretrained(base, str(adapter)), run_dir, tokenizer)
+
+
+def gathered(run: ZeroRun | None) -> contextlib.AbstractContextManager:
+    """`run.gathered_trainable()` under DeepSpeed, nothing otherwise (for one `with` in the recipe)."""
+    return run.gathered_trainable() if run is not None else contextlib.nullcontext()
