@@ -1,4 +1,8 @@
-"""Two real processes over gloo on 127.0.0.1 train like one process with twice the batch."""
+"""Two real processes over gloo on 127.0.0.1 train like one process with twice the batch.
+
+The processes get the env that the operator's planning renders for each worker pod of a LoRAFineTune
+(operator_env.py: operator placement + plan, mount paths and worker 0's DNS name mapped to this machine).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import pytest
 import yaml
 
 from .conftest import tiny_config
+from .operator_env import launch, plan_workers
 
 
 def _free_port() -> int:
@@ -26,46 +31,55 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if r["kind"] == "train"]
 
 
-def _launch(cfg: dict, tmp_path: Path, name: str, world: int) -> list[subprocess.CompletedProcess[str]]:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "KUBELORA_TERMINATION_LOG": str(tmp_path / f"{name}-{rank}.log")}
-        if world > 1:
-            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-m", "kubelora_trainer.cli", "run", str(path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=600)
-        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    return results
+def _spec(tiny_model_dir: Path, workers: int, micro_batch: int) -> dict:
+    """A LoRAFineTune spec: the trainer sections of tiny_config plus the operator's own fields."""
+    cfg = tiny_config(tiny_model_dir, Path("unused"), training={"maxSteps": 8, "microBatchSize": micro_batch},
+                      evaluation={"exactMatch": False}, lora={"dropout": 0.0})
+    del cfg["output"], cfg["device"]
+    return {**cfg, "device": "cpu", "workers": workers, "resources": {"cpu": "1", "memory": "2Gi"},
+            "output": {"pvc": {"claimName": "runs"}}}
 
 
 def test_two_ranks_match_one_rank_with_double_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
-    common = {"evaluation": {"exactMatch": False}, "lora": {"dropout": 0.0}}
-    single = tiny_config(tiny_model_dir, tmp_path / "single", training={"maxSteps": 8, "microBatchSize": 4}, **common)
-    double = tiny_config(tiny_model_dir, tmp_path / "double", training={"maxSteps": 8, "microBatchSize": 2}, **common)
-    (one,) = _launch(single, tmp_path, "single", 1)
+    """2 workers x micro batch 2 == 1 worker x micro batch 4, each process started with exactly the env
+    that the operator's planning gives its pod (tests/trainer/operator_env.py), not a hand-made one."""
+    single = plan_workers(_spec(tiny_model_dir, 1, 4), tmp_path / "single", name="single")
+    double = plan_workers(_spec(tiny_model_dir, 2, 2), tmp_path / "double", name="double")
+
+    # The operator's wiring, as planned: one rank per pod, worker 0's DNS name as rendezvous, and the
+    # pod command's torchrun flags agreeing with the env.
+    assert [(w.env["RANK"], w.env["WORLD_SIZE"], w.env["LOCAL_RANK"]) for w in double] == [("0", "2", "0"),
+                                                                                          ("1", "2", "0")]
+    planned_addr = {v["value"] for w in double for v in w.pod["spec"]["containers"][0]["env"]
+                    if v["name"] == "MASTER_ADDR"}
+    assert planned_addr == {"double-worker-0.double-workers.team-a.svc"}
+    for w in double:
+        flags = dict(zip(w.torchrun[1::2], w.torchrun[2::2], strict=False))  # after "torchrun"
+        assert flags["--node-rank"] == w.env["RANK"] and flags["--nnodes"] == "2"
+        assert flags["--master-port"] == w.env["MASTER_PORT"] == double[0].env["MASTER_PORT"]
+        assert w.env["OMP_NUM_THREADS"] == "1" and w.env["KUBELORA_CACHE"].startswith(str(tmp_path / "double"))
+    assert single[0].env["WORLD_SIZE"] == "1" and single[0].env["MASTER_ADDR"] == "127.0.0.1"
+
+    (one,) = launch(single)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _launch(double, tmp_path, "double", 2)
+    two = launch(double)
     for r in two:
         assert r.returncode == 0, r.stderr[-2000:]
     assert "world 2 (gloo)" in two[0].stderr
-    reference, distributed = _losses(tmp_path / "single"), _losses(tmp_path / "double")
+    run1, run2 = tmp_path / "single" / "output", tmp_path / "double" / "output"
+    reference, distributed = _losses(run1), _losses(run2)
     assert len(reference) == len(distributed) == 8
     for a, b in zip(reference, distributed, strict=True):
         assert b == pytest.approx(a, rel=1e-4)
-    s1 = json.loads((tmp_path / "single" / "summary.json").read_text())
-    s2 = json.loads((tmp_path / "double" / "summary.json").read_text())
-    assert s2["world_size"] == 2 and s2["backend"] == "gloo"
+    s1 = json.loads((run1 / "summary.json").read_text())
+    s2 = json.loads((run2 / "summary.json").read_text())
+    assert s1["world_size"] == 1 and s2["world_size"] == 2 and s2["backend"] == "gloo"
+    assert s2["run_id"] == "uid-double"  # KUBELORA_RUN_ID from the plan
     assert s2["eval_loss_after"] == pytest.approx(s1["eval_loss_after"], rel=1e-4)
     # Only rank 0 wrote the run dir: one adapter, no stray per-rank files.
-    assert sorted(p.name for p in (tmp_path / "double" / "adapter").iterdir()) == sorted(
-        p.name for p in (tmp_path / "single" / "adapter").iterdir())
+    assert sorted(p.name for p in (run2 / "adapter").iterdir()) == sorted(p.name for p in (run1 / "adapter").iterdir())
+    assert json.loads((tmp_path / "double" / "pod-0" / "termination-log").read_text())["artifact"]["sha256"] == (
+        s2["adapter"]["sha256"])
 
 
 def test_missing_peer_fails_with_a_clear_error_instead_of_hanging(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -84,29 +98,20 @@ def test_missing_peer_fails_with_a_clear_error_instead_of_hanging(tiny_model_dir
 @pytest.mark.slow
 def test_each_rank_converts_the_gguf_into_its_own_cache(tmp_path: Path) -> None:
     """Pods have pod-local caches: every rank converts SmolLM2's GGUF itself (regression: with a
-    process group up, transformers saved the converted weights on rank 0 only)."""
-    cfg = {
+    process group up, transformers saved the converted weights on rank 0 only). Env from the operator's
+    plan: KUBELORA_CACHE is each pod's own /cache emptyDir."""
+    spec = {
+        "device": "cpu", "workers": 2, "resources": {"cpu": "1", "memory": "2Gi"},
         "model": {"nameOrPath": "smollm2-135m", "dtype": "fp32"},
         "data": {"path": "sample://train.jsonl", "evalPath": "sample://heldout.jsonl", "maxSamples": 16,
                  "maxEvalSamples": 2, "cutoffLen": 64},
         "training": {"maxSteps": 1, "microBatchSize": 1},
         "evaluation": {"exactMatch": False, "before": False},
-        "output": {"dir": str(tmp_path / "run")},
-        "device": "cpu",
+        "output": {"pvc": {"claimName": "runs"}},
     }
-    path = tmp_path / "gguf.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "KUBELORA_CACHE": str(tmp_path / f"cache{rank}"),
-               "KUBELORA_TERMINATION_LOG": str(tmp_path / f"t{rank}.log")}
-        procs.append(subprocess.Popen([sys.executable, "-m", "kubelora_trainer.cli", "run", str(path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=900)
-        assert p.returncode == 0, err[-2000:]
-    for rank in range(2):
-        (converted,) = [d for d in (tmp_path / f"cache{rank}" / "models").iterdir() if d.is_dir()]
+    workers = plan_workers(spec, tmp_path, name="gguf")
+    for r in launch(workers, timeout=900):
+        assert r.returncode == 0, r.stderr[-2000:]
+    for w in workers:
+        (converted,) = [d for d in (Path(w.env["KUBELORA_CACHE"]) / "models").iterdir() if d.is_dir()]
         assert (converted / "model.safetensors").is_file() and (converted / "config.json").is_file()
