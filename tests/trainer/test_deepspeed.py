@@ -1,0 +1,256 @@
+"""DeepSpeed ZeRO-3 with two real processes over gloo on 127.0.0.1, on the tiny model.
+
+What must hold: a ZeRO-3 run trains like the plain run (same loss curve, same eval loss, an
+adapter that loads with peft and gives the same logits), its checkpoints are kubelora's own
+rank-independent format (a ZeRO-3 checkpoint resumes in one plain process and vice versa), and
+bad DeepSpeed settings end with one line and exit code 2 before any model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("deepspeed", reason="deepspeed is not installed (scripts/setup.sh installs it with DS_BUILD_OPS=0)")
+
+from .conftest import tiny_config  # noqa: E402
+from .operator_env import launch, plan_workers  # noqa: E402
+from .test_distributed import _losses, _spec  # noqa: E402
+
+STEPS = 8  # _spec's maxSteps
+
+
+def _ok(results: list[subprocess.CompletedProcess[str]]) -> list[subprocess.CompletedProcess[str]]:
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return results
+
+
+def _zero_spec(tiny_model_dir: Path, workers: int, micro_batch: int, stage: int, **training: object) -> dict:
+    """test_distributed's LoRAFineTune spec with a ZeRO stage (0: plain), checkpoints every 4 steps."""
+    spec = _spec(tiny_model_dir, workers, micro_batch)
+    spec["training"].update({"saveSteps": 4, "saveTotalLimit": 3, **training})
+    if stage:
+        spec["distributed"] = {"deepspeedStage": stage}
+    return spec
+
+
+def _summary(run_dir: Path) -> dict:
+    return dict(json.loads((run_dir / "summary.json").read_text()))
+
+
+def _logits(model: object) -> object:
+    import torch
+
+    ids = torch.arange(3, 40).reshape(1, -1)
+    with torch.no_grad():
+        return model(input_ids=ids).logits  # type: ignore[operator]
+
+
+def _base_logits(model_dir: Path) -> object:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return _logits(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
+
+
+def _adapter_logits(model_dir: Path, adapter: Path) -> object:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return _logits(PeftModel.from_pretrained(base, str(adapter)).eval())
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One plain worker with micro-batch 4 and two ZeRO-3 workers with micro-batch 2, each process
+    started with the env and config the operator plans for its pod; exact match on, so generation
+    runs under ZeRO-3 too. Run dirs: <root>/single/output, <root>/zero3/output."""
+    root = tmp_path_factory.mktemp("zero3")
+    em = {"exactMatch": True, "maxExactMatchSamples": 4, "maxNewTokens": 4}
+    single = _zero_spec(tiny_model_dir, 1, 4, 0)
+    zero3 = _zero_spec(tiny_model_dir, 2, 2, 3)
+    single["evaluation"], zero3["evaluation"] = dict(em), dict(em)
+    _ok(launch(plan_workers(single, root / "single", name="single")))
+    results = _ok(launch(plan_workers(zero3, root / "zero3", name="zero3")))
+    (root / "zero3-rank0.stderr").write_text(results[0].stderr)
+    return root
+
+
+def test_zero3_loss_curve_and_adapter_match_the_plain_run(runs: Path, tiny_model_dir: Path) -> None:
+    stderr = (runs / "zero3-rank0.stderr").read_text()
+    # ZeRO-3 really partitioned the model: rank 0 holds about half of it.
+    line = next(x for x in stderr.splitlines() if "DeepSpeed ZeRO-3 over 2 process(es)" in x)
+    held, total = (int(w) for w in line.split("holds ")[1].split(" parameter")[0].split(" of "))
+    assert 0.4 * total < held < 0.6 * total, line
+    run1, run3 = runs / "single" / "output", runs / "zero3" / "output"
+    reference, zero3 = _losses(run1), _losses(run3)
+    assert len(reference) == len(zero3) == STEPS
+    for a, b in zip(reference, zero3, strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+    assert reference[-1] < reference[0]  # it trained (the curve is not flat)
+    s1, s3 = _summary(run1), _summary(run3)
+    assert s3["zero_stage"] == 3 and s3["world_size"] == 2 and s1["zero_stage"] == 0
+    assert s3["eval_loss_before"] == pytest.approx(s1["eval_loss_before"], rel=1e-5)
+    assert s3["eval_loss_after"] == pytest.approx(s1["eval_loss_after"], rel=1e-4)
+    assert s3["exact_match_samples"] == s1["exact_match_samples"] == 4  # every rank took part in generation
+    assert (run3 / "samples.md").read_text() == (run1 / "samples.md").read_text()
+    # Rank 0 alone published: the same files, an adapter peft loads, the same logits.
+    assert sorted(p.name for p in (run3 / "adapter").iterdir()) == sorted(p.name for p in (run1 / "adapter").iterdir())
+    import torch
+
+    ref_logits, zero_logits = (_adapter_logits(tiny_model_dir, d / "adapter") for d in (run1, run3))
+    assert torch.allclose(zero_logits, ref_logits, atol=1e-4, rtol=1e-4)  # type: ignore[arg-type]
+    base_logits = _base_logits(tiny_model_dir)
+    assert not torch.allclose(zero_logits, base_logits, atol=1e-3)  # type: ignore[arg-type]  # it is trained
+
+
+def _run_one(cfg: dict, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "KUBELORA_TERMINATION_LOG": str(tmp_path / "t.log")}
+    return subprocess.run([sys.executable, "-m", "kubelora_trainer.cli", "run", str(path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _same_checkpoint(a: Path, b: Path) -> None:
+    """Two checkpoints hold the same trainable weights and AdamW state (same names, shapes, values)."""
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "trainable.safetensors")), load_file(str(b / "trainable.safetensors"))
+    assert sorted(wa) == sorted(wb)
+    for name in wa:
+        assert wa[name].shape == wb[name].shape and torch.allclose(wa[name], wb[name], atol=1e-5), name
+    oa, ob = (torch.load(d / "optimizer.pt", weights_only=True) for d in (a, b))
+    assert sorted(oa["state"]) == sorted(ob["state"]) and len(oa["state"]) == len(wa)
+    assert oa["param_groups"][0]["lr"] == pytest.approx(ob["param_groups"][0]["lr"])
+    for i, sa in oa["state"].items():
+        assert float(sa["step"]) == float(ob["state"][i]["step"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            scale = float(sa[key].abs().max()) or 1.0
+            assert float((sa[key] - ob["state"][i][key]).abs().max()) <= 1e-4 * scale, (i, key)
+
+
+def test_zero3_checkpoint_holds_the_full_gathered_state(runs: Path) -> None:
+    """Rank 0 wrote one checkpoint in kubelora's format with every rank's partitions gathered."""
+    for step in ("step-000004", "step-000008"):
+        _same_checkpoint(runs / "single" / "output" / "checkpoints" / step,
+                         runs / "zero3" / "output" / "checkpoints" / step)
+    state = json.loads((runs / "zero3" / "output" / "checkpoints" / "step-000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["world_size"] == 2
+
+
+def test_zero2_matches_the_plain_run(runs: Path, tiny_model_dir: Path) -> None:
+    """Stage 2 (gradients and AdamW state partitioned, weights replicated) takes the same path."""
+    spec = _zero_spec(tiny_model_dir, 2, 2, 2)
+    spec["evaluation"]["before"] = False
+    results = _ok(launch(plan_workers(spec, runs / "zero2", name="zero2")))
+    assert "DeepSpeed ZeRO-2 over 2 process(es)" in results[0].stderr
+    for a, b in zip(_losses(runs / "single" / "output"), _losses(runs / "zero2" / "output"), strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+    _same_checkpoint(runs / "single" / "output" / "checkpoints" / "step-000004",
+                     runs / "zero2" / "output" / "checkpoints" / "step-000004")
+
+
+def _restart_from(checkpoint: Path, spec: dict, root: Path, name: str) -> list[float]:
+    """A job restarted on a run dir that holds `checkpoint` (resume: auto), with the world size of `spec`."""
+    workers = plan_workers(spec, root, name=name)
+    target = root / "output" / "checkpoints" / checkpoint.name
+    shutil.copytree(checkpoint, target)
+    _ok(launch(workers))
+    return _losses(root / "output")
+
+
+def test_zero3_checkpoints_resume_across_world_sizes(runs: Path, tiny_model_dir: Path) -> None:
+    """kubelora's checkpoint format is the same with and without ZeRO: a ZeRO-3 (2-worker) checkpoint
+    resumes in one plain worker, a plain checkpoint resumes under ZeRO-3, both on the reference curve."""
+    reference = _losses(runs / "single" / "output")
+    no_eval = {"exactMatch": False, "before": False}
+    to_plain = _zero_spec(tiny_model_dir, 1, 4, 0)
+    to_zero = _zero_spec(tiny_model_dir, 2, 2, 3)
+    to_plain["evaluation"], to_zero["evaluation"] = dict(no_eval), dict(no_eval)
+    resumed = {
+        "to-plain": _restart_from(runs / "zero3" / "output" / "checkpoints" / "step-000004", to_plain,
+                                  runs / "to-plain", "to-plain"),
+        "to-zero": _restart_from(runs / "single" / "output" / "checkpoints" / "step-000004", to_zero,
+                                 runs / "to-zero", "to-zero"),
+    }
+    for name, losses in resumed.items():
+        assert len(losses) == STEPS - 4, name
+        for a, b in zip(reference[4:], losses, strict=True):
+            assert b == pytest.approx(a, rel=1e-4), name
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "distributed.deepspeedConfig: file not found"), ('{"zero_optimization": {"stage": 3},', "is not valid JSON")],
+    ids=["missing-file", "malformed-json"],
+)
+def test_bad_deepspeed_config_file_is_one_line_and_exit_2(tiny_model_dir: Path, tmp_path: Path,
+                                                          content: str | None, message: str) -> None:
+    ds_json = tmp_path / "ds.json"
+    if content is not None:
+        ds_json.write_text(content)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", distributed={"deepspeedConfig": str(ds_json)})
+    done = _run_one(cfg, tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [x for x in done.stderr.splitlines() if x.startswith("kubelora-train: error:")]
+    assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+@pytest.mark.parametrize(
+    ("ds_json", "message"),
+    [
+        ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
+        ({"zero_optimization": {"stage": 3}, "scheduler": {"type": "WarmupLR"}}, "remove 'scheduler'"),
+        ({"zero_optimization": {"stage": 1}}, "kubelora supports 2 or 3"),
+        ({"zero_optimization": {"stage": 3}, "fp16": {"enabled": True}}, "fp16 is not supported"),
+        ({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 16},
+         "sets train_micro_batch_size_per_gpu 16"),
+    ],
+    ids=["own-optimizer", "own-scheduler", "stage-1", "fp16", "batch-mismatch"],
+)
+def test_deepspeed_json_that_would_take_over_the_loop_is_refused(tmp_path: Path, ds_json: dict, message: str) -> None:
+    from kubelora_trainer.config import ConfigError, parse_config
+    from kubelora_trainer.zero import build_config, prepare
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds_json))
+    cfg = parse_config({"data": {"path": "x.jsonl"}, "distributed": {"deepspeedConfig": str(path)}})
+    with pytest.raises(ConfigError, match=message):
+        build_config(cfg, prepare(cfg, "cpu"), "fp32", 2)
+
+
+def test_built_deepspeed_config_follows_the_trainer_settings(tmp_path: Path) -> None:
+    from kubelora_trainer.config import parse_config
+    from kubelora_trainer.zero import build_config, prepare
+
+    cfg = parse_config({"data": {"path": "x.jsonl"}, "distributed": {"deepspeedStage": 3},
+                        "training": {"microBatchSize": 3, "gradientAccumulationSteps": 2, "maxGradNorm": 0.3}})
+    built = build_config(cfg, prepare(cfg, "cpu"), "bf16", 4)
+    assert built["zero_optimization"] == {"stage": 3}
+    assert (built["train_micro_batch_size_per_gpu"], built["gradient_accumulation_steps"],
+            built["train_batch_size"]) == (3, 2, 24)
+    assert built["gradient_clipping"] == 0.3 and built["bf16"] == {"enabled": True}
+    assert built["fp16"] == {"enabled": False} and "optimizer" not in built and "scheduler" not in built
+    assert built["managed_gradient_accumulation"] is False
+    assert build_config(cfg, prepare(cfg, "cpu"), "fp32", 4)["bf16"] == {"enabled": False}
+    # A user JSON with "auto" batch keys gets the trainer's values; its own ZeRO settings are kept.
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 1000},
+                                "train_micro_batch_size_per_gpu": "auto"}))
+    cfg = parse_config({"data": {"path": "x.jsonl"}, "distributed": {"deepspeedConfig": str(path)}})
+    built = build_config(cfg, prepare(cfg, "cpu"), "fp32", 2)
+    assert built["train_micro_batch_size_per_gpu"] == 4 and built["zero_optimization"]["stage3_prefetch_bucket_size"] == 1000
