@@ -270,8 +270,9 @@ class ZeroRun:
         A collective (every rank gathers every tensor); the result is rank- and world-independent,
         so kubelora's checkpoint format resumes with any world size, with or without DeepSpeed.
         """
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
+        utils = self.deepspeed.utils  # imported through _import_deepspeed (an optional dependency)
+        safe_get_full_fp32_param, safe_get_full_optimizer_state = (utils.safe_get_full_fp32_param,
+                                                                    utils.safe_get_full_optimizer_state)
         inner = self._inner_optimizer()
         has_state = any(len(inner.state.get(flat, {})) for flat in self._flat_partitions())
         weights: dict[str, torch.Tensor] = {}
@@ -296,8 +297,9 @@ class ZeroRun:
     def load_full_state(self, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> None:
         """Inverse of `full_state` (every rank reads the same files): weights into the partitioned
         model params and the fp32 masters, AdamW moments and step into the flat partitions."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
+        utils = self.deepspeed.utils
+        safe_set_full_fp32_param, safe_set_full_optimizer_state = (utils.safe_set_full_fp32_param,
+                                                                    utils.safe_set_full_optimizer_state)
         named = self.trainable()
         missing = [n for n, _ in named if n not in weights]
         if missing:
