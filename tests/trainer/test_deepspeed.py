@@ -74,12 +74,13 @@ def _adapter_logits(model_dir: Path, adapter: Path) -> object:
 def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One plain worker with micro-batch 4 and two ZeRO-3 workers with micro-batch 2, each process
     started with the env and config the operator plans for its pod; exact match on, so generation
-    runs under ZeRO-3 too. Run dirs: <root>/single/output, <root>/zero3/output."""
+    runs under ZeRO-3 too; the ZeRO-3 run also writes merged/. Run dirs: <root>/single/output, <root>/zero3/output."""
     root = tmp_path_factory.mktemp("zero3")
     em = {"exactMatch": True, "maxExactMatchSamples": 4, "maxNewTokens": 4}
     single = _zero_spec(tiny_model_dir, 1, 4, 0)
     zero3 = _zero_spec(tiny_model_dir, 2, 2, 3)
     single["evaluation"], zero3["evaluation"] = dict(em), dict(em)
+    zero3["output"]["merge"] = True  # under ZeRO the base is partitioned: merged/ comes from a fresh base
     _ok(launch(plan_workers(single, root / "single", name="single")))
     results = _ok(launch(plan_workers(zero3, root / "zero3", name="zero3")))
     (root / "zero3-rank0.stderr").write_text(results[0].stderr)
@@ -112,6 +113,10 @@ def test_zero3_loss_curve_and_adapter_match_the_plain_run(runs: Path, tiny_model
     assert torch.allclose(zero_logits, ref_logits, atol=1e-4, rtol=1e-4)  # type: ignore[arg-type]
     base_logits = _base_logits(tiny_model_dir)
     assert not torch.allclose(zero_logits, base_logits, atol=1e-3)  # type: ignore[arg-type]  # it is trained
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(s3["merged"], dtype=torch.float32).eval()
+    assert torch.allclose(_logits(merged), zero_logits, atol=1e-4)  # type: ignore[arg-type]
 
 
 def _run_one(cfg: dict, tmp_path: Path) -> subprocess.CompletedProcess[str]:
