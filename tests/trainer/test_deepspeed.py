@@ -167,6 +167,23 @@ def test_zero2_matches_the_plain_run(runs: Path, tiny_model_dir: Path) -> None:
                      runs / "zero2" / "output" / "checkpoints" / "step-000004")
 
 
+def test_zero3_in_one_process_without_a_launcher(runs: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`kubelora-train run` with deepspeedStage 3 and no launcher env: a one-member group, same curve."""
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", training={"maxSteps": STEPS, "microBatchSize": 4},
+                      evaluation={"exactMatch": False, "before": False}, lora={"dropout": 0.0},
+                      distributed={"deepspeedStage": 3})
+    env_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.pop(k) for k in env_keys if k in os.environ}
+    try:
+        done = _run_one(cfg, tmp_path)
+    finally:
+        os.environ.update(saved)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DeepSpeed ZeRO-3 over 1 process(es)" in done.stderr
+    for a, b in zip(_losses(runs / "single" / "output"), _losses(tmp_path / "run"), strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+
+
 def _restart_from(checkpoint: Path, spec: dict, root: Path, name: str) -> list[float]:
     """A job restarted on a run dir that holds `checkpoint` (resume: auto), with the world size of `spec`."""
     workers = plan_workers(spec, root, name=name)

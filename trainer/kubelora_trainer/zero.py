@@ -203,6 +203,9 @@ class ZeroRun:
         """
         deepspeed = _import_deepspeed()
         _ensure_process_group(world)
+        # DeepSpeed reads these from the env (torchrun sets them; a single process or an MPI launcher does not).
+        for key, value in (("RANK", world.rank), ("WORLD_SIZE", world.world_size), ("LOCAL_RANK", world.local_rank)):
+            os.environ.setdefault(key, str(value))
         _skip_shm_comm_op(deepspeed)
         engine, _, _, _ = deepspeed.initialize(model=loss_module, optimizer=optimizer, config=ds_config,
                                                dist_init_required=False)
