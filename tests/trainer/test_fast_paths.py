@@ -142,3 +142,11 @@ def test_fast_and_plain_runs_have_the_same_loss_curve(tiny_model_dir: Path, tmp_
     assert curves["fast"] == pytest.approx(curves["plain"], rel=1e-4)
     saved = json.loads((tmp_path / "fast" / "merged" / "config.json").read_text())
     assert "kubelora" not in json.dumps(saved)
+
+
+def test_models_whose_attention_segments_cannot_reproduce_keep_padded_batches() -> None:
+    from transformers import LlamaConfig, MistralConfig
+
+    assert segment_attention.unsupported_reason(LlamaConfig()) is None
+    assert "sliding-window" in (segment_attention.unsupported_reason(MistralConfig(sliding_window=64)) or "")
+    assert segment_attention.unsupported_reason(MistralConfig(sliding_window=None)) is None

@@ -207,13 +207,6 @@ class LoRAFineTuneRecipe:
         self.eval_prompts = [
             (prompt_only(r, data_cfg, self.tokenizer), answer_of(r, data_cfg)) for r in records
         ]
-        pad = int(self.tokenizer.pad_token_id)
-        # Eval rows are single samples (short): batch 4x wider than training so each matmul is big
-        # enough that OpenMP's per-op synchronisation does not dominate on a busy or throttled CPU.
-        bs = 4 * self.cfg.training.micro_batch_size
-        rows = self.data.eval_rows
-        batch_of = (lambda chunk: collate_flat(chunk)) if self.padding_free else (lambda chunk: collate(chunk, pad))
-        self.eval_batches = [batch_of(rows[i : i + bs]) for i in range(0, len(rows), bs)]
         log.info("data: %s", self.data.stats)
 
     def load_model_with_adapter(self) -> None:
@@ -221,6 +214,7 @@ class LoRAFineTuneRecipe:
         self.model = attach_lora(base, self.cfg.lora, self.cfg.training.seed)
         self.model.to(self.device.torch_device)
         self.enable_fast_paths()
+        self.eval_batches = self.build_eval_batches()
         if self.cfg.training.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
@@ -243,12 +237,29 @@ class LoRAFineTuneRecipe:
     @property
     def padding_free(self) -> bool:
         """Flat, padding-free micro-batches (not under torch.compile: each new sample layout would recompile)."""
-        return self.cfg.training.padding_free and not self.cfg.training.compile
+        return self.cfg.training.padding_free and not self.cfg.training.compile and not self._no_segments
+
+    _no_segments: str | None = None  # why the loaded model cannot attend per sample (set once it is loaded)
+
+    def build_eval_batches(self) -> list[dict[str, torch.Tensor]]:
+        """Held-out rows in the training batch format (flat or padded: known once the model is loaded).
+
+        Eval rows are single short samples: batches are 4x wider than training so each matmul is big
+        enough that OpenMP's per-op synchronisation does not dominate on a busy or throttled CPU.
+        """
+        pad = int(self.tokenizer.pad_token_id)
+        rows, size = self.data.eval_rows, 4 * self.cfg.training.micro_batch_size
+        chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+        return [collate_flat(c) if self.padding_free else collate(c, pad) for c in chunks]
 
     def enable_fast_paths(self) -> None:
         """Per-sample attention for flat batches and the fused LoRA forward (see their modules for why)."""
         if self.padding_free:
-            log.info("attention: %s (padding-free batches)", segment_attention.enable(self.model))
+            self._no_segments = segment_attention.unsupported_reason(self.model.get_base_model().config)
+            if self._no_segments:
+                log.info("padded batches: %s", self._no_segments)
+            else:
+                log.info("attention: %s (padding-free batches)", segment_attention.enable(self.model))
         if self.cfg.training.fused_lora:
             log.info("fused LoRA forward on %d layers", fused_lora.enable(self.model))
 

@@ -90,10 +90,23 @@ def _make_attention(fallback_name: str) -> Any:
     return attention
 
 
+def unsupported_reason(config: Any) -> str | None:
+    """Why per-sample causal SDPA would not compute this model's attention, or None if it would.
+
+    Sliding-window attention and logit soft-capping change the scores in ways plain causal SDPA
+    does not reproduce; such models keep padded batches.
+    """
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return f"the model uses sliding-window attention ({config.sliding_window})"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "the model soft-caps attention logits"
+    return None
+
+
 def enable(model: nn.Module) -> str:
     """Point ``model`` (a transformers PreTrainedModel, or a peft wrapper of one) at segment attention.
 
-    Returns the implementation name now in use. Idempotent.
+    Returns the implementation name now in use. Idempotent. Check :func:`unsupported_reason` first.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
