@@ -165,3 +165,26 @@ def test_killed_run_resumes_with_the_same_loss_curve(tiny_model_dir: Path, tmp_p
         assert resumed[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-5), step
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 60 and summary["steps_this_session"] == 60 - killed_at
+
+
+def test_resume_with_a_different_global_batch_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Rows per step x step is the data position: a changed global batch would skip or repeat rows."""
+    from kubelora_trainer.recipe import RunDirError
+
+    first = tmp_path / "first"
+    quick = {"exactMatch": False, "before": False}
+    LoRAFineTuneRecipe(parse_config(tiny_config(tiny_model_dir, first, training={"maxSteps": 4, "saveSteps": 2},
+                                                evaluation=quick))).run()
+    checkpoint = first / "checkpoints" / "step-000002"
+    assert json.loads((checkpoint / "state.json").read_text())["global_batch"] == 2
+    second = tmp_path / "second"
+    cfg = parse_config(tiny_config(tiny_model_dir, second, evaluation=quick,
+                                   training={"maxSteps": 4, "microBatchSize": 4, "resume": str(checkpoint)}))
+    with pytest.raises(RunDirError, match="trained with 2 rows per optimizer step, this run has 4"):
+        LoRAFineTuneRecipe(cfg).run()
+    assert not (second / "summary.json").exists() and not (second / "adapter").exists()
+    # The same product from another split resumes.
+    cfg = parse_config(tiny_config(tiny_model_dir, second, evaluation=quick,
+                                   training={"maxSteps": 4, "microBatchSize": 1, "gradientAccumulationSteps": 2,
+                                             "resume": str(checkpoint)}))
+    assert LoRAFineTuneRecipe(cfg).run()["steps_this_session"] == 2

@@ -318,11 +318,29 @@ class LoRAFineTuneRecipe:
             state = ckpt.load_scheduler(ref, self.scheduler)
         else:
             state = ckpt.load(ref, self.model, self.optimizer, self.scheduler)
+        self._check_same_global_batch(ref, state)
         self.train_tokens_before = int(state.get("train_tokens", 0))
         self.metrics.truncate_after(ref.step)
         self.history = self.metrics.read()
         log.info("resumed from %s at step %d", ref.path, ref.step)
         return ref.step
+
+    def _check_same_global_batch(self, ref: ckpt.CheckpointRef, state: dict[str, Any]) -> None:
+        """Refuse a resume whose rows per optimizer step differ from the checkpoint's.
+
+        The data position is ``step x global batch`` and the loss curve depends on the batch, so a
+        changed product would silently skip or repeat rows and leave the resumed curve (measured 2e-2
+        rel). More or fewer processes are fine when the product stays (docs/troubleshooting.md).
+        """
+        saved = state.get("global_batch")
+        if saved is None or int(saved) == self.global_batch:
+            return
+        raise RunDirError(
+            f"checkpoint {ref.path} was trained with {saved} rows per optimizer step, this run has "
+            f"{self.global_batch} (microBatchSize x gradientAccumulationSteps x {self.world.world_size} "
+            f"processes): keep the product at {saved} to resume, or start over (training.resume: never, "
+            "or a new output dir)"
+        )
 
     # ------------------------------------------------------------------ measuring
     def measure(self, prompts: list[tuple[str, str | None]], label: str) -> dict[str, Any]:
@@ -482,7 +500,8 @@ class LoRAFineTuneRecipe:
 
     def save_checkpoint(self, step: int, tokens_this_session: int) -> None:
         state = {"train_tokens": self.train_tokens_before + tokens_this_session,
-                 "world_size": self.world.world_size, "total_steps": self.total_steps}
+                 "world_size": self.world.world_size, "total_steps": self.total_steps,
+                 "global_batch": self.global_batch}
         if self.zero is not None:  # all ranks gather the partitions; rank 0 writes the same format as DDP
             weights, optimizer_state = self.zero.full_state(step)
             if self.world.is_main:
