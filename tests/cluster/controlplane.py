@@ -300,6 +300,13 @@ class ControlPlane:
             ],
         )
         self._wait("kube-apiserver", lambda: self._http_ok(f"{self.server}/readyz"), timeout=self.start_timeout)
+        # /readyz can answer before the apiserver's bootstrap controller has created the system
+        # namespaces; on a loaded machine a test that posted to `default` at once got 404.
+        self._wait(
+            "default namespace",
+            lambda: self._http_ok(f"{self.server}/api/v1/namespaces/default"),
+            timeout=self.start_timeout,
+        )
 
         common = [
             f"--kubeconfig={self.kubeconfig}",

@@ -398,7 +398,7 @@ def test_active_deadline_and_ttl(env: Env) -> None:
     pool, _ = _gpu_pool(cp, n=1)
     name = f"dl-{pool}"
     create_lft(
-        cp, ns, name, lft_spec(pool, device="xpu", workers=1, activeDeadlineSeconds=3, ttlSecondsAfterFinished=3)
+        cp, ns, name, lft_spec(pool, device="xpu", workers=1, activeDeadlineSeconds=3, ttlSecondsAfterFinished=6)
     )
     (pod,) = wait_pods(cp, ns, name, 1, _bound)
     run_pod(cp, ns, pod["metadata"]["name"])

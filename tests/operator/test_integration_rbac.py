@@ -141,7 +141,9 @@ def test_operator_needs_nothing_beyond_its_rbac(
             workers=2,
             output=s3,
             distributed={"launcher": "mpirun", "backend": "ccl"},
-            ttlSecondsAfterFinished=1,
+            # Long enough that the Succeeded condition is seen before the TTL deletes the resource even
+            # on a loaded machine (with 1 s, one CI run polled only after the deletion: 404).
+            ttlSecondsAfterFinished=5,
         ),
     )
     create_lft(cp, ns, f"nopvc-{pool}", lft_spec(pool, output={"pvc": {"claimName": "absent"}}))
