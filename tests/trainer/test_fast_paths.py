@@ -150,3 +150,19 @@ def test_models_whose_attention_segments_cannot_reproduce_keep_padded_batches() 
     assert segment_attention.unsupported_reason(LlamaConfig()) is None
     assert "sliding-window" in (segment_attention.unsupported_reason(MistralConfig(sliding_window=64)) or "")
     assert segment_attention.unsupported_reason(MistralConfig(sliding_window=None)) is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "expected"),
+    [(None, "cpu", True), (None, "cuda", False), (None, "xpu", False), (True, "cuda", True), (False, "cpu", False)],
+)
+def test_padding_free_unset_follows_the_device(
+    tmp_path: Path, setting: bool | None, device: str, expected: bool
+) -> None:
+    """Unset: per-sample attention on CPU (saves compute), padded rows on GPUs (fewer kernel launches)."""
+    from kubelora_trainer.device import DeviceInfo
+
+    training = {} if setting is None else {"paddingFree": setting}
+    recipe = LoRAFineTuneRecipe(parse_config(tiny_config(tmp_path / "model", tmp_path / "run", training=training)))
+    recipe.device = DeviceInfo(device, 0, "test")
+    assert recipe.padding_free is expected

@@ -240,11 +240,12 @@ class TrainingConfig(StrictModel):
     autocast: bool = Field(
         True, description="Run matmuls under bf16 autocast when the base is bf16 (LoRA weights stay fp32)."
     )
-    padding_free: bool = Field(
-        True,
+    padding_free: bool | None = Field(
+        None,
         description=(
-            "Train on each micro-batch as one sequence without padding, attention kept inside each sample "
-            "(no compute on padding, no T x T mask). Same loss as padded batches; off falls back to padded rows."
+            "Train on each micro-batch as one sequence without padding, attention run per sample (no compute "
+            "on padding, no T x T mask). Same loss as padded batches. Unset: on for cpu, off for cuda/xpu, "
+            "where one attention kernel per sample costs more in launches than the padding it saves."
         ),
     )
     fused_lora: bool = Field(

@@ -236,8 +236,16 @@ class LoRAFineTuneRecipe:
 
     @property
     def padding_free(self) -> bool:
-        """Flat, padding-free micro-batches (not under torch.compile: each new sample layout would recompile)."""
-        return self.cfg.training.padding_free and not self.cfg.training.compile and not self._no_segments
+        """Flat, padding-free micro-batches (not under torch.compile: each new sample layout would recompile).
+
+        Unset, it follows the device: on CPU the per-sample attention saves compute (docs/benchmarks.md);
+        on a GPU a 4x256-token micro-batch became ~20 attention launches per layer instead of one, and
+        padded rows trained 3.3x faster on an H100 (docs/benchmarks.md, "On a GPU").
+        """
+        wanted = self.cfg.training.padding_free
+        if wanted is None:
+            wanted = self.device.type == "cpu"
+        return wanted and not self.cfg.training.compile and not self._no_segments
 
     _no_segments: str | None = None  # why the loaded model cannot attend per sample (set once it is loaded)
 
