@@ -478,7 +478,7 @@ class LoRAFineTuneSpec(StrictModel):
                 plot=self.output.plot,
                 s3=s3,
             ),
-            device=device,  # type: ignore[arg-type]
+            device=device,
             ipex=False,  # IPEX is retired upstream; not offered through the CRD
         )
 

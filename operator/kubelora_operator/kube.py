@@ -195,11 +195,25 @@ class Kube:
         return self.delete(lft_path(namespace, name))
 
     def list_nodes(self) -> list[dict[str, Any]]:
-        return list((self.request("GET", "/api/v1/nodes") or {}).get("items") or [])
+        """All nodes, from the apiserver's watch cache (placement tolerates a node seen a moment late)."""
+        out = self.request("GET", "/api/v1/nodes", params={"resourceVersion": "0"})
+        return list((out or {}).get("items") or [])
 
-    def list_pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
+    def list_pods(
+        self, namespace: str, selector: Mapping[str, str], *, from_cache: bool = False
+    ) -> list[dict[str, Any]]:
+        """Pods matching `selector`.
+
+        `from_cache=True` reads the apiserver's watch cache (`resourceVersion=0`): no etcd read, and the
+        cost no longer grows with every pod of the namespace (docs/operator-benchmark.md measured the
+        quorum list at 170-217 ms p50 with 400 pods, versus 25 ms for a GET). The answer may be a
+        moment old: it can miss a pod just created or still show one just deleted, never show a state
+        that did not happen. Callers use it to observe and confirm with a quorum read (the default)
+        before acting on an absence.
+        """
         sel = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-        out = self.request("GET", f"/api/v1/namespaces/{namespace}/pods", params={"labelSelector": sel})
+        params = {"labelSelector": sel, **({"resourceVersion": "0"} if from_cache else {})}
+        out = self.request("GET", f"/api/v1/namespaces/{namespace}/pods", params=params)
         return list((out or {}).get("items") or [])
 
     def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:

@@ -221,3 +221,49 @@ def test_trainer_success_message_round_trips_into_status_artifact() -> None:
     summary["artifact_uri"] = "s3://bucket/runs/demo"
     assert parse_termination_message(success_message(summary))["uri"] == "s3://bucket/runs/demo"
     assert parse_termination_message(success_message({})) == {}  # nulls are dropped, not written as ""
+
+
+class _RecordingKube:
+    """Answers the two pod lists of one reconcile and records every call (no cluster: the branch under
+    test needs a cached list that lags behind etcd, which a real apiserver gives only by chance)."""
+
+    def __init__(self, quorum_pods: list[dict]) -> None:
+        self.quorum_pods = quorum_pods
+        self.calls: list[tuple[str, Any]] = []
+
+    def list_pods(self, namespace: str, selector: Any, *, from_cache: bool = False) -> list[dict]:
+        self.calls.append(("list_pods", from_cache))
+        assert not from_cache, "the confirmation must be a quorum read"
+        return self.quorum_pods
+
+    def delete_pod(self, namespace: str, name: str, *, uid: str | None = None) -> bool:
+        self.calls.append(("delete_pod", name))
+        return True
+
+    def patch_lft_annotations(self, namespace: str, name: str, annotations: Any) -> None:
+        self.calls.append(("patch_lft_annotations", dict(annotations)))
+
+
+def _observe_with_worker_1_missing_from_the_cache(quorum_pods: list[dict]) -> tuple[_RecordingKube, StatusUpdate]:
+    from kubelora_operator.handlers.reconcile import _observe
+
+    from . import resource
+
+    kube = _RecordingKube(quorum_pods)
+    u = StatusUpdate({"metadata": {"name": "demo", "namespace": "team-a", "generation": 3}, "status": {}})
+    cached = [worker_state(pod(0))]  # worker 0 runs; the cached list has not seen worker 1 yet
+    _observe(kube, SETTINGS, u, resource(workers=2), "cpu", 0, cached)  # type: ignore[arg-type]
+    return kube, u
+
+
+def test_a_pod_missing_from_the_cached_list_is_confirmed_before_the_attempt_restarts() -> None:
+    kube, u = _observe_with_worker_1_missing_from_the_cache([pod(0), pod(1)])
+    assert kube.calls == [("list_pods", False)]  # no delete, no new attempt
+    assert u.status["workers"] == {"ready": 2, "total": 2}
+
+    kube, u = _observe_with_worker_1_missing_from_the_cache([pod(0)])  # really gone: a disruption
+    assert kube.calls[0] == ("list_pods", False)
+    assert ("patch_lft_annotations", {"kubelora.dev/attempt": "1"}) in kube.calls
+    assert ("delete_pod", "demo-worker-0") in kube.calls
+    running = next(c for c in u.conditions if c["type"] == "Running")
+    assert running["reason"] == "Restarting" and "demo-worker-1 disappeared" in running["message"]

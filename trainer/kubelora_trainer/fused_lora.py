@@ -52,7 +52,7 @@ def enable(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if type(module) is LoraLinear and isinstance(module.base_layer, nn.Linear):
-            module.forward = types.MethodType(_fused_forward, module)
+            module.forward = types.MethodType(_fused_forward, module)  # type: ignore[method-assign]  # per instance, on purpose
             count += 1
     return count
 

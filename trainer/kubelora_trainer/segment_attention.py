@@ -69,7 +69,7 @@ def _make_attention(fallback_name: str) -> Any:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    fallback = sdpa_attention_forward if fallback_name == "sdpa" else eager_attention_forward
+    fallback: Any = sdpa_attention_forward if fallback_name == "sdpa" else eager_attention_forward
 
     def attention(
         module: nn.Module,

@@ -192,7 +192,7 @@ def _before_start(
     )
     u.status.update(startTime=u.stamp, placement=decision.to_status(), restarts=0)
     resource = LoRAFineTuneResource(name, ns, meta.get("uid", ""), u.generation, spec)
-    _observe(kube, settings, u, resource, decision.device, 0, [])
+    _observe(kube, settings, u, resource, decision.device, 0, [], placed=decision)
 
 
 def _after_start(
@@ -233,7 +233,9 @@ def _after_start(
         u.condition(T.VALIDATED, True, R.SPEC_VALID, "spec and referenced objects are valid")
     generation = int(annotations.get(ANN_STARTED_GENERATION) or u.generation)
     resource = LoRAFineTuneResource(name, ns, meta.get("uid", ""), generation, spec)
-    pods = [worker_state(p) for p in kube.list_pods(ns, worker_selector(name))]
+    # The watch cache is enough to observe: _observe confirms with a quorum read before it acts on
+    # a pod's absence, and everything else it does is idempotent (AlreadyExists, uid preconditions).
+    pods = [worker_state(p) for p in kube.list_pods(ns, worker_selector(name), from_cache=True)]
 
     start = annotations.get(ANN_ACTIVE_SINCE) or u.status.get("startTime")
     deadline = spec.active_deadline_seconds
@@ -283,7 +285,12 @@ def _observe(
     device: str | None,
     attempt: int,
     pods: Sequence[WorkerState],
+    *,
+    placed: PlacementDecision | None = None,
+    confirmed: bool = False,
 ) -> None:
+    """Act on the attempt's pods: `placed` is a placement just decided (no second node list);
+    `confirmed` says `pods` came from a quorum read (see the missing-pod branch)."""
     ns, n = resource.namespace, resource.spec.workers
     stale = [w for w in pods if w.attempt != attempt]
     if stale:
@@ -329,6 +336,12 @@ def _observe(
     missing = [i for i in range(n) if i not in current]
     if missing:
         if any(w.running or w.terminated for w in current.values()):
+            if not confirmed:
+                # Restarting the attempt is destructive: first rule out a cached list that has not
+                # seen the pod yet.
+                fresh = [worker_state(p) for p in kube.list_pods(ns, worker_selector(resource.name))]
+                _observe(kube, settings, u, resource, device, attempt, fresh, confirmed=True)
+                return
             # The job started and a peer is gone for good (force-deleted): a replacement cannot join
             # the running process group, so the attempt restarts (not counted: not the job's fault).
             names = ", ".join(f"{resource.name}-worker-{i}" for i in missing)
@@ -342,7 +355,7 @@ def _observe(
                 EXIT_PREEMPTED,
             )
             return
-        if _create(kube, settings, u, resource, device, attempt, missing) is None:
+        if _create(kube, settings, u, resource, device, attempt, missing, placed) is None:
             return
 
     workers = [current[i] for i in sorted(current)]
@@ -397,10 +410,11 @@ def _create(
     device: str | None,
     attempt: int,
     missing: Sequence[int],
+    placed: PlacementDecision | None = None,
 ) -> PlacementDecision | None:
     """Create the ConfigMap, Service and the missing pods of `attempt` (idempotent)."""
     spec = resource.spec.model_copy(update={"device": device}) if device else resource.spec
-    decision = _place(kube, settings, spec)
+    decision = placed if placed is not None else _place(kube, settings, spec)
     if not decision.ok:
         u.condition(T.SCHEDULED, False, R.NO_MATCHING_NODES, decision.reason, event="Warning")
         return None
