@@ -267,3 +267,25 @@ def test_a_pod_missing_from_the_cached_list_is_confirmed_before_the_attempt_rest
     assert ("delete_pod", "demo-worker-0") in kube.calls
     running = next(c for c in u.conditions if c["type"] == "Running")
     assert running["reason"] == "Restarting" and "demo-worker-1 disappeared" in running["message"]
+
+
+def test_pod_events_reconcile_only_when_the_workers_state_changed() -> None:
+    runs: list[str] = []
+    runner = Runner(kube=None, settings=SETTINGS, fn=lambda *a: runs.append(a[3]))  # type: ignore[arg-type]
+    pending = pod(0, phase="Pending", state={"waiting": {"reason": "ContainerCreating"}})
+    assert runner.pod_event("ns", "demo", None, pending)  # first sight (initial listing): reconcile
+    probe_update = {**pending, "status": {**pending["status"], "conditions": [{"type": "Ready", "status": "False"}]}}
+    assert not runner.pod_event("ns", "demo", "MODIFIED", probe_update)  # nothing the reconcile reads
+    assert runner.pod_event("ns", "demo", "MODIFIED", pod(0))  # now running
+    exited = pod(0, phase="Failed", state={"terminated": {"exitCode": 1, "message": "boom"}})
+    assert runner.pod_event("ns", "demo", "MODIFIED", exited)
+    assert runner.pod_event("ns", "demo", "DELETED", exited)  # gone: always
+    assert runs == ["demo"] * 4
+
+    def flaky(*_: Any) -> None:
+        raise TransientApiError("GET", "/x", 503, "busy")
+
+    runner = Runner(kube=None, settings=SETTINGS, fn=flaky)  # type: ignore[arg-type]
+    for _ in range(2):  # a reconcile that failed is not remembered: the same event triggers again
+        with pytest.raises(kopf.TemporaryError):
+            runner.pod_event("ns", "demo", "MODIFIED", pod(0))

@@ -9,6 +9,13 @@ Triggers (all run the same level-based reconcile of one LoRAFineTune):
   missed events are caught up;
 * `@kopf.timer` every `progressSeconds` while Running: rank 0's metrics -> `status.progress`.
 
+Why pod events are filtered: every pod event used to run a full reconcile (GET the resource, LIST its
+pods), also for the many updates that change nothing the reconcile reads (the kubelet's condition
+timestamps, ready probes, the operator's own create echoed back). With 200 resources those no-op
+reconciles queued up and real changes were acted on 35-60 s late (docs/operator-benchmark.md). The
+Runner remembers each worker pod's reduced state (`WorkerState`: phase, node, exit code, ...) and
+triggers only when it changed or the pod went away; the resync timer still catches anything missed.
+
 Why `Runner` coalesces: kopf runs sync handlers in threads, and the triggers above fire concurrently
 for the same resource (a pod event during a create). Two reconciles of one resource at once could
 both start a restart; instead, a trigger that finds a reconcile of its resource running only marks
@@ -33,6 +40,7 @@ from ..kube import Conflict, Kube, TransientApiError
 from ..plan import LABEL_NAME, LABEL_ROLE
 from ..settings import OperatorSettings
 from ..wiring import worker_name
+from .pods import WorkerState, worker_state
 from .progress import scrape
 from .reconcile import reconcile
 
@@ -53,6 +61,29 @@ class Runner:
         self._lock = threading.Lock()
         self._running: set[Key] = set()
         self._dirty: set[Key] = set()
+        self._pod_states: dict[str, WorkerState] = {}  # pod uid -> state last acted on
+
+    def pod_event(self, namespace: str, owner: str, event_type: str | None, pod: Any) -> bool:
+        """Reconcile `owner` if this worker pod event changed what the reconcile reads; True if it ran.
+
+        The state is remembered only after the trigger returned, so an event whose reconcile failed
+        (TemporaryError) is not skipped when it comes again.
+        """
+        uid = str((pod.get("metadata") or {}).get("uid") or "")
+        if event_type == "DELETED":
+            with self._lock:
+                self._pod_states.pop(uid, None)
+            self.trigger(namespace, owner)
+            return True
+        state = worker_state(pod)
+        with self._lock:
+            if uid and self._pod_states.get(uid) == state:
+                return False
+        self.trigger(namespace, owner)
+        if uid:
+            with self._lock:
+                self._pod_states[uid] = state
+        return True
 
     def trigger(self, namespace: str, name: str, retry: int = 0) -> None:
         key = (namespace, name)
@@ -154,9 +185,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: 
     @kopf.on.event(
         "", "v1", "pods", id="worker-pods", labels={LABEL_NAME: kopf.PRESENT, LABEL_ROLE: "worker"}, registry=registry
     )
-    def worker_pod(namespace: str | None, labels: Any, **_: Any) -> None:
+    def worker_pod(namespace: str | None, labels: Any, type: str | None, body: Any, **_: Any) -> None:  # noqa: A002
         try:
-            runner.trigger(_namespace(namespace), labels[LABEL_NAME])
+            runner.pod_event(_namespace(namespace), labels[LABEL_NAME], type, body)
         except kopf.TemporaryError as err:  # events are not retried by kopf; the resync timer catches up
             log.warning("%s/%s: %s", namespace, labels[LABEL_NAME], err)
 
