@@ -317,11 +317,18 @@ def _classify(err: BaseException) -> tuple[int, str]:
     raise err
 
 
-def new_api_client() -> Any:
-    """An ApiClient from the in-cluster service account, else $KUBECONFIG / ~/.kube/config."""
+def new_api_client(connections: int | None = None) -> Any:
+    """An ApiClient from the in-cluster service account, else $KUBECONFIG / ~/.kube/config.
+
+    `connections`: size of urllib3's connection pool. The default (10) is below the handler threads
+    that share this client: the surplus connections were opened and thrown away on every burst
+    ("Connection pool is full" warnings in docs/operator-benchmark.md's runs).
+    """
     from kubernetes import client, config
 
     cfg = client.Configuration()
+    if connections:
+        cfg.connection_pool_maxsize = connections
     try:
         config.load_incluster_config(client_configuration=cfg)
     except config.ConfigException:

@@ -17,11 +17,13 @@ from collections.abc import Sequence
 import kopf
 
 from .handlers import register
-from .kube import Kube
+from .kube import Kube, new_api_client
 from .plan import LABEL_NAME, LABEL_ROLE
 from .settings import OperatorSettings, load_settings
 
 PREFIX = "kubelora.dev"
+#: Threads running the sync handlers; the REST layer keeps as many pooled connections (kube.py).
+HANDLER_THREADS = 32
 FINALIZER = f"{PREFIX}/finalizer"
 
 
@@ -40,7 +42,7 @@ def kopf_settings() -> kopf.OperatorSettings:
     ks.watching.label_selectors["v1", "pods"] = f"{LABEL_NAME},{LABEL_ROLE}=worker"
     # Handlers are sync and block on API round trips (~17 per resource at creation): kopf's default
     # pool (min(32, cpus + 4) threads = 6 on 2 CPUs) made 200 resources queue (docs/operator-benchmark.md).
-    ks.execution.max_workers = 32
+    ks.execution.max_workers = HANDLER_THREADS
     ks.watching.server_timeout = 300
     ks.watching.client_timeout = 330
     ks.watching.connect_timeout = 30
@@ -62,7 +64,7 @@ def run_operator(
     kopf.configure(verbose=verbose)
     logging.getLogger("kubelora_operator").setLevel(logging.DEBUG if verbose else logging.INFO)
     registry = kopf.OperatorRegistry()
-    register(registry, settings, Kube())
+    register(registry, settings, Kube(new_api_client(connections=HANDLER_THREADS)))
     # A registry of our own gets none of kopf's default handlers: log in like kopf does by default.
     kopf.on.login(registry=registry, id="login")(kopf.login_via_client)
     peering = peering_name or settings.peering_name
