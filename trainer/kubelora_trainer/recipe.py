@@ -268,6 +268,11 @@ class LoRAFineTuneRecipe:
                 log.info("padded batches: %s", self._no_segments)
             else:
                 log.info("attention: %s (padding-free batches)", segment_attention.enable(self.model))
+        else:
+            why = "training.paddingFree is false" if self.cfg.training.padding_free is False else (
+                "torch.compile" if self.cfg.training.compile else f"the default on {self.device.type}"
+            )
+            log.info("padded batches (%s)", why)
         if self.cfg.training.fused_lora:
             log.info("fused LoRA forward on %d layers", fused_lora.enable(self.model))
 
