@@ -2,11 +2,11 @@
 # Create .venv and install kubelora with everything its tests and quickstart need.
 # Idempotent: a second run with an unchanged pyproject.toml returns in a second.
 #   KUBELORA_VENV   where the virtual environment lives (default: .venv in the repo)
-#   KUBELORA_EXTRAS which extras to install (default: operator,trainer,s3,deepspeed,test)
+#   KUBELORA_EXTRAS which extras to install (default: operator,trainer,s3,deepspeed,qlora,test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${KUBELORA_VENV:-.venv}"
-extras="${KUBELORA_EXTRAS:-operator,trainer,s3,deepspeed,test}"
+extras="${KUBELORA_EXTRAS:-operator,trainer,s3,deepspeed,qlora,test}"
 stamp="$venv/.kubelora-installed"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$extras"
 

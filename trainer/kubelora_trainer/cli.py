@@ -162,7 +162,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .export import save_merged
 
-    _, _, tok, model = _load_for_inference(args.config, args.adapter, args.set)
+    # Always onto an unquantized base: folding a QLoRA adapter into 4-bit weights would lose the
+    # adapter's precision and give a model that only bitsandbytes can load.
+    sets = ["model.quantization=none", *args.set]
+    _, _, tok, model = _load_for_inference(args.config, args.adapter, sets)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     merged = save_merged(model, out, tok)

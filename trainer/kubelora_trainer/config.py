@@ -74,8 +74,8 @@ class ModelConfig(StrictModel):
     quantization: Literal["none", "nf4", "int4"] = Field(
         "none",
         description=(
-            "Low-bit base weights for QLoRA. `nf4` needs bitsandbytes with a supported device (cuda, xpu); "
-            "`none` trains LoRA on a bf16/fp32 base."
+            "Low-bit base weights for QLoRA (4-bit bitsandbytes, the `qlora` extra; on cpu/xpu bitsandbytes "
+            ">= 0.46). The compute dtype is `model.dtype`. `none` trains LoRA on a bf16/fp32 base."
         ),
     )
     trust_remote_code: bool = Field(
@@ -344,8 +344,11 @@ class TrainerConfig(StrictModel):
             raise ValueError("data.template is 'custom' but data.customTemplate is not set")
         if self.data.template != "custom" and self.data.custom_template:
             raise ValueError("data.customTemplate is set but data.template is not 'custom'")
-        if self.model.quantization != "none" and self.model.dtype == "fp32":
-            raise ValueError("model.quantization needs a bf16, fp16 or auto compute dtype, not fp32")
+        if self.model.quantization != "none" and self.output.merge:
+            raise ValueError(
+                "output.merge with model.quantization would fold the adapter into 4-bit weights; train, then run "
+                "`kubelora-train merge RUN_DIR/adapter --output DIR` (it loads the base unquantized)"
+            )
         return self
 
 

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -173,19 +174,27 @@ def attention_kernel(cfg: ModelConfig, device_type: str) -> str:
     return "eager" if device_type == "cpu" else "sdpa"
 
 
+#: The first bitsandbytes release whose 4-bit layers run on CPU (and Intel XPU), not only CUDA.
+BNB_CPU_MIN = (0, 46)
+
+
 def quantization_config(cfg: ModelConfig, device_type: str, dtype: str):  # noqa: ANN201
     """bitsandbytes 4-bit config for QLoRA; a clear error where it cannot work."""
     if cfg.quantization == "none":
         return None
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
         from transformers import BitsAndBytesConfig
     except ImportError:
         raise ModelError(
-            f"model.quantization={cfg.quantization} needs bitsandbytes (pip install bitsandbytes) on cuda or xpu"
+            f"model.quantization={cfg.quantization} needs bitsandbytes: pip install 'kubelora[qlora]'"
         ) from None
-    if device_type == "cpu":
-        raise ModelError("model.quantization (QLoRA) is not supported on cpu here: use quantization: none (bf16 LoRA)")
+    version = tuple(int(x) for x in str(bitsandbytes.__version__).split(".")[:2] if x.isdigit())
+    if device_type != "cuda" and version < BNB_CPU_MIN:
+        raise ModelError(
+            f"model.quantization on {device_type} needs bitsandbytes >= {'.'.join(map(str, BNB_CPU_MIN))} "
+            f"(installed: {bitsandbytes.__version__})"
+        )
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4" if cfg.quantization == "nf4" else "fp4",
@@ -194,8 +203,13 @@ def quantization_config(cfg: ModelConfig, device_type: str, dtype: str):  # noqa
     )
 
 
-def load_model(source: ModelSource, cfg: ModelConfig, device_type: str, dtype: str):  # noqa: ANN201
-    """Load the causal LM with frozen base weights in `dtype` (already resolved from `auto`)."""
+def load_model(  # noqa: ANN201
+    source: ModelSource, cfg: ModelConfig, device_type: str, dtype: str, device: Any = None
+):
+    """Load the causal LM with frozen base weights in `dtype` (already resolved from `auto`).
+
+    `device` (a torch.device) is where quantized weights are packed; unquantized models are moved by
+    the caller."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {
@@ -209,6 +223,8 @@ def load_model(source: ModelSource, cfg: ModelConfig, device_type: str, dtype: s
     qcfg = quantization_config(cfg, device_type, dtype)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
+        # 4-bit weights are packed where they are loaded and cannot be moved afterwards.
+        kwargs["device_map"] = {"": device} if device is not None else {"": device_type}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     except OSError as err:

@@ -210,9 +210,9 @@ class LoRAFineTuneRecipe:
         log.info("data: %s", self.data.stats)
 
     def load_model_with_adapter(self) -> None:
-        base = load_model(self.source, self.cfg.model, self.device.type, self.dtype)
+        base = load_model(self.source, self.cfg.model, self.device.type, self.dtype, self.device.torch_device)
         self.model = attach_lora(base, self.cfg.lora, self.cfg.training.seed)
-        self.model.to(self.device.torch_device)
+        self.model.to(self.device.torch_device)  # LoRA weights; 4-bit base weights were packed there already
         self.enable_fast_paths()
         self.eval_batches = self.build_eval_batches()
         if self.cfg.training.gradient_checkpointing:
