@@ -11,7 +11,7 @@ Triggers (all run the same level-based reconcile of one LoRAFineTune):
 
 Why pod events are filtered: every pod event used to run a full reconcile (GET the resource, LIST its
 pods), also for the many updates that change nothing the reconcile reads (the kubelet's condition
-timestamps, ready probes, the operator's own create echoed back). With 200 resources those no-op
+timestamps, readiness probes). With 200 resources those no-op
 reconciles queued up and real changes were acted on 35-60 s late (docs/operator-benchmark.md). The
 Runner remembers each worker pod's reduced state (`WorkerState`: phase, node, exit code, ...) and
 triggers only when it changed or the pod went away; the resync timer still catches anything missed.
