@@ -175,7 +175,7 @@ def attention_kernel(cfg: ModelConfig, device_type: str) -> str:
 
 
 #: The first bitsandbytes release whose 4-bit layers run on CPU (and Intel XPU), not only CUDA.
-BNB_CPU_MIN = (0, 46)
+BNB_CPU_MIN = "0.46"
 
 
 def quantization_config(cfg: ModelConfig, device_type: str, dtype: str):  # noqa: ANN201
@@ -189,10 +189,11 @@ def quantization_config(cfg: ModelConfig, device_type: str, dtype: str):  # noqa
         raise ModelError(
             f"model.quantization={cfg.quantization} needs bitsandbytes: pip install 'kubelora[qlora]'"
         ) from None
-    version = tuple(int(x) for x in str(bitsandbytes.__version__).split(".")[:2] if x.isdigit())
-    if device_type != "cuda" and version < BNB_CPU_MIN:
+    from packaging.version import Version
+
+    if device_type != "cuda" and Version(bitsandbytes.__version__) < Version(BNB_CPU_MIN):
         raise ModelError(
-            f"model.quantization on {device_type} needs bitsandbytes >= {'.'.join(map(str, BNB_CPU_MIN))} "
+            f"model.quantization on {device_type} needs bitsandbytes >= {BNB_CPU_MIN} "
             f"(installed: {bitsandbytes.__version__})"
         )
     return BitsAndBytesConfig(
@@ -224,7 +225,7 @@ def load_model(  # noqa: ANN201
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
         # 4-bit weights are packed where they are loaded and cannot be moved afterwards.
-        kwargs["device_map"] = {"": device} if device is not None else {"": device_type}
+        kwargs["device_map"] = {"": device if device is not None else device_type}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     except OSError as err:
