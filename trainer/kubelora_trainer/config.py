@@ -260,11 +260,12 @@ class TrainingConfig(StrictModel):
 class DistributedConfig(StrictModel):
     """How several processes train as one job (set by the operator in pods; rarely by hand)."""
 
-    backend: Literal["auto", "gloo", "nccl", "xccl", "ccl", "mpi"] = Field(
+    backend: Literal["auto", "gloo", "nccl", "xccl", "ccl", "mpi", "cpu:gloo,xpu:xccl", "cpu:gloo,cuda:nccl"] = Field(
         "auto",
         description=(
-            "torch.distributed backend. `auto`: gloo on CPU, xccl on XPU, nccl on CUDA. `ccl` needs the "
-            "retired oneccl_bindings_for_pytorch."
+            "torch.distributed backend. `auto`: gloo on CPU, `cpu:gloo,xpu:xccl` on XPU, `cpu:gloo,cuda:nccl` on "
+            "CUDA (the device backend for the training collectives, gloo beside it for any CPU-side one). "
+            "A single name gives the group that backend alone. `ccl` needs the retired oneccl_bindings_for_pytorch."
         ),
     )
     timeout_s: int = Field(

@@ -61,11 +61,18 @@ def world_from_env(env: Mapping[str, str] | None = None) -> WorldView:
     return WorldView()
 
 
+# `auto` per device type. On accelerators the process group gets gloo beside the device backend:
+# nccl and xccl reduce device tensors only, and a stray CPU-tensor collective (ours were, until
+# 2x H200 crashed at step 1 with "No backend type associated with device type cpu") then still works.
+AUTO_BACKENDS = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl", "xpu": "cpu:gloo,xpu:xccl"}
+
+
 def resolve_backend(requested: str, device_type: str) -> str:
-    """Map `auto` to the backend of the device; check that asked-for backends exist."""
+    """Map `auto` to the backend(s) of the device; check that asked-for backends exist."""
     if requested == "auto":
-        return {"cpu": "gloo", "xpu": "xccl", "cuda": "nccl"}[device_type]
-    if requested == "ccl":
+        requested = AUTO_BACKENDS[device_type]
+    names = backend_devices(requested).values()
+    if "ccl" in names:
         try:
             import oneccl_bindings_for_pytorch  # noqa: F401  (registers the 'ccl' backend)
         except ImportError:
@@ -73,9 +80,33 @@ def resolve_backend(requested: str, device_type: str) -> str:
                 "backend 'ccl' needs oneccl_bindings_for_pytorch (retired after torch 2.8; use the legacy image) "
                 "- on current PyTorch use 'xccl' for Intel GPUs"
             ) from None
-    if requested == "xccl" and not (hasattr(dist, "is_xccl_available") and dist.is_xccl_available()):
+    if "xccl" in names and not (hasattr(dist, "is_xccl_available") and dist.is_xccl_available()):
         raise DistributedError("backend 'xccl' is not available in this PyTorch build (needs PyTorch >= 2.8 with XPU)")
     return requested
+
+
+# Which device types a single-name backend reduces (torch's own table, spelled out so the check
+# below needs no process group): a device-only backend rejects CPU tensors.
+_SINGLE_BACKEND_DEVICES = {"gloo": ("cpu", "cuda"), "nccl": ("cuda",), "xccl": ("xpu",), "ccl": ("cpu", "xpu"),
+                           "mpi": ("cpu", "cuda")}
+
+
+def backend_devices(backend: str) -> dict[str, str]:
+    """`cpu:gloo,cuda:nccl` -> {cpu: gloo, cuda: nccl}; a single name -> the device types it serves."""
+    if ":" not in backend:
+        return {d: backend for d in _SINGLE_BACKEND_DEVICES.get(backend, ("cpu", "cuda", "xpu"))}
+    return dict(part.split(":", 1) for part in backend.split(","))
+
+
+def check_collective_device(tensor: torch.Tensor, backend: str) -> None:
+    """Fail with the reason, not NCCL's "No backend type associated with device type cpu", when a
+    collective's tensor lives on a device the process group cannot reduce."""
+    served = backend_devices(backend)
+    if tensor.device.type not in served:
+        raise DistributedError(
+            f"collective on a {tensor.device.type} tensor over backend {backend!r}, which reduces only "
+            f"{'/'.join(sorted(served))} tensors (a kubelora bug: collectives run on the training device)"
+        )
 
 
 def init_process_group(world: WorldView, backend: str, timeout_s: int) -> None:
@@ -99,24 +130,30 @@ def init_process_group(world: WorldView, backend: str, timeout_s: int) -> None:
 
 
 def all_reduce_sum(value: torch.Tensor, world: WorldView) -> torch.Tensor:
-    """Sum a tensor over ranks (identity in a single process)."""
+    """Sum a tensor over ranks in place (identity in a single process).
+
+    The tensor must live on the training device (`on_device` below builds such tensors): the
+    device backends (nccl, xccl) reduce nothing else, and gloo-only CPU runs never show the mistake,
+    so the device is checked against the group's backend on every call.
+    """
     if world.distributed:
+        check_collective_device(value, str(dist.get_backend()))
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def any_rank(flag: bool, world: WorldView, device: torch.device) -> bool:
+    """True on every rank when any rank's flag is set: one tiny all-reduce on the training device,
+    so that all ranks take the same decision (stop, checkpoint) at the same step."""
+    if not world.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(value, world).item() > 0)
 
 
 def barrier(world: WorldView) -> None:
     if world.distributed:
         dist.barrier()
-
-
-def broadcast_object(obj: object, world: WorldView) -> object:
-    """Send a small picklable object from rank 0 to everyone."""
-    if not world.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def destroy(world: WorldView) -> None:

@@ -49,7 +49,7 @@ def eval_loss(
     """Token-weighted mean loss over this rank's share of `batches`, summed over ranks."""
     was_training = loss_module.training
     loss_module.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float32, device=device)  # reduced on the device (nccl/xccl)
     lockstep = partitions_weights(loss_module)
     rounds = -(-len(batches) // world.world_size)
     for r in range(rounds):
@@ -62,7 +62,7 @@ def eval_loss(
         with autocast():
             loss_sum, count = loss_module(**moved)
         if i < len(batches):
-            total += torch.tensor([float(loss_sum), float(count)], dtype=torch.float64)
+            total += torch.stack([loss_sum.detach().float(), torch.as_tensor(count, device=device).float()])
     all_reduce_sum(total, world)
     loss_module.train(was_training)
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")

@@ -427,14 +427,16 @@ class LoRAFineTuneRecipe:
             step_tokens = sum(len(r) for r in rows)
             batches = list(self.micro_batches(rows))
             global_labels = self._global_label_count(rows)
-            loss_total = torch.zeros((), dtype=torch.float64)
+            # On the training device: one host sync per step (at the log) instead of one per micro-batch,
+            # and the all-reduce below runs on the tensors nccl/xccl can reduce.
+            loss_total = torch.zeros((), dtype=torch.float32, device=self.device.torch_device)
             for i, batch in enumerate(batches):
                 moved = {k: v.to(self.device.torch_device) for k, v in batch.items()}
                 sync = i == len(batches) - 1 or not self.world.distributed
                 with self._maybe_no_sync(sync), self.autocast():
                     loss_sum, _ = self.train_module(**moved)
                 self._backward(loss_sum * self.world.world_size / global_labels)
-                loss_total += float(loss_sum.detach())
+                loss_total += loss_sum.detach().float()
             if self.zero is not None:
                 grad_norm = self.zero.step()
             else:
@@ -533,8 +535,7 @@ class LoRAFineTuneRecipe:
             signal.signal(signal.SIGTERM, handler)
 
     def _stop_agreed(self) -> bool:
-        flag = torch.tensor(1.0 if self._stop_requested else 0.0)
-        return bool(dist_.all_reduce_sum(flag, self.world) > 0)
+        return dist_.any_rank(self._stop_requested, self.world, self.device.torch_device)
 
     # ------------------------------------------------------------------ publishing
     def publish(self, before: dict[str, Any] | None, after: dict[str, Any], train_stats: dict[str, Any],
