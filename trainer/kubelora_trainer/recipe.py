@@ -18,10 +18,8 @@ import logging
 import math
 import os
 import resource
-import shutil
 import signal
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,17 +28,14 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist_
-from . import fused_lora, segment_attention, zero
+from . import fused_lora, rundir, segment_attention, zero
 from .config import TrainerConfig, dump_config
 from .data import PackedRow, answer_of, build_datasets, collate, collate_flat, encode_prompt, prompt_only
 from .device import DeviceInfo, peak_memory_bytes, resolve_dtype, select_device, synchronize
 from .evaluate import GenerationResult, eval_loss, exact_match, generate
 from .export import (
-    ADAPTER_DIR,
     INIT_ADAPTER_DIR,
-    MERGED_DIR,
     SUMMARY_FILE,
-    is_finished,
     plot_loss,
     save_adapter,
     save_initial_adapter,
@@ -53,14 +48,11 @@ from .lora import attach_lora, trainable_parameters
 from .loss import CausalLMLoss, count_label_tokens
 from .metrics import ConsoleProgress, MetricsLog, ProgressState
 from .model import DTYPES, load_model, load_tokenizer, materialize
+from .rundir import RunDirError
 
 log = logging.getLogger("kubelora.trainer")
 
 BASELINE_FILE = "baseline.json"
-
-
-class RunDirError(RuntimeError):
-    """The output directory cannot be used for this run."""
 
 
 class Preempted(RuntimeError):  # noqa: N818 - it is a signal, not a bug
@@ -77,18 +69,36 @@ class LoRAFineTuneRecipe:
         self.world = dist_.world_from_env()
         self._stop_requested = False
         self.history: list[dict[str, Any]] = []
+        self._run_id: str | None = None
+        self.initial_adapter: Path | None = None  # olora/pissa: saved by keep_initial_adapter, after the pre-flight
+        self.claim = rundir.RunDirClaim(self.run_dir, writer=self.world.is_main)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
         t0 = time.monotonic()
+        # Operator attempts of one run (same KUBELORA_RUN_ID) wait for an earlier attempt to let go.
+        self.claim.lock(self.run_id(), wait_s=rundir.SAME_RUN_WAIT_S if os.environ.get("KUBELORA_RUN_ID") else 0)
+        try:
+            return self._run_claimed(t0)
+        finally:
+            self.claim.release()
+
+    def _run_claimed(self, t0: float) -> dict[str, Any]:
+        """The run while rank 0 holds the run dir: nothing written there outlasts a failure before `take_run_dir`."""
+        self.guard_run_dir()
         if self.deliver_only():
             return self.summary_on_disk()
-        self.guard_run_dir()
         self.setup_device_and_group()
         self.load_tokenizer_and_data()
         self.load_model_with_adapter()
         self.build_optimizer()
+        if self.verdict is rundir.Verdict.REPLACE:
+            self.claim.set_aside()
+        dist_.barrier(self.world)  # no rank reads checkpoints before the replaced run is out of the way
+        with zero.gathered(self.zero) if self.needs_initial_adapter else contextlib.nullcontext():
+            self.keep_initial_adapter()
         start_step = self.maybe_resume()
+        self.take_run_dir()
         before = self.measure_before(start_step)
         self.progress.update(phase=1)
         train_stats = self.train(start_step)
@@ -105,13 +115,15 @@ class LoRAFineTuneRecipe:
         """A finished run whose S3 delivery did not complete (the pod died mid-upload) only uploads.
 
         The upload is idempotent for the same run id, so a restarted pod finishes the delivery
-        instead of being refused for "overwriting" its own finished adapter.
+        instead of being refused for "overwriting" its own finished adapter. Only this run's own
+        work (same owner id and settings, `guard_run_dir`) is delivered: a re-created resource
+        never ships the adapter of the resource it replaced.
         """
-        target = self.cfg.output.s3
-        if target is None or self.cfg.output.overwrite or not is_finished(self.run_dir):
+        if self.verdict is not rundir.Verdict.DELIVER:
             return False
         if self.world.is_main:
-            log.info("run already finished in %s: delivering it to %s", self.run_dir, target.uri)
+            assert self.cfg.output.s3 is not None  # DELIVER needs a target
+            log.info("run already finished in %s: delivering it to %s", self.run_dir, self.cfg.output.s3.uri)
             self.deliver()
         return True
 
@@ -122,15 +134,11 @@ class LoRAFineTuneRecipe:
 
     def run_id(self) -> str:
         """Who this run is, for "never overwrite another run's artifact": the operator passes the
-        resource UID in KUBELORA_RUN_ID; a laptop run gets a uuid kept in the run dir across resumes."""
-        given = os.environ.get("KUBELORA_RUN_ID")
-        if given:
-            return given
-        path = self.run_dir / "run_id"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(uuid.uuid4().hex)
-        return path.read_text().strip()
+        resource UID in KUBELORA_RUN_ID; a laptop run gets a uuid, kept in the run dir's owner file
+        across resumes (written with it once the pre-flight passed)."""
+        if self._run_id is None:
+            self._run_id = rundir.run_id_for(self.run_dir)
+        return self._run_id
 
     def check_delivery_target(self) -> None:
         """Fail at start, not after hours of training, when the bucket is unusable or taken."""
@@ -151,23 +159,33 @@ class LoRAFineTuneRecipe:
         return info.to_dict()
 
     def guard_run_dir(self) -> None:
-        """Refuse to overwrite a finished adapter unless asked; clear it when asked."""
-        if is_finished(self.run_dir):
-            if not self.cfg.output.overwrite:
-                raise RunDirError(
-                    f"output dir {self.run_dir} already holds a finished adapter ({SUMMARY_FILE}); "
-                    "set output.overwrite: true or choose another output.dir"
-                )
-            if self.world.is_main:
-                for name in (ADAPTER_DIR, MERGED_DIR, "checkpoints", INIT_ADAPTER_DIR):
-                    shutil.rmtree(self.run_dir / name, ignore_errors=True)
-                for name in (SUMMARY_FILE, BASELINE_FILE, "metrics.jsonl", "metrics.csv", "loss.png", "samples.md"):
-                    (self.run_dir / name).unlink(missing_ok=True)
-        if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
-        self.check_delivery_target()
+        """Judge, without writing, what this run may do with the run dir (rundir.judge): another
+        run's work or other settings are refused, a finished run is only replaced when asked."""
+        self.result_fields = rundir.result_fields(self.cfg, self.world.world_size)
+        self.verdict = rundir.judge(self.run_dir, self.run_id(), self.result_fields,
+                                    overwrite=self.cfg.output.overwrite, deliverable=self.cfg.output.s3 is not None)
+        if self.verdict is not rundir.Verdict.DELIVER:
+            self.check_delivery_target()
         self.metrics = MetricsLog(self.run_dir, enabled=self.world.is_main)
+
+    @property
+    def needs_initial_adapter(self) -> bool:
+        return self.cfg.lora.init in ("olora", "pissa")
+
+    def keep_initial_adapter(self) -> None:
+        """olora/pissa: save the untrained adapter (before a resume loads trained weights).
+
+        Here, not at model load: only after the pre-flight checks and after a replaced run was set
+        aside, so its initial adapter is never reused; removed again if the run stops before
+        `take_run_dir`.
+        """
+        if self.needs_initial_adapter and self.world.is_main:
+            self.claim.track(INIT_ADAPTER_DIR)
+            self.initial_adapter = save_initial_adapter(self.model, self.run_dir)
+
+    def take_run_dir(self) -> None:
+        """Every pre-flight check passed (resume included): record owner and config; training starts."""
+        self.claim.commit(self.run_id(), self.result_fields, dump_config(self.cfg))
 
     def setup_device_and_group(self) -> None:
         self.device: DeviceInfo = select_device(self.cfg.device, self.world.local_rank)
@@ -218,9 +236,6 @@ class LoRAFineTuneRecipe:
         if self.cfg.training.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
-        self.initial_adapter: Path | None = None
-        if self.cfg.lora.init in ("olora", "pissa") and self.world.is_main:
-            self.initial_adapter = save_initial_adapter(self.model, self.run_dir)
         self.loss_module: torch.nn.Module = CausalLMLoss(self.model)
         if self.cfg.training.compile:
             self.loss_module = torch.compile(self.loss_module)  # type: ignore[assignment]
@@ -582,6 +597,7 @@ class LoRAFineTuneRecipe:
                                               self.tokenizer)
                 if self.zero is not None else save_merged(self.model, self.run_dir, self.tokenizer))
         write_summary(self.run_dir, summary)
+        self.claim.finish()  # the new run is finished: the run it replaced can go
         self.deliver()
         return summary
 
