@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+from kubelora_trainer import contract
 from kubelora_trainer.config import (
     DataConfig,
     DistributedConfig,
@@ -85,10 +86,12 @@ OPERATOR_ENV = frozenset(
         "HF_TOKEN",
         "HOME",
         "KUBELORA_CACHE",
-        "KUBELORA_METRICS_PORT",
         "KUBELORA_RUN_DIR",
-        "KUBELORA_RUN_ID",
         "KUBELORA_WORKER_INDEX",
+        contract.METRICS_PORT_ENV,
+        contract.RUN_ID_ENV,
+        contract.EXIT_DIR_ENV,
+        contract.TERMINATION_LOG_ENV,
     }
 )
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubelora_trainer.config import TrainerConfig, dump_config
+from kubelora_trainer.contract import RUN_ID_ENV
 
 from .api import (
     API_VERSION,
@@ -245,10 +246,10 @@ def _pod(
         "image": spec.image or settings.image_for(device),
         "imagePullPolicy": spec.image_pull_policy or settings.image_pull_policy,
         "command": worker_command(resource.name, resource.namespace, index, spec, device, settings),
-        # KUBELORA_RUN_ID (the resource's uid) is the trainer's artifact identity: an S3 prefix that
+        # RUN_ID_ENV (the resource's uid) is the trainer's artifact identity: an S3 prefix that
         # holds another resource's finished adapter is refused, a restart of this one may finish it.
         "env": [*worker_env(resource.name, resource.namespace, index, spec, device, settings),
-                {"name": "KUBELORA_RUN_ID", "value": resource.uid}],
+                {"name": RUN_ID_ENV, "value": resource.uid}],
         "ports": ports,
         "resources": {"requests": dict(placement.requests), "limits": dict(placement.limits)},
         "volumeMounts": [dict(m) for m in mounts],

@@ -8,7 +8,9 @@ Naming and DNS: worker i is the pod `<name>-worker-<i>` with `hostname: <name>-w
 readiness) giving it the stable name `<name>-worker-<i>.<name>-workers.<namespace>.svc`.
 MASTER_ADDR is worker 0's name (loopback when there is only one worker: no DNS dependency).
 
-Launchers:
+Launchers (each behind the trainer's wrapper `python -m kubelora_trainer.launch -- LAUNCHER ...`,
+which carries the trainer's exit class and one-line message through the launcher; see
+kubelora_trainer.contract):
 
 * `torchrun` (default, fully supported): every worker runs
   `torchrun --nnodes N --nproc-per-node P --node-rank i --master-addr <worker-0> --master-port 29500
@@ -30,10 +32,11 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
+from kubelora_trainer.contract import LAUNCH_MODULE, METRICS_PORT_ENV, TRAINER_MODULE
+
 from .api import CACHE_DIR, CONFIG_DIR, CONFIG_FILE, OUTPUT_DIR, SSH_DIR, TMP_DIR, LoRAFineTuneSpec, parse_quantity
 from .settings import OperatorSettings
 
-TRAINER_MODULE = "kubelora_trainer.cli"
 HOSTFILE = f"{CONFIG_DIR}/hostfile"
 WAIT_SCRIPT = f"{CONFIG_DIR}/wait-for-peers.py"
 SSHD_CONFIG = f"{CONFIG_DIR}/sshd_config"
@@ -176,7 +179,7 @@ def runtime_env(index: int, settings: OperatorSettings) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         "KUBELORA_RUN_DIR": OUTPUT_DIR,
         "KUBELORA_WORKER_INDEX": str(index),
-        "KUBELORA_METRICS_PORT": str(settings.metrics_port),
+        METRICS_PORT_ENV: str(settings.metrics_port),
     }
 
 
@@ -283,6 +286,11 @@ def mpirun_args(topo: Topology) -> list[str]:
     ]
 
 
+def launch(argv: list[str]) -> str:
+    """`exec` of the launcher behind the trainer's exit-class wrapper (torchrun/mpirun keep only exit 1)."""
+    return f"exec {shlex.join(['python', '-m', LAUNCH_MODULE, '--', *argv])}"
+
+
 def worker_command(
     name: str, namespace: str, index: int, spec: LoRAFineTuneSpec, device: str, settings: OperatorSettings
 ) -> list[str]:
@@ -293,9 +301,9 @@ def worker_command(
         if index != 0:
             return ["/bin/sh", "-c", f"exec {sshd} -D"]
         hosts = [worker_host(name, namespace, i) for i in range(topo.workers)]
-        script = f"{sshd}\n{_wait(hosts, settings.ssh_port, settings)}\nexec {shlex.join(mpirun_args(topo))}"
+        script = f"{sshd}\n{_wait(hosts, settings.ssh_port, settings)}\n{launch(mpirun_args(topo))}"
         return ["/bin/sh", "-c", script]
-    run = f"exec {shlex.join(torchrun_args(name, namespace, index, topo, settings))}"
+    run = launch(torchrun_args(name, namespace, index, topo, settings))
     if topo.workers == 1:
         return ["/bin/sh", "-c", run]
     wait = _wait([worker_host(name, namespace, 0)], 0, settings)

@@ -13,11 +13,12 @@ import pytest
 from kubelora_operator.conditions import ConditionReason as R
 from kubelora_operator.conditions import ConditionType as T
 from kubelora_operator.handlers import Runner
-from kubelora_operator.handlers.pods import first_failure, parse_termination_message, worker_state
+from kubelora_operator.handlers.pods import first_failure, worker_state
 from kubelora_operator.handlers.progress import parse_prometheus, progress_from_metrics
 from kubelora_operator.handlers.reconcile import changed_fields, effective_spec
 from kubelora_operator.handlers.status import StatusUpdate
 from kubelora_operator.kube import Kube, NotFound, PermanentApiError, TransientApiError
+from kubelora_trainer.contract import parse_success_message as parse_termination_message
 from kubelora_trainer.metrics import ProgressState
 from kubernetes.client.exceptions import ApiException
 
@@ -81,8 +82,9 @@ def test_first_failure_prefers_bad_input() -> None:
 def test_termination_message_contract() -> None:
     msg = json.dumps({"artifact": {"uri": "s3://b/p/adapter", "sha256": "ab" * 32, "sizeBytes": 12}, "steps": 20})
     assert parse_termination_message(msg) == {"uri": "s3://b/p/adapter", "sha256": "ab" * 32, "sizeBytes": 12}
-    assert parse_termination_message('{"artifact": {"sha256": "x", "size": 5}}') == {"sha256": "x", "sizeBytes": 5}
-    assert parse_termination_message('{"artifact": {"uri": "", "size_bytes": true}}') == {}
+    # One spelling of the size: the one the trainer writes (contract.success_message).
+    assert parse_termination_message('{"artifact": {"sha256": "x", "size": 5}}') == {"sha256": "x"}
+    assert parse_termination_message('{"artifact": {"uri": "", "sizeBytes": true}}') == {}
     for other in (None, "", "RuntimeError: boom", "{not json", '{"no": "artifact"}', "[1]"):
         assert parse_termination_message(other) is None
 

@@ -53,7 +53,7 @@ def test_xpu_single_worker() -> None:
     env = env_of(pod)
     assert (env["MASTER_ADDR"], env["WORLD_SIZE"], env["RANK"], env["NPROC_PER_NODE"]) == ("127.0.0.1", "1", "0", "1")
     assert c["command"][2].startswith(
-        "exec torchrun --nnodes 1 --nproc-per-node 1 --node-rank 0 --master-addr 127.0.0.1"
+        "exec python -m kubelora_trainer.launch -- torchrun --nnodes 1 --nproc-per-node 1 --node-rank 0 --master-addr 127.0.0.1"
     )
     cfg = yaml.safe_load(p.config_map["data"]["config.yaml"])
     assert cfg["device"] == "xpu" and cfg["output"]["dir"] == "/output"
@@ -128,7 +128,7 @@ def test_mpirun_plan() -> None:
         assert volumes(pod)["ssh"]["secret"] == {"secretName": "mp-ssh", "defaultMode": 0o440}
         assert mounts(pod)["/etc/kubelora-ssh"]["readOnly"] is True
         assert {"name": "ssh", "containerPort": 2222, "protocol": "TCP"} in container(pod)["ports"]
-    assert "exec mpirun -n 4 -ppn 2" in container(p.pods[0])["command"][2]
+    assert "exec python -m kubelora_trainer.launch -- mpirun -n 4 -ppn 2" in container(p.pods[0])["command"][2]
     assert container(p.pods[1])["command"][2].endswith("sshd -f /etc/kubelora/sshd_config -e -D")
     assert any(port["name"] == "ssh" for port in p.service["spec"]["ports"])
     own = make(resource(name="mp", workers=2, distributed={"launcher": "mpirun", "sshSecret": "my-keys"}))

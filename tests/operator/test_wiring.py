@@ -111,12 +111,12 @@ def test_torchrun_command_line() -> None:
 def test_torchrun_worker_waits_for_worker_zero_dns_only_when_multi_node() -> None:
     one = parse_spec(raw_spec())
     (sh, c, script) = worker_command("ft", "ns", 0, one, "cpu", SETTINGS)
-    assert (sh, c) == ("/bin/sh", "-c") and script.startswith("exec torchrun --nnodes 1")
+    assert (sh, c) == ("/bin/sh", "-c") and script.startswith("exec python -m kubelora_trainer.launch -- torchrun --nnodes 1")
     two = parse_spec(raw_spec(workers=2))
     script = worker_command("ft", "ns", 1, two, "cpu", SETTINGS)[2]
     wait, run = script.split("\n")
     assert wait == "python /etc/kubelora/wait-for-peers.py 300 0 ft-worker-0.ft-workers.ns.svc"
-    assert run.startswith("exec torchrun --nnodes 2 --nproc-per-node 1 --node-rank 1")
+    assert run.startswith("exec python -m kubelora_trainer.launch -- torchrun --nnodes 2 --nproc-per-node 1 --node-rank 1")
 
 
 def test_mpirun_design() -> None:
@@ -128,7 +128,7 @@ def test_mpirun_design() -> None:
     launcher = worker_command("ft", "ns", 0, spec, "xpu", SETTINGS)[2].split("\n")
     assert launcher[0] == "/usr/sbin/sshd -f /etc/kubelora/sshd_config -e"
     assert launcher[1].startswith("python /etc/kubelora/wait-for-peers.py 300 2222 ft-worker-0.")
-    assert launcher[2].startswith("exec mpirun -n 6 -ppn 2")
+    assert launcher[2].startswith("exec python -m kubelora_trainer.launch -- mpirun -n 6 -ppn 2")
     assert (
         worker_command("ft", "ns", 2, spec, "xpu", SETTINGS)[2]
         == "exec /usr/sbin/sshd -f /etc/kubelora/sshd_config -e -D"

@@ -45,7 +45,7 @@ class PlannedWorker:
     env: dict[str, str]  # the pod's env, mapped to this machine
     argv: list[str]  # the trainer CLI on the pod's config file
     pod: dict[str, Any]  # the planned Pod manifest, as the operator would create it
-    torchrun: list[str]  # the pod command's torchrun argv, "torchrun" first (what the container execs)
+    torchrun: list[str]  # the pod command's torchrun argv, "torchrun" first (what the launch wrapper runs)
 
 
 def plan_workers(
@@ -85,11 +85,11 @@ def plan_workers(
         if ".svc" in env["MASTER_ADDR"]:
             env["MASTER_ADDR"] = "127.0.0.1"
         env["KUBELORA_TERMINATION_LOG"] = str(pod_dir / "termination-log")  # the kubelet's terminationMessagePath
-        script = container["command"][-1].splitlines()[-1]
-        assert script.startswith("exec torchrun "), script
+        script = shlex.split(container["command"][-1].splitlines()[-1])
+        assert script[:6] == ["exec", "python", "-m", "kubelora_trainer.launch", "--", "torchrun"], script
         workers.append(
             PlannedWorker(index, env, [sys.executable, "-m", "kubelora_trainer.cli", "run", _map(CONFIG_FILE, mounts)],
-                          pod, shlex.split(script)[1:])
+                          pod, script[5:])
         )
     (config_dir / CONFIG_KEY).write_text(_map_text(planned.config_map["data"][CONFIG_KEY], run_dir))
     return workers

@@ -1,14 +1,16 @@
 """`kubelora-train`: run, eval, merge and generate from the command line.
 
 Why the error handling looks like this: users (and the operator, which reads the pod's
-termination message) need one specific line and a non-zero exit for bad input, never a
-traceback; unexpected failures still print their traceback.
+termination message) need one specific line and an exit class (`contract`: 2 bad input, 143
+preempted, 1 anything else) for every failure, never only a traceback; unexpected failures still
+print their traceback after recording their line. Under the pods' launcher wrapper
+(`kubelora_trainer.launch`) each process records its exit for the wrapper instead of writing the
+termination message itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -16,35 +18,24 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import contract
 from .config import ConfigError, load_config
+from .contract import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, EXIT_RETRYABLE
 
-EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 143
-EXIT_RETRYABLE = 1
-TERMINATION_LOG = Path(os.environ.get("KUBELORA_TERMINATION_LOG", "/dev/termination-log"))
-
-
-def _write_termination_message(text: str) -> None:
-    """Kubernetes shows this file as the container's termination message (the operator reads it)."""
-    if TERMINATION_LOG.parent.is_dir() and os.access(TERMINATION_LOG.parent, os.W_OK):
-        with contextlib.suppress(OSError):
-            TERMINATION_LOG.write_text(text[:4000])
+TERMINATION_LOG = contract.termination_log_path()
 
 
 def _fail(message: str, code: int) -> int:
-    line = message.replace("\n", " ").strip()
+    line = contract.one_line(message)
     print(f"kubelora-train: error: {line}", file=sys.stderr)
-    _write_termination_message(line)
+    contract.record_exit(code, line, TERMINATION_LOG)
     return code
 
 
 def success_message(summary: dict) -> str:
-    """The compact JSON the operator turns into `status.artifact` (URI only when it is not a pod path)."""
+    """The termination message of a finished run (`contract.success_message`; URI only when not a pod path)."""
     adapter = summary.get("adapter") or {}
-    artifact = {"sha256": adapter.get("sha256"), "sizeBytes": adapter.get("size_bytes")}
-    if summary.get("artifact_uri"):
-        artifact["uri"] = summary["artifact_uri"]
-    return json.dumps({"artifact": artifact}, separators=(",", ":"))
+    return contract.success_message(summary.get("artifact_uri"), adapter.get("sha256"), adapter.get("size_bytes"))
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -66,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     progress = ProgressState()
-    port = os.environ.get("KUBELORA_METRICS_PORT")
+    port = os.environ.get(contract.METRICS_PORT_ENV)
     recipe = LoRAFineTuneRecipe(cfg, progress)
     if port and recipe.world.is_main:
         serve_metrics(progress, int(port))
@@ -78,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         recipe.close()
     if summary:
-        _write_termination_message(success_message(summary))
+        contract.record_exit(EXIT_OK, success_message(summary), TERMINATION_LOG)
         keys = ("device", "dtype", "steps", "train_tokens_per_s", "eval_loss_before", "eval_loss_after",
                 "exact_match_before", "exact_match_after", "wall_s")
         print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
@@ -243,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(str(err), EXIT_RETRYABLE)
         if isinstance(err, _bad_input_errors()):
             return _fail(str(err), EXIT_BAD_INPUT)
+        contract.record_exit(EXIT_RETRYABLE, contract.one_line(f"{type(err).__name__}: {err}"), TERMINATION_LOG)
         raise
 
 

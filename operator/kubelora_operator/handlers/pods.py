@@ -3,22 +3,21 @@
 Pure functions over pod dicts (as the API returns them), so the rules (which exit code means what,
 where the artifact info comes from) are unit-tested without a cluster.
 
-Exit codes of the trainer (kubelora_trainer.cli): 0 success, 2 bad input (a one-line message in the
-termination log), 143 preempted by SIGTERM after a checkpoint. Anything else is a failure that a
-restart from the newest checkpoint may fix.
+Exit codes and the termination message are the trainer's (`kubelora_trainer.contract`, which the
+pods' launcher wrapper carries through torchrun/mpirun): 0 success (the artifact JSON), 2 bad input,
+143 preempted by SIGTERM after a checkpoint, each failure with the trainer's one-line message.
+Anything else is a failure that a restart from the newest checkpoint may fix.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..plan import CONTAINER_NAME, LABEL_ATTEMPT, LABEL_WORKER_INDEX
+from kubelora_trainer.contract import EXIT_BAD_INPUT
 
-EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 143
+from ..plan import CONTAINER_NAME, LABEL_ATTEMPT, LABEL_WORKER_INDEX
 
 
 @dataclass(frozen=True)
@@ -119,36 +118,3 @@ def first_failure(workers: Sequence[WorkerState]) -> WorkerState | None:
     """The failed worker to report: bad input first (it explains the others), then the lowest index."""
     failed = sorted((w for w in workers if w.failed), key=lambda w: (w.exit_code != EXIT_BAD_INPUT, w.index))
     return failed[0] if failed else None
-
-
-def parse_termination_message(message: str | None) -> dict[str, Any] | None:
-    """The trainer's success JSON `{"artifact": {"uri", "sha256", "sizeBytes"}}` as status.artifact, or None.
-
-    Accepted spellings of the size: `sizeBytes`, `size_bytes`, `size`. Anything that is not such a
-    JSON object (e.g. an error line) gives None.
-    """
-    if not message:
-        return None
-    text = message.strip()
-    if not text.startswith("{"):
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("artifact"), dict):
-        return None
-    art = data["artifact"]
-    out: dict[str, Any] = {}
-    uri = art.get("uri")
-    if isinstance(uri, str) and uri:
-        out["uri"] = uri
-    sha = art.get("sha256")
-    if isinstance(sha, str) and sha:
-        out["sha256"] = sha
-    for key in ("sizeBytes", "size_bytes", "size"):
-        size = art.get(key)
-        if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
-            out["sizeBytes"] = size
-            break
-    return out

@@ -41,6 +41,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kubelora_trainer.contract import EXIT_BAD_INPUT, EXIT_PREEMPTED, parse_success_message
+
 from ..api import LoRAFineTuneResource, LoRAFineTuneSpec, SpecError, parse_spec
 from ..conditions import ConditionReason as R
 from ..conditions import ConditionType as T
@@ -49,7 +51,7 @@ from ..kube import Kube, NotFound, PermanentApiError, TransientApiError
 from ..placement import NodeFacts, PlacementDecision, decide_placement
 from ..plan import LABEL_WORKER_INDEX, artifact_uri, plan, ssh_secret, worker_selector
 from ..settings import OperatorSettings
-from .pods import EXIT_BAD_INPUT, EXIT_PREEMPTED, WorkerState, first_failure, parse_termination_message, worker_state
+from .pods import WorkerState, first_failure, worker_state
 from .status import StatusUpdate
 from .validate_create import validate
 
@@ -512,7 +514,7 @@ def _on_failure(
 def _on_success(
     kube: Kube, u: StatusUpdate, resource: LoRAFineTuneResource, pods: Sequence[WorkerState], w0: WorkerState
 ) -> None:
-    artifact = parse_termination_message(w0.message) or {}
+    artifact = parse_success_message(w0.message) or {}
     artifact.setdefault("uri", artifact_uri(resource))
     _delete(kube, resource.namespace, pods, keep_terminated=True)  # mpirun: the sshd workers
     u.status["artifact"] = artifact
