@@ -170,6 +170,16 @@ class DataConfig(StrictModel):
         200, ge=1, description="Use at most this many held-out samples for eval loss and exact match."
     )
     shuffle: bool = Field(True, description="Shuffle training samples (deterministically with `seed`).")
+    max_record_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        description=(
+            "Largest record (one JSONL line, or a parsed record as JSON) that is used, in bytes; larger ones "
+            "are dropped unparsed and counted in the run log. Default 1 MiB: the largest `cutoffLen` (131072 "
+            "tokens at ~4 bytes each) fits in half of it, and rendering and tokenizing cost ~160 bytes of "
+            "memory per record byte (a 1 MiB record: ~160 MiB), so one huge record cannot exhaust the memory."
+        ),
+    )
 
 
 class LoraSettings(StrictModel):
