@@ -233,4 +233,21 @@ def load_model(  # noqa: ANN201
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
+    if qcfg is not None:
+        keep_4bit_layout(model)
     return model
+
+
+def keep_4bit_layout(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit weights in the one layout training uses, on every CPU.
+
+    Why: on AVX512-BF16/AMX CPUs bitsandbytes (0.46-0.50 at least) repacks a layer's weights into a CPU
+    kernel layout at its first eval-mode forward without grad; that kernel's logits differ from the
+    training forward's (2.9e-3 on the tiny test Llama, whose logits are ~1), and `state_dict()` (every
+    adapter and checkpoint save) unpacks them lossily, so the run went on training a changed base and
+    the saved adapter no longer reproduced the in-memory model. With repacking off, eval, generation
+    and training compute on the same dequantized weights that a fresh load of the adapter sees.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 - a plain attribute, not a submodule
