@@ -44,6 +44,7 @@ class ConditionReason(str, Enum):
     SECRET_NOT_FOUND = "SecretNotFound"
     PVC_NOT_FOUND = "PVCNotFound"
     CONFIG_MAP_NOT_FOUND = "ConfigMapNotFound"
+    RUN_DIR_IN_USE = "RunDirInUse"
     # Scheduled
     NO_MATCHING_NODES = "NoMatchingNodes"
     PODS_CREATED = "PodsCreated"

@@ -178,6 +178,11 @@ class Kube:
     def get_lft(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.get(lft_path(namespace, name))
 
+    def list_lfts(self, namespace: str) -> list[dict[str, Any]]:
+        """The namespace's LoRAFineTunes, a quorum read (run-dir ownership must see the newest starts)."""
+        out = self.request("GET", collection_path(API_VERSION, KIND, namespace))
+        return list((out or {}).get("items") or [])
+
     def patch_lft_status(
         self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None = None
     ) -> Any:

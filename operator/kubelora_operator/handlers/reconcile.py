@@ -50,6 +50,7 @@ from ..conditions import get_condition, is_true
 from ..kube import Kube, NotFound, PermanentApiError, TransientApiError
 from ..placement import NodeFacts, PlacementDecision, decide_placement
 from ..plan import LABEL_WORKER_INDEX, artifact_uri, plan, ssh_secret, worker_selector
+from ..run_dirs import Claimant, claimant, holder, in_use_message
 from ..settings import OperatorSettings
 from .pods import WorkerState, first_failure, worker_state
 from .status import StatusUpdate
@@ -160,9 +161,13 @@ def _before_start(
     if not v.ok:
         u.condition(T.VALIDATED, False, v.reason, v.message, event="Warning")
         return
-    u.condition(T.VALIDATED, True, R.SPEC_VALID, v.message, event="Normal")
     spec = v.spec
     assert spec is not None
+    taken = _run_dir_taken(kube, body, raw)
+    if taken is not None:
+        u.condition(T.VALIDATED, False, R.RUN_DIR_IN_USE, taken, event="Warning")
+        return
+    u.condition(T.VALIDATED, True, R.SPEC_VALID, v.message, event="Normal")
     if spec.suspend:
         u.condition(
             T.SUSPENDED,
@@ -397,6 +402,33 @@ def _observe(
 
 
 # --------------------------------------------------------------------------- actions
+
+
+def _as_claimant(body: Mapping[str, Any]) -> Claimant | None:
+    """A LoRAFineTune of the namespace as a run-dir claimant (its started spec once started)."""
+    meta = body.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    started = ANN_STARTED_SPEC in annotations
+    try:
+        raw = json.loads(annotations[ANN_STARTED_SPEC]) if started else dict(body.get("spec") or {})
+    except ValueError:
+        return None
+    validated = get_condition((body.get("status") or {}).get("conditions"), T.VALIDATED) or {}
+    refused = validated.get("status") == "False" and validated.get("reason") != R.RUN_DIR_IN_USE.value
+    return claimant(meta.get("name", ""), meta.get("namespace", ""), meta.get("creationTimestamp", ""), raw,
+                    started=started, refused=refused)
+
+
+def _run_dir_taken(kube: Kube, body: Mapping[str, Any], raw: Mapping[str, Any]) -> str | None:
+    """Why this not-yet-started resource may not use its run directory (another one has it), or None."""
+    meta = body["metadata"]
+    me = claimant(meta["name"], meta["namespace"], meta.get("creationTimestamp", ""), raw, started=False,
+                  refused=False)
+    if me is None:
+        return None
+    others = [c for c in map(_as_claimant, kube.list_lfts(meta["namespace"])) if c is not None]
+    other = holder(me, others)
+    return None if other is None else in_use_message(me, other)
 
 
 def _place(kube: Kube, settings: OperatorSettings, spec: LoRAFineTuneSpec) -> PlacementDecision:
