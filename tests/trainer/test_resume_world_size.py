@@ -111,6 +111,12 @@ def test_resume_with_another_world_size_continues_the_curve(
     stopped_at = _stop_at_first_checkpoint(first, run_dir)
 
     second = plan_workers(_spec(tiny_model_dir, *after), tmp_path / "second", name="second", run_dir=run_dir)
+    # Another resource (another UID) never takes over a run dir by itself (issue 9 item 3); handing the
+    # unfinished run over is deliberate: delete its owner.json (docs/troubleshooting.md).
+    refused = launch(second)
+    assert all(r.returncode != 0 for r in refused), [r.stderr[-1000:] for r in refused]
+    assert "belongs to run uid-first" in refused[0].stderr, refused[0].stderr[-2000:]
+    (run_dir / "owner.json").unlink()
     results = launch(second)
     for r in results:
         assert r.returncode == 0, r.stderr[-2000:]
