@@ -74,7 +74,8 @@ def test_batch_equals_single(tok: Any) -> None:
     recs = [{"instruction": f"Add {i} and {i + 1}.", "output": str(2 * i + 1)} for i in range(50)]
     pairs = [render(r, c) for r in recs]
     res = tokenize_examples(pairs, tok, c)
-    assert res.counts() == {"kept": 50, "truncated": 0, "dropped": 0}
+    assert res.counts() == {"kept": 50, "truncated": 0, "dropped": 0, "dropped_over_cutoff_len": 0,
+                           "dropped_no_label_tokens": 0}
     for pair, ex in zip(pairs, res.examples, strict=True):
         single = tokenize_example(*pair, tok, c)
         assert single is not None and single.input_ids == ex.input_ids and single.labels == ex.labels
@@ -87,11 +88,13 @@ def test_truncation_cuts_the_end_and_counts(tok: Any) -> None:
     cut = len(full) - 10
     c = cfg(cutoff_len=cut)
     res = tokenize_examples([(prompt, response)], tok, c)
-    assert res.counts() == {"kept": 1, "truncated": 1, "dropped": 0}
+    assert res.counts() == {"kept": 1, "truncated": 1, "dropped": 0, "dropped_over_cutoff_len": 0,
+                           "dropped_no_label_tokens": 0}
     ex = res.examples[0]
     assert ex.truncated and ex.input_ids == full.input_ids[:cut] and ex.labels == full.labels[:cut]
     dropped = tokenize_examples([(prompt, response), render(REC, cfg())], tok, cfg(cutoff_len=cut, drop_truncated=True))
-    assert dropped.counts() == {"kept": 1, "truncated": 0, "dropped": 1}
+    assert dropped.counts() == {"kept": 1, "truncated": 0, "dropped": 1, "dropped_over_cutoff_len": 1,
+                           "dropped_no_label_tokens": 0}
 
 
 def test_sample_whose_cutoff_removes_all_labels_is_dropped(tok: Any) -> None:
@@ -99,7 +102,8 @@ def test_sample_whose_cutoff_removes_all_labels_is_dropped(tok: Any) -> None:
     n_prompt = len(encode_prompt(prompt, tok, cfg()))
     short = render({"instruction": "Hi", "output": "Yo"}, cfg())
     res = tokenize_examples([(prompt, response), short], tok, cfg(cutoff_len=n_prompt))
-    assert res.counts() == {"kept": 1, "truncated": 0, "dropped": 1}
+    assert res.counts() == {"kept": 1, "truncated": 0, "dropped": 1, "dropped_over_cutoff_len": 1,
+                           "dropped_no_label_tokens": 0}
     assert res.source_index == [1]
 
 

@@ -7,12 +7,14 @@ Every user-facing failure is a one-line :class:`DataError`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import DataConfig
 from .collate import PACKED_FORWARD_KWARGS, collate, collate_flat
 from .errors import DataError
+from .guard import RecordGuard
 from .loading import SAMPLE_DATA_DIR, load_records, read_records, split_records
 from .packing import PackedRow, no_pack, pack, packing_stats
 from .templates import TEMPLATE_FIELDS, answer_of, custom_fields, prompt_only, render
@@ -25,6 +27,8 @@ from .tokenize import (
     tokenize_examples,
 )
 
+log = logging.getLogger("kubelora")
+
 __all__ = [
     "IGNORE_INDEX",
     "PACKED_FORWARD_KWARGS",
@@ -32,6 +36,7 @@ __all__ = [
     "DataError",
     "PackedRow",
     "PreparedData",
+    "RecordGuard",
     "TokenizeResult",
     "TokenizedExample",
     "answer_of",
@@ -99,19 +104,26 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
     held-out records (after ``max_eval_samples``) for exact match via ``prompt_only``/``answer_of``.
     """
     _check_field_map(cfg)
-    train_records, eval_records = load_records(cfg, seed)
+    guard = RecordGuard(cfg.max_record_bytes)
+    train_records, eval_records = load_records(cfg, seed, guard)
+    if guard.dropped:
+        log.warning("data: %s", guard.message())
     train_tok = tokenize_examples(_render_all(train_records, cfg, tokenizer, "train"), tokenizer, cfg)
     eval_tok = TokenizeResult()
     if eval_records:
         eval_tok = tokenize_examples(_render_all(eval_records, cfg, tokenizer, "eval"), tokenizer, cfg, what="eval")
     train_rows = pack(train_tok.examples, cfg.cutoff_len, seed=seed) if cfg.packing else no_pack(train_tok.examples)
     eval_rows = no_pack(eval_tok.examples)
+    for what, tok in (("training", train_tok), ("eval", eval_tok)):
+        if tok.dropped or tok.truncated:
+            log.warning("data: %s", tok.describe_cutoff(what, cfg.cutoff_len))
     lengths = [len(ex) for ex in train_tok.examples]
     stats: dict[str, Any] = {
         "train_records": len(train_records),
         "eval_records": len(eval_records),
         "train_samples": train_tok.counts(),
         "eval_samples": eval_tok.counts(),
+        "dropped_records": guard.stats(),
         "train_rows": packing_stats(train_rows, cfg.cutoff_len),
         "eval_rows": packing_stats(eval_rows, cfg.cutoff_len),
         "sample_tokens_mean": sum(lengths) / len(lengths),

@@ -3,7 +3,8 @@
 Records are plain dicts (column -> value) so templates, exact-match scoring and tests need no
 `datasets` objects. Every failure becomes a one-line :class:`DataError` naming the file (and line).
 The split and sampling are deterministic in ``seed`` so a resumed or re-run job sees the same rows,
-and every rank of a distributed job computes the same split without communicating.
+and every rank of a distributed job computes the same split without communicating. JSON Lines files
+are streamed line by line and lines over ``data.maxRecordBytes`` are skipped unread (see ``guard``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import csv
 import json
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..config import DataConfig
 from .errors import DataError
+from .guard import RecordGuard, human_bytes
 
 Record = dict[str, Any]
 
@@ -31,12 +34,19 @@ _EXTENSIONS = {
 SAMPLE_SCHEME = "sample://"
 #: The bundled toy instruction set (train.jsonl, heldout.jsonl).
 SAMPLE_DATA_DIR = Path(__file__).resolve().parent.parent / "sample_data"
+#: Bytes read at a time while skipping the rest of an over-long JSONL line (bounds memory, not speed).
+_SKIP_CHUNK = 1 << 20
 # A hub id is `name` or `owner/name`: no leading dot or slash, at most one slash, no file extension.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 
-def load_records(cfg: DataConfig, seed: int) -> tuple[list[Record], list[Record]]:
+def load_records(
+    cfg: DataConfig, seed: int, guard: RecordGuard | None = None
+) -> tuple[list[Record], list[Record]]:
     """Return ``(train, eval)`` records as configured by ``cfg``.
+
+    Records over ``cfg.max_record_bytes`` are left out and counted in ``guard`` (pass one to report
+    them); a source whose every record is over the bound is an error.
 
     The eval part comes from ``cfg.eval_path`` when set, otherwise ``val_set_size`` rows of
     ``cfg.path`` are held out by a ``seed``-determined permutation (a fraction when < 1, a count
@@ -44,12 +54,13 @@ def load_records(cfg: DataConfig, seed: int) -> tuple[list[Record], list[Record]
     ``max_samples`` is applied, so a small ``max_samples`` is a random subset, not the file's head.
     Eval rows keep file order and are cut to ``max_eval_samples``.
     """
-    records = read_records(cfg.path, cfg.format, cfg.split)
+    guard = guard if guard is not None else RecordGuard(cfg.max_record_bytes)
+    records = _read_guarded(cfg.path, cfg, guard)
     if not records:
         raise DataError(f"empty dataset after filtering: {cfg.path} has no records")
     if cfg.eval_path:
         train = records
-        eval_records = read_records(cfg.eval_path, cfg.format, cfg.split)
+        eval_records = _read_guarded(cfg.eval_path, cfg, guard)
     else:
         train, eval_records = split_records(records, cfg.val_set_size, seed)
         if not train:
@@ -65,6 +76,18 @@ def load_records(cfg: DataConfig, seed: int) -> tuple[list[Record], list[Record]
     if cfg.max_eval_samples is not None:
         eval_records = eval_records[: cfg.max_eval_samples]
     return train, eval_records
+
+
+def _read_guarded(path: str, cfg: DataConfig, guard: RecordGuard) -> list[Record]:
+    """Read one source under the size bound; all of its records over the bound is a one-line error."""
+    before = guard.dropped
+    records = read_records(path, cfg.format, cfg.split, guard)
+    if not records and guard.dropped > before:
+        raise DataError(
+            f"every record of {path} ({guard.dropped - before}) is over data.maxRecordBytes "
+            f"({human_bytes(guard.limit)}); raise data.maxRecordBytes or shorten the records"
+        )
+    return records
 
 
 def split_records(records: list[Record], val_set_size: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -91,11 +114,12 @@ def split_records(records: list[Record], val_set_size: float, seed: int) -> tupl
     return train, eval_records
 
 
-def read_records(path: str, fmt: str = "auto", split: str = "train") -> list[Record]:
+def read_records(path: str, fmt: str = "auto", split: str = "train", guard: RecordGuard | None = None) -> list[Record]:
     """Read every record of one source: a local file or directory, or else a hub dataset id.
 
     ``sample://NAME`` names a file of the bundled sample set. The config loader resolves it too,
     but a config validated without that step (e.g. from a resource spec) must still work here.
+    With a ``guard``, records over its limit are left out and counted there.
     """
     if path.startswith(SAMPLE_SCHEME):
         name = path[len(SAMPLE_SCHEME) :]
@@ -107,19 +131,24 @@ def read_records(path: str, fmt: str = "auto", split: str = "train") -> list[Rec
     if p.exists():
         kind = _detect_format(p, fmt)
         if kind == "datasets":
-            return _read_datasets_dir(p, split)
+            return _guarded(_read_datasets_dir(p, split), guard, p.name)
         if not p.is_file():
             raise DataError(f"data path {path} is a directory but not one saved with `datasets` (format {fmt})")
         if kind == "json":
-            return _read_json(p)
+            return _read_json(p, guard)
         if kind == "jsonl":
-            return _read_jsonl(p)
+            return _read_jsonl(p, guard)
         if kind == "csv":
-            return _read_csv(p)
-        return _read_parquet(p)
+            return _guarded(_read_csv(p), guard, p.name)
+        return _guarded(_read_parquet(p), guard, p.name)
     if _looks_like_hub_id(path) and fmt in ("auto", "datasets"):
-        return _read_hub(path, split)
+        return _guarded(_read_hub(path, split), guard, path)
     raise DataError(f"data file not found: {path}")
+
+
+def _guarded(records: list[Record], guard: RecordGuard | None, source: str) -> list[Record]:
+    """Apply the size bound to records parsed whole (every format but JSON Lines, which is streamed)."""
+    return records if guard is None else guard.keep(records, source)
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -156,29 +185,63 @@ def _check_objects(rows: list[Any], p: Path) -> list[Record]:
     return rows
 
 
-def _read_json(p: Path) -> list[Record]:
-    """A JSON list of objects or ``{"data": [...]}``; a `.json` file that is really JSONL also works."""
+def _read_json(p: Path, guard: RecordGuard | None) -> list[Record]:
+    """A JSON list of objects or ``{"data": [...]}``; a `.json` file that is really JSONL also works.
+
+    A JSON list is parsed whole (its records are size-checked after parsing): big data belongs in JSONL.
+    """
     text = _read_text(p)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several top-level values: JSON Lines saved as .json
-            return _parse_jsonl(text, p)
+            del text
+            return _read_jsonl(p, guard)
         raise DataError(f"{p} line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
         raise DataError(f"{p}: expected a JSON list of objects or an object with a 'data' list")
-    return _check_objects(obj, p)
+    return _guarded(_check_objects(obj, p), guard, p.name)
 
 
-def _read_jsonl(p: Path) -> list[Record]:
-    return _parse_jsonl(_read_text(p), p)
+def _lines(p: Path, limit: int | None) -> Iterator[tuple[int, bytes | None]]:
+    """``(line number, bytes)`` per line, streamed; ``bytes`` is None for a line over ``limit`` bytes.
+
+    An over-long line is skipped in bounded chunks, so memory stays at ``limit`` however long it is.
+    """
+    try:
+        with open(p, "rb") as fh:
+            lineno = 0
+            while True:
+                line = fh.readline(limit + 2) if limit is not None else fh.readline()  # +2: room for \r\n
+                if not line:
+                    return
+                lineno += 1
+                if limit is None or len(line.rstrip(b"\r\n")) <= limit:
+                    yield lineno, line
+                    continue
+                while not line.endswith(b"\n"):
+                    line = fh.readline(_SKIP_CHUNK)
+                    if not line:
+                        break
+                yield lineno, None
+    except OSError as err:
+        raise DataError(f"cannot read data file {p}: {err.strerror or err}") from None
 
 
-def _parse_jsonl(text: str, p: Path) -> list[Record]:
+def _read_jsonl(p: Path, guard: RecordGuard | None) -> list[Record]:
+    """Parse JSON Lines one line at a time; lines over the guard's limit are counted, never parsed."""
     rows: list[Record] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, raw in _lines(p, guard.limit if guard is not None else None):
+        if raw is None:
+            if guard is not None:
+                guard.drop(f"{p.name} line {lineno}")
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"cannot read data file {p}: not UTF-8 text (line {lineno}, byte {err.start})") from None
         if not line.strip():
             continue
         try:
@@ -192,18 +255,24 @@ def _parse_jsonl(text: str, p: Path) -> list[Record]:
 
 
 def _read_csv(p: Path) -> list[Record]:
-    text = _read_text(p)
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    """Stream the rows (fields over csv's 128 KiB field limit are an error that names the line)."""
     rows: list[Record] = []
     try:
-        for row in reader:
-            if None in row:  # more cells than header columns
-                raise DataError(
-                    f"{p} line {reader.line_num}: more values than the {len(reader.fieldnames or [])} columns"
-                )
-            rows.append(dict(row))
-    except csv.Error as err:
-        raise DataError(f"{p} line {reader.line_num}: invalid CSV ({err})") from None
+        with open(p, encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            try:
+                for row in reader:
+                    if None in row:  # more cells than header columns
+                        raise DataError(
+                            f"{p} line {reader.line_num}: more values than the {len(reader.fieldnames or [])} columns"
+                        )
+                    rows.append(dict(row))
+            except csv.Error as err:
+                raise DataError(f"{p} line {reader.line_num}: invalid CSV ({err})") from None
+    except UnicodeDecodeError:  # offsets are per decoded chunk, so no byte position here
+        raise DataError(f"cannot read data file {p}: not UTF-8 text") from None
+    except OSError as err:
+        raise DataError(f"cannot read data file {p}: {err.strerror or err}") from None
     return rows
 
 

@@ -61,8 +61,26 @@ class TokenizeResult:
     shortest: int | None = None  # shortest untruncated sample, in tokens
 
     def counts(self) -> dict[str, int]:
-        """The counts as a plain dict (for logs and summary.json)."""
-        return {"kept": self.kept, "truncated": self.truncated, "dropped": self.dropped}
+        """The counts as a plain dict (for logs and summary.json), drops split by their reason."""
+        return {
+            "kept": self.kept,
+            "truncated": self.truncated,
+            "dropped": self.dropped,
+            "dropped_over_cutoff_len": self.dropped_too_long,
+            "dropped_no_label_tokens": self.dropped_no_labels,
+        }
+
+    def describe_cutoff(self, what: str, cutoff_len: int) -> str:
+        """One log line saying what the cutoff rules did, e.g. ``training samples: 3 truncated at ...``."""
+        parts = []
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated at cutoffLen {cutoff_len}")
+        if self.dropped_too_long:
+            parts.append(f"{self.dropped_too_long} dropped over cutoffLen {cutoff_len} (no response token left "
+                         "or data.dropTruncated)")
+        if self.dropped_no_labels:
+            parts.append(f"{self.dropped_no_labels} dropped with no token to learn (empty response, addEos false)")
+        return f"{what} samples: " + ", ".join(parts) + f" ({self.kept} kept)"
 
 
 def _special_prefix(tokenizer: Any) -> list[int]:
