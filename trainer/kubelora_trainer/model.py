@@ -8,6 +8,7 @@ We convert a GGUF once into a plain bf16 safetensors directory in a cache and lo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import importlib.metadata
@@ -22,8 +23,11 @@ from typing import Any
 import torch
 
 from .config import MODEL_ALIASES, ModelConfig
+from .hub import HubError, check_hub_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: The first bytes of every GGUF file (checked before transformers, whose error is a traceback).
+GGUF_MAGIC = b"GGUF"
 
 
 class ModelError(ValueError):
@@ -37,6 +41,7 @@ class ModelSource:
     location: str  # local directory or hub id
     gguf_file: str | None = None
     is_local: bool = True
+    local_files_only: bool = False  # a hub id served from the hub cache (hub off or unreachable)
 
     def describe(self) -> str:
         return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
@@ -73,6 +78,7 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
+        _check_gguf_magic(path)
         return ModelSource(str(path.parent.resolve()), path.name)
     if path.exists():
         if not path.is_dir():
@@ -80,6 +86,7 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         if cfg.gguf_file:
             if not (path / cfg.gguf_file).is_file():
                 raise ModelError(f"GGUF file not found: {path / cfg.gguf_file}")
+            _check_gguf_magic(path / cfg.gguf_file)
             return ModelSource(str(path.resolve()), cfg.gguf_file)
         if not (path / "config.json").is_file():
             raise ModelError(f"model directory {path} has no config.json")
@@ -88,6 +95,17 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     if looks_like_path:
         raise ModelError(f"model path not found: {name}")
     return ModelSource(name, cfg.gguf_file, is_local=False)
+
+
+def _check_gguf_magic(path: Path) -> None:
+    """A `.gguf` that is not a GGUF file (a download error page, a safetensors file) is bad input."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(GGUF_MAGIC))
+    except OSError as err:
+        raise ModelError(f"cannot read GGUF file {path}: {err.strerror or err}") from None
+    if head != GGUF_MAGIC:
+        raise ModelError(f"{path} is not a GGUF file: it does not start with the GGUF magic bytes (starts with {head!r})")
 
 
 @contextlib.contextmanager
@@ -145,10 +163,20 @@ def convert_gguf(source: ModelSource, root: Path) -> Path:
 
 
 def materialize(cfg: ModelConfig) -> ModelSource:
-    """Resolve the source and convert local GGUF files, so that loading is a plain from_pretrained."""
+    """Resolve the source and convert local GGUF files, so that loading is a plain from_pretrained.
+
+    A hub id is probed first (see :mod:`.hub`): an unknown, gated or unreachable model fails here at
+    once with one line instead of after transformers' minute of download retries.
+    """
     source = resolve_source(cfg)
     if source.gguf_file and source.is_local:
         return ModelSource(str(convert_gguf(source, cache_root(cfg))))
+    if not source.is_local:
+        try:
+            cache_only = check_hub_model(source.location, source.gguf_file or "config.json", cfg.revision)
+        except HubError as err:
+            raise ModelError(str(err)) from None
+        return dataclasses.replace(source, local_files_only=cache_only)
     return source
 
 
@@ -156,12 +184,16 @@ def load_tokenizer(source: ModelSource, cfg: ModelConfig):  # noqa: ANN201 - tra
     """Load the tokenizer and make sure it can pad (padding is always masked by position)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        source.location,
-        gguf_file=source.gguf_file,
-        revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            source.location,
+            gguf_file=source.gguf_file,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            local_files_only=source.local_files_only,
+        )
+    except OSError as err:
+        raise ModelError(f"cannot load the tokenizer of {source.describe()}: {str(err).splitlines()[0]}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -218,6 +250,7 @@ def load_model(  # noqa: ANN201
         "attn_implementation": attention_kernel(cfg, device_type),
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,
+        "local_files_only": source.local_files_only,
     }
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
