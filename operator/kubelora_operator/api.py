@@ -103,6 +103,8 @@ KNOWN_TARGET_MODULES: dict[str, tuple[str, ...]] = {
 _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _DNS_LABEL_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
+#: Bound on list fields that end up in every pod (a pod spec has a size limit; lists this long are typos).
+MAX_PULL_SECRETS = 16
 _ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 _SAMPLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
@@ -165,6 +167,10 @@ Quantity = Annotated[
     BeforeValidator(_quantity_in),
     WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}]}),
 ]
+
+
+#: The name of an object in the resource's namespace (DNS-1123 subdomain), e.g. a Secret.
+SecretName = Annotated[str, Field(pattern=_DNS_SUBDOMAIN, min_length=1, max_length=253)]
 
 
 def _reuse(model: type[StrictModel], name: str) -> Any:
@@ -427,6 +433,14 @@ class LoRAFineTuneSpec(StrictModel):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         None, description="Image pull policy. Default: the operator's setting (IfNotPresent)."
     )
+    image_pull_secrets: list[SecretName] = Field(
+        default_factory=list,
+        max_length=MAX_PULL_SECRETS,
+        description=(
+            "Names of docker-registry Secrets (namespace of the resource) for pulling the trainer image from a "
+            "private registry; added to the operator's `imagePullSecrets` setting. Each must exist."
+        ),
+    )
     placement: PlacementSpec = Field(
         default_factory=lambda: PlacementSpec.model_validate({}), description="Extra scheduling constraints."
     )
@@ -667,6 +681,8 @@ def references(spec: LoRAFineTuneSpec) -> list[Reference]:
             refs.append(Reference("PersistentVolumeClaim", spec.data_volume.pvc.claim_name, "dataVolume.pvc.claimName"))
         if spec.data_volume.config_map is not None:
             refs.append(Reference("ConfigMap", spec.data_volume.config_map.name, "dataVolume.configMap.name"))
+    for i, pull in enumerate(spec.image_pull_secrets):
+        refs.append(Reference("Secret", pull, f"imagePullSecrets[{i}]"))
     hub = spec.secrets.hub_token_secret
     if hub is not None:
         refs.append(Reference("Secret", hub.name, "secrets.hubTokenSecret", hub.key))

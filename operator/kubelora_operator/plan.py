@@ -203,6 +203,11 @@ def _volumes(
     return volumes, mounts
 
 
+def image_pull_secrets(names: list[str], settings: OperatorSettings) -> list[dict[str, str]]:
+    """The pod's imagePullSecrets: the operator's (platform registry) first, then the resource's, once each."""
+    return [{"name": n} for n in dict.fromkeys([*settings.image_pull_secrets, *names])]
+
+
 def _pod(
     resource: LoRAFineTuneResource,
     index: int,
@@ -273,6 +278,9 @@ def _pod(
         "containers": [container],
         "volumes": [dict(v) for v in volumes],
     }
+    pull_secrets = image_pull_secrets(spec.image_pull_secrets, settings)
+    if pull_secrets:
+        pod_spec["imagePullSecrets"] = pull_secrets
     if settings.service_account:
         pod_spec["serviceAccountName"] = settings.service_account
     if spec.placement.priority_class_name:

@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -21,6 +21,7 @@ from pydantic.alias_generators import to_camel
 
 ENV_PREFIX = "KUBELORA_"
 SETTINGS_FILE_ENV = "KUBELORA_SETTINGS_FILE"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 DEFAULT_CCL_ENV: dict[str, str] = {
     # Multi-node oneCCL over plain pod networking: OFI with the TCP provider works on every CNI.
@@ -74,6 +75,15 @@ class OperatorSettings(BaseModel):
     xpu_image: str = Field("kubelora/trainer-xpu:0.1.0", min_length=1, description="Default trainer image for xpu.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Default imagePullPolicy of trainer pods."
+    )
+    image_pull_secrets: list[Annotated[str, Field(pattern=_DNS_SUBDOMAIN, max_length=253)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "Secrets (by name, in each resource's namespace) every trainer pod pulls its image with, e.g. the "
+            "platform's registry credentials; `spec.imagePullSecrets` adds to them. Not checked for existence: "
+            "a missing one surfaces as the kubelet's ErrImagePull."
+        ),
     )
     ccl_env: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_CCL_ENV),

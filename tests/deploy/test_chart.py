@@ -211,8 +211,12 @@ def test_settings_values_mirror_the_operator_settings(tmp_path: Path) -> None:
         {"settings": {"imagePullPolicy": "Sometimes"}},
         {"watchNamespaces": ["Not_A_Namespace"]},
         {"settings": {"masterPort": "29500"}},
+        {"settings": {"imagePullSecrets": [{"name": "regcred"}]}},
     ],
-    ids=["settings-typo", "top-typo", "nested-typo", "securitycontext-typo", "enum", "namespace", "type"],
+    ids=[
+        "settings-typo", "top-typo", "nested-typo", "securitycontext-typo", "enum", "namespace", "type",
+        "pull-secret-names",
+    ],
 )
 def test_invalid_values_fail(bad: dict[str, Any]) -> None:
     from .deploy_helpers import set_args
@@ -349,6 +353,7 @@ def test_settings_rendered_into_the_operator_settings_file(tmp_path: Path) -> No
             "cclEnv": {"CCL_ATL_TRANSPORT": "ofi", "FI_PROVIDER": "psm3"},
             "shmSizeLimit": "8Gi",
             "resyncSeconds": 15,
+            "imagePullSecrets": ["regcred"],
         }
     }
     objs = render(values)
@@ -362,6 +367,7 @@ def test_settings_rendered_into_the_operator_settings_file(tmp_path: Path) -> No
     # Helm merges maps: one oneCCL key changes, the other defaults stay.
     assert settings.ccl_env["FI_PROVIDER"] == "psm3" and settings.ccl_env["CCL_WORKER_COUNT"] == "1"
     assert settings.shm_size_limit == "8Gi" and settings.resync_seconds == 15
+    assert settings.image_pull_secrets == ["regcred"]
     assert settings.master_port == 29500  # untouched keys keep the defaults
     # The operator reads it from the mounted ConfigMap; a change rolls the pods.
     c = _container(objs)

@@ -61,6 +61,8 @@ def test_camel_and_snake_input_and_unknown_keys() -> None:
         ({"distributed": {"launcher": "srun"}}, "launcher"),
         ({"distributed": {"env": [{"name": "A", "value": "1", "valueFrom": {}}]}}, "not both"),
         ({"lora": {"targetModules": []}}, "targetModules is empty"),
+        ({"imagePullSecrets": ["Reg_Cred"]}, "spec.imagePullSecrets.0"),
+        ({"imagePullSecrets": [f"r{i}" for i in range(17)]}, "at most 16"),
     ],
 )
 def test_schema_level_rejections(over: dict[str, Any], needle: str) -> None:
@@ -161,10 +163,12 @@ def test_references_for_existence_checks() -> None:
             },
             dataVolume={"pvc": {"claimName": "datasets"}},
             secrets={"hubTokenSecret": {"name": "hf", "key": "token"}},
+            imagePullSecrets=["regcred"],
         )
     )
     refs = {(r.kind, r.name, r.key) for r in references(spec)}
     assert refs == {
+        ("Secret", "regcred", None),
         ("PersistentVolumeClaim", "scratch", None),
         ("Secret", "s3c", "AWS_ACCESS_KEY_ID"),
         ("Secret", "s3c", "AWS_SECRET_ACCESS_KEY"),

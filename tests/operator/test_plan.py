@@ -309,3 +309,14 @@ def test_workers_carry_the_resource_uid_as_run_identity() -> None:
     res = resource(device="xpu", workers=2)
     for pod in make(res).pods:
         assert env_of(pod)["KUBELORA_RUN_ID"] == res.uid
+
+
+def test_image_pull_secrets_from_settings_and_spec() -> None:
+    """The platform's registry Secrets (operator setting) come first, the resource's are added, each once."""
+    assert "imagePullSecrets" not in make(resource()).pods[0]["spec"]
+    settings = OperatorSettings(image_pull_secrets=["platform-registry"])
+    p = make(resource(workers=2, imagePullSecrets=["team-registry", "platform-registry"]), settings=settings)
+    for pod in p.pods:
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "platform-registry"}, {"name": "team-registry"}]
+    only_spec = make(resource(device="cpu", imagePullSecrets=["team-registry"]), AMX_NODES)
+    assert only_spec.pods[0]["spec"]["imagePullSecrets"] == [{"name": "team-registry"}]
