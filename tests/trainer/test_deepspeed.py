@@ -262,7 +262,9 @@ def test_built_deepspeed_config_follows_the_trainer_settings(tmp_path: Path) -> 
     cfg = parse_config({"data": {"path": "x.jsonl"}, "distributed": {"deepspeedStage": 3},
                         "training": {"microBatchSize": 3, "gradientAccumulationSteps": 2, "maxGradNorm": 0.3}})
     built = build_config(cfg, prepare(cfg, "cpu"), "bf16", 4)
-    assert built["zero_optimization"] == {"stage": 3}
+    # LoRA-sized ZeRO-3 settings (zero._LORA_STAGE3); the adapter-sized ones are set in fit_to_adapter.
+    assert built["zero_optimization"] == {"stage": 3, "stage3_prefetch_bucket_size": int(2e8),
+                                          "stage3_max_live_parameters": int(1e9)}
     assert (built["train_micro_batch_size_per_gpu"], built["gradient_accumulation_steps"],
             built["train_batch_size"]) == (3, 2, 24)
     assert built["gradient_clipping"] == 0.3 and built["bf16"] == {"enabled": True}
@@ -311,3 +313,87 @@ def test_zero3_smollm2_follows_the_plain_loss_curve(tmp_path: Path) -> None:
     s1, s3 = _summary(runs["plain"]), _summary(runs["zero3"])
     assert s3["zero_stage"] == 3 and s3["eval_loss_after"] == pytest.approx(s1["eval_loss_after"], rel=1e-3)
     assert s3["eval_loss_after"] < s3["eval_loss_before"]
+
+
+def _wide_llama(out: Path) -> Path:
+    """A Llama whose weights sit in its layers, not its embedding: a 64-wide model with a 16384-wide
+    MLP over 6 layers (22M parameters, 88 MB fp32, of which 19M in 1M-element Linear weights), so
+    that holding half of it or all of it is visible in a process's memory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from . import smollm2_tokenizer
+
+    tok = smollm2_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=16384, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def _probe_loading(model_dir: Path, root: Path, stage: int) -> dict[int, dict]:
+    """Two gloo ranks run the recipe up to `load_model_with_adapter` (tests/trainer/zero_load_probe.py)."""
+    from tests.s3server import free_port
+
+    root.mkdir(parents=True)
+    cfg = tiny_config(model_dir, root / "run", distributed={"deepspeedStage": stage})
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    port = str(free_port())
+    procs = [subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("zero_load_probe.py")), str(root / "cfg.yaml"), str(root)],
+        env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    return {rank: json.loads((root / f"rank-{rank}.json").read_text()) for rank in (0, 1)}
+
+
+def test_zero3_builds_the_base_partitioned_no_rank_holds_it_whole(tmp_path: Path) -> None:
+    """Under ZeRO-3 the recipe builds the model already partitioned (deepspeed.zero.Init through
+    transformers' integration): right after loading, before deepspeed.initialize, every base Linear
+    weight on every rank is a half-size shard with no full copy resident, and the rank that does not
+    read the checkpoint grew by about half of what the same rank grew by in a DDP run."""
+    model_dir = _wide_llama(tmp_path / "wide")
+    zero3, ddp = _probe_loading(model_dir, tmp_path / "zero3", 3), _probe_loading(model_dir, tmp_path / "ddp", 0)
+    for rank in (0, 1):
+        linears = zero3[rank]["linears"]
+        assert len(linears) == 6 * 7 + 1, linears  # q k v o gate up down in each layer, and lm_head
+        for w in linears:
+            assert w["resident"] == 0 and w["shard"] == -(-w["full"] // 2), (rank, w)
+        # The same measure sees a whole model in a DDP rank (so the check above can fail).
+        assert all(w["shard"] is None and w["resident"] == w["full"] for w in ddp[rank]["linears"])
+    base_kib = ddp[1]["base_elements"] * 4 / 1024  # fp32
+    grown = {name: run[1]["peak_rss_kib"] - run[1]["rss_before_kib"] for name, run in (("zero3", zero3), ("ddp", ddp))}
+    assert grown["ddp"] > 0.9 * base_kib, (grown, base_kib)  # DDP's rank 1 held the whole base
+    assert grown["zero3"] < 0.7 * grown["ddp"], (grown, base_kib)  # ZeRO-3's: its half, one module at a time
+
+
+def test_zero3_buckets_and_persistence_are_sized_to_the_adapter(tiny_model_dir: Path) -> None:
+    """Only LoRA gradients are reduced: one bucket of the adapter's size; LoRA A/B persist (at least
+    DeepSpeed's 1e5 threshold) but never a frozen matrix of the base; a user's own values are kept."""
+    from kubelora_trainer.config import parse_config
+    from kubelora_trainer.lora import attach_lora
+    from kubelora_trainer.model import load_model, materialize
+    from kubelora_trainer.zero import build_config, fit_to_adapter, prepare
+
+    cfg = parse_config(tiny_config(tiny_model_dir, tiny_model_dir / "unused", distributed={"deepspeedStage": 3}))
+    model = attach_lora(load_model(materialize(cfg.model), cfg.model, "cpu", "fp32"), cfg.lora, 7)
+    trainable = [p.numel() for p in model.parameters() if p.requires_grad]
+    smallest_frozen = min(p.numel() for p in model.parameters() if not p.requires_grad and p.dim() >= 2)
+    built = build_config(cfg, prepare(cfg, "cpu"), "fp32", 2)
+    fit_to_adapter(built, model)
+    zero_cfg = built["zero_optimization"]
+    assert zero_cfg["reduce_bucket_size"] == sum(trainable)
+    assert max(trainable) <= zero_cfg["stage3_param_persistence_threshold"] == smallest_frozen - 1
+    own = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000, "stage3_param_persistence_threshold": 7}}
+    fit_to_adapter(own, model)
+    assert own["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000, "stage3_param_persistence_threshold": 7}
+    stage2 = {"zero_optimization": {"stage": 2}}
+    fit_to_adapter(stage2, model)
+    assert stage2 == {"zero_optimization": {"stage": 2}}

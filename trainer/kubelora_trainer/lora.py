@@ -85,7 +85,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings, seed: int):  # noqa: A
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, for the log."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+    """(trainable, total) parameter counts, for the log; full sizes also for ZeRO-3-partitioned weights
+    (whose local `numel()` is 0 outside a gather)."""
+    sizes = [(p.requires_grad, int(getattr(p, "ds_numel", p.numel()))) for p in model.parameters()]
+    return sum(n for grad, n in sizes if grad), sum(n for _, n in sizes)

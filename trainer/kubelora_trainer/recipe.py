@@ -228,8 +228,13 @@ class LoRAFineTuneRecipe:
         log.info("data: %s", self.data.stats)
 
     def load_model_with_adapter(self) -> None:
-        base = load_model(self.source, self.cfg.model, self.device.type, self.dtype, self.device.torch_device)
-        self.model = attach_lora(base, self.cfg.lora, self.cfg.training.seed)
+        self.ds_config = (zero.build_config(self.cfg, self.zero_settings, self.dtype, self.world.world_size)
+                          if self.zero_settings is not None else None)
+        with zero.partitioned_loading(self.ds_config, self.world):  # ZeRO-3: each rank builds only its shards
+            base = load_model(self.source, self.cfg.model, self.device.type, self.dtype, self.device.torch_device)
+            self.model = attach_lora(base, self.cfg.lora, self.cfg.training.seed)
+        if self.zero_settings is not None:
+            log.info("model loaded: this rank holds %d of %d parameter elements", *zero.held_summary(self.model))
         self.model.to(self.device.torch_device)  # LoRA weights; 4-bit base weights were packed there already
         self.enable_fast_paths()
         self.eval_batches = self.build_eval_batches()
@@ -309,9 +314,8 @@ class LoRAFineTuneRecipe:
             weight_decay=t.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
-        if self.zero_settings is not None:
-            ds_config = zero.build_config(self.cfg, self.zero_settings, self.dtype, self.world.world_size)
-            self.zero = zero.ZeroRun.start(self.loss_module, self.model, self.optimizer, ds_config, self.world)
+        if self.ds_config is not None:
+            self.zero = zero.ZeroRun.start(self.loss_module, self.model, self.optimizer, self.ds_config, self.world)
             self.train_module = self.loss_module = self.zero.engine
         self.progress.update(total_steps=self.total_steps)
 

@@ -12,6 +12,8 @@ What this module does for the recipe, and nothing else:
 - ``prepare``: validate `distributed.deepspeed*` early (one-line errors, exit 2) and fix the stage;
 - ``build_config``: the DeepSpeed JSON from the trainer's settings, or the user's file checked
   against what the loop needs (batch shape, no optimizer/scheduler/fp16 of DeepSpeed's own);
+- ``partitioned_loading``: under ZeRO-3 the base model is *built* partitioned (each rank creates
+  and keeps only its shard of every weight), so a model that does not fit one device still loads;
 - ``ZeroRun``: the engine with torch's AdamW as client optimizer; backward/step in the shape of
   the recipe's loop; the full (gathered) trainable weights and AdamW state in the layout of
   ``torch.optim.AdamW.state_dict()`` for checkpoints, and their inverse for resume.
@@ -39,6 +41,25 @@ log = logging.getLogger("kubelora.zero")
 # DeepSpeed's ZeRO-3 calls these torch.distributed functions on every step; torch warns each time.
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor).*",
                         category=FutureWarning)
+
+#: ZeRO-3 settings for LoRA, where the frozen base is only all-gathered (never reduced) and the
+#: gradients reduced are the adapter's alone. Why each differs from DeepSpeed's default:
+#: - `stage3_prefetch_bucket_size` 2e8 elements (default 5e7): fetch the next decoder layer's base
+#:   weights while this one computes. A layer of a 1B model holds ~6e7 frozen elements, a 7B one ~2e8:
+#:   the default covered less than one, so each layer waited for its own all-gather. 2e8 bf16 elements
+#:   are 400 MB of gathered weights in flight, small beside the shard of a model that needed ZeRO-3.
+#: - `stage3_max_live_parameters` 1e9 (DeepSpeed's default, stated so the prefetch above stays under
+#:   it): the gathered weights a rank may hold at once before it must release; with LoRA the activations,
+#:   not the parameters, fill the rest of the device.
+#: `reduce_bucket_size` and `stage3_param_persistence_threshold` depend on the adapter: `fit_to_adapter`.
+_LORA_STAGE3: dict[str, Any] = {
+    "stage3_prefetch_bucket_size": int(2e8),
+    "stage3_max_live_parameters": int(1e9),
+}
+
+#: DeepSpeed's own defaults for the two adapter-sized settings (deepspeed/runtime/zero/config.py).
+_DS_REDUCE_BUCKET = int(5e8)
+_DS_PERSISTENCE = int(1e5)
 
 #: DeepSpeed keys that would take over what the recipe owns.
 _OWNED_BY_TRAINER = ("optimizer", "scheduler")
@@ -139,7 +160,7 @@ def build_config(cfg: TrainerConfig, settings: ZeroSettings, dtype: str, world_s
     }
     if settings.user_config is None:
         ds: dict[str, Any] = {
-            "zero_optimization": {"stage": settings.stage},
+            "zero_optimization": {"stage": settings.stage, **(_LORA_STAGE3 if settings.stage == 3 else {})},
             "gradient_clipping": t.max_grad_norm or 0.0,
             "bf16": {"enabled": dtype == "bf16"},
             "fp16": {"enabled": False},
@@ -168,6 +189,90 @@ def _ensure_process_group(world: WorldView) -> None:
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _join(deepspeed: Any, world: WorldView) -> None:
+    """What DeepSpeed needs before it partitions anything (`zero.Init` or `initialize`), idempotent."""
+    _ensure_process_group(world)
+    # DeepSpeed reads these from the env (torchrun sets them; a single process or an MPI launcher does not).
+    for key, value in (("RANK", world.rank), ("WORLD_SIZE", world.world_size), ("LOCAL_RANK", world.local_rank)):
+        os.environ.setdefault(key, str(value))
+    _skip_shm_comm_op(deepspeed)
+    # DeepSpeed's comm layer over the existing process group, as `deepspeed.initialize` sets it up; `zero.Init`
+    # reads the world size from it while it checks the config, before it would set it up itself (as size 1).
+    deepspeed.init_distributed(dist_backend=deepspeed.accelerator.get_accelerator().communication_backend_name(),
+                               dist_init_required=False)
+
+
+@contextlib.contextmanager
+def partitioned_loading(ds_config: dict[str, Any] | None, world: WorldView) -> Iterator[None]:
+    """ZeRO-3: every model `from_pretrained` builds inside is created under `deepspeed.zero.Init`.
+
+    Why: loading the whole base on each device and letting `deepspeed.initialize` partition it
+    afterwards needs one device to hold the whole model, the very case ZeRO-3 is for (7B+ in bf16 across
+    cards). transformers' DeepSpeed integration (a live `HfDeepSpeedConfig`) makes `from_pretrained`
+    partition each module's weights as it is constructed and then copy the checkpoint in one module at
+    a time (rank 0 reads the values, the module is gathered, filled, re-partitioned), so no rank ever
+    holds more than its shards plus one module. LoRA attached inside the context sees the partitioned
+    base (peft gathers the base weight where an init needs it, e.g. PiSSA/OLoRA); its own small
+    weights are plain tensors that `deepspeed.initialize` partitions with the rest.
+
+    The integration is switched off again on exit: a later `from_pretrained` (the merged export
+    loads a fresh base on rank 0 alone) must not enter a collective the other ranks never join.
+    Nothing happens for ZeRO-2 or without DeepSpeed (`ds_config` None).
+    """
+    stage = int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+    if stage != 3:
+        yield
+        return
+    deepspeed = _import_deepspeed()
+    _join(deepspeed, world)
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    live = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference: hold it here
+    try:
+        yield
+    finally:
+        del live
+        unset_hf_deepspeed_config()
+
+
+def held_summary(model: torch.nn.Module) -> tuple[int, int]:
+    """(elements this rank stores, elements of the full model): its shards plus any full copies.
+
+    A partitioned parameter counts its shard (`ds_tensor`) and, when gathered or persistent (small
+    ones DeepSpeed keeps whole), its full data too; a plain parameter counts in full.
+    """
+    held = total = 0
+    for p in model.parameters():
+        total += int(getattr(p, "ds_numel", p.numel()))
+        held += p.data.numel() + (int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else 0)
+    return held, total
+
+
+def fit_to_adapter(ds_config: dict[str, Any], model: torch.nn.Module) -> None:
+    """Size the ZeRO-3 settings that depend on the adapter, where the config leaves them unset.
+
+    - `reduce_bucket_size`: every trainable element (capped at DeepSpeed's 5e8). Only LoRA weights
+      have gradients, a few MB to a few hundred: one bucket reduces them in one collective per step,
+      and the bucket is allocated up front (DeepSpeed's 5e8 default held 2 GB of fp32 for ~22 MB of
+      gradients on a 1B model).
+    - `stage3_param_persistence_threshold`: the largest adapter tensor (never below DeepSpeed's 1e5),
+      so LoRA A/B stay whole on every rank instead of being all-gathered twice per micro-batch in
+      hundreds of latency-bound messages; but below the smallest frozen matrix of the base, so the
+      base itself is still partitioned. Their gradients and AdamW state are partitioned either way.
+    """
+    zero_cfg = ds_config.setdefault("zero_optimization", {})
+    if int(zero_cfg.get("stage", 0)) != 3:
+        return
+    trainable = [int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad]
+    frozen_matrices = [int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()
+                       if not p.requires_grad and len(getattr(p, "ds_shape", p.shape)) >= 2]
+    zero_cfg.setdefault("reduce_bucket_size", max(1, min(sum(trainable), _DS_REDUCE_BUCKET)))
+    persist = max(_DS_PERSISTENCE, max(trainable, default=0))
+    if frozen_matrices:
+        persist = min(persist, min(frozen_matrices) - 1)
+    zero_cfg.setdefault("stage3_param_persistence_threshold", persist)
 
 
 def _skip_shm_comm_op(deepspeed: Any) -> None:
@@ -202,11 +307,8 @@ class ZeroRun:
         `params` now point at flat fp32 partitions), so LambdaLR's writes reach the real update.
         """
         deepspeed = _import_deepspeed()
-        _ensure_process_group(world)
-        # DeepSpeed reads these from the env (torchrun sets them; a single process or an MPI launcher does not).
-        for key, value in (("RANK", world.rank), ("WORLD_SIZE", world.world_size), ("LOCAL_RANK", world.local_rank)):
-            os.environ.setdefault(key, str(value))
-        _skip_shm_comm_op(deepspeed)
+        _join(deepspeed, world)
+        fit_to_adapter(ds_config, model)
         engine, _, _, _ = deepspeed.initialize(model=loss_module, optimizer=optimizer, config=ds_config,
                                                dist_init_required=False)
         managed = getattr(engine, "managed_gradient_accumulation", None)
@@ -237,11 +339,7 @@ class ZeroRun:
 
     def partition_summary(self) -> str:
         """How much of the model this rank holds: proof that ZeRO-3 really partitioned it."""
-        held = total = 0
-        for p in self.model.parameters():
-            numel = int(getattr(p, "ds_numel", p.numel()))
-            total += numel
-            held += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else numel
+        held, total = held_summary(self.model)
         return f"this rank holds {held} of {total} parameter elements"
 
     @contextlib.contextmanager
