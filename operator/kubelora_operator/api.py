@@ -14,8 +14,7 @@ import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from kubelora_trainer import contract
 from kubelora_trainer.config import (
@@ -31,17 +30,18 @@ from kubelora_trainer.config import (
     TrainingConfig,
 )
 from pydantic import (
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
-    WithJsonSchema,
     field_validator,
     model_validator,
 )
 from pydantic.fields import FieldInfo
 
 from .conditions import ConditionReason, ConditionType
+from .k8s_types import DNS_SUBDOMAIN as _DNS_SUBDOMAIN
+from .k8s_types import Quantity, SecretName
+from .pod_overrides import PodOverrides
 
 if TYPE_CHECKING:
     from .settings import OperatorSettings
@@ -100,7 +100,6 @@ KNOWN_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "smollm2-135m": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 
-_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _DNS_LABEL_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
 #: Bound on list fields that end up in every pod (a pod spec has a size limit; lists this long are typos).
@@ -110,67 +109,6 @@ _SAMPLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 
 
-# --------------------------------------------------------------------------- quantities
-
-
-_QUANTITY = re.compile(
-    r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$"
-)
-_SUFFIX = {
-    "": Decimal(1),
-    "n": Decimal("1e-9"),
-    "u": Decimal("1e-6"),
-    "m": Decimal("1e-3"),
-    "k": Decimal(10) ** 3,
-    "M": Decimal(10) ** 6,
-    "G": Decimal(10) ** 9,
-    "T": Decimal(10) ** 12,
-    "P": Decimal(10) ** 15,
-    "E": Decimal(10) ** 18,
-    "Ki": Decimal(2) ** 10,
-    "Mi": Decimal(2) ** 20,
-    "Gi": Decimal(2) ** 30,
-    "Ti": Decimal(2) ** 40,
-    "Pi": Decimal(2) ** 50,
-    "Ei": Decimal(2) ** 60,
-}
-
-
-def parse_quantity(value: str | int | float) -> Decimal:
-    """Parse a Kubernetes resource quantity ("4", "500m", "16Gi", "1e3") into a Decimal of base units."""
-    text = str(value).strip()
-    match = _QUANTITY.match(text)
-    if not match:
-        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
-    number, suffix = match.group(1), match.group(2) or ""
-    try:
-        base = Decimal(number)
-    except InvalidOperation:  # pragma: no cover - the regex already guarantees a number
-        raise ValueError(f"{value!r} is not a Kubernetes quantity") from None
-    if suffix[:1] in ("e", "E"):
-        return base * (Decimal(10) ** int(suffix[1:]))
-    return base * _SUFFIX[suffix]
-
-
-def _quantity_in(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError("expected a quantity such as 4, 500m or 16Gi")
-    text = str(value)
-    if parse_quantity(text) <= 0:
-        raise ValueError(f"{text!r} must be greater than zero")
-    return text
-
-
-#: A positive Kubernetes quantity; YAML numbers are accepted (int-or-string in the CRD).
-Quantity = Annotated[
-    str,
-    BeforeValidator(_quantity_in),
-    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}]}),
-]
-
-
-#: The name of an object in the resource's namespace (DNS-1123 subdomain), e.g. a Secret.
-SecretName = Annotated[str, Field(pattern=_DNS_SUBDOMAIN, min_length=1, max_length=253)]
 
 
 def _reuse(model: type[StrictModel], name: str) -> Any:
@@ -451,6 +389,14 @@ class LoRAFineTuneSpec(StrictModel):
     secrets: SecretsSpec = Field(
         default_factory=lambda: SecretsSpec.model_validate({}), description="Secrets for the trainer."
     )
+    pod: PodOverrides = Field(
+        default_factory=lambda: PodOverrides.model_validate({}),
+        description=(
+            "What the platform may shape in every worker pod: labels, annotations, runtimeClassName, "
+            "serviceAccountName, shmSize, extra volumes and mounts, env from ConfigMaps. The restricted "
+            "security context is not negotiable."
+        ),
+    )
     backoff_limit: int = Field(
         3, ge=0, le=100, description="Restarts (from the newest checkpoint) after a worker fails, before Failed."
     )
@@ -683,6 +629,18 @@ def references(spec: LoRAFineTuneSpec) -> list[Reference]:
             refs.append(Reference("ConfigMap", spec.data_volume.config_map.name, "dataVolume.configMap.name"))
     for i, pull in enumerate(spec.image_pull_secrets):
         refs.append(Reference("Secret", pull, f"imagePullSecrets[{i}]"))
+    for i, vol in enumerate(spec.pod.volumes):
+        field = f"pod.volumes[{i}]"
+        if vol.config_map is not None and not vol.config_map.optional:
+            refs.append(Reference("ConfigMap", vol.config_map.name, f"{field}.configMap.name"))
+        if vol.secret is not None and not vol.secret.optional:
+            refs.append(Reference("Secret", vol.secret.secret_name, f"{field}.secret.secretName"))
+        if vol.persistent_volume_claim is not None:
+            claim = vol.persistent_volume_claim.claim_name
+            refs.append(Reference("PersistentVolumeClaim", claim, f"{field}.persistentVolumeClaim.claimName"))
+    for i, source in enumerate(spec.pod.env_from):
+        if not source.config_map_ref.optional:
+            refs.append(Reference("ConfigMap", source.config_map_ref.name, f"pod.envFrom[{i}].configMapRef.name"))
     hub = spec.secrets.hub_token_secret
     if hub is not None:
         refs.append(Reference("Secret", hub.name, "secrets.hubTokenSecret", hub.key))
@@ -715,6 +673,12 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root + "/")
 
 
+def _user_mounts(spec: LoRAFineTuneSpec) -> list[str]:
+    """Mount paths the resource adds to the pod: the dataVolume and `pod.volumeMounts`."""
+    paths = [m.mount_path for m in spec.pod.volume_mounts]
+    return ([spec.data_volume.mount_path] if spec.data_volume else []) + paths
+
+
 def _check_pod_path(field: str, value: str | None, spec: LoRAFineTuneSpec, *, allow_sample: bool) -> list[str]:
     """A path the trainer opens in the pod must be reachable there."""
     if not value:
@@ -731,7 +695,7 @@ def _check_pod_path(field: str, value: str | None, spec: LoRAFineTuneSpec, *, al
         return []
     if value.startswith("/"):
         mounted = spec.data_volume.mount_path if spec.data_volume else None
-        if mounted and _under(value, mounted):
+        if any(_under(value, path) for path in _user_mounts(spec)):
             return []
         if spec.image is not None:
             return []  # a custom image may ship the file; nothing to check
@@ -816,6 +780,16 @@ def validate_spec(spec: LoRAFineTuneSpec, settings: OperatorSettings) -> list[st
             if _under(mount, reserved) or _under(reserved, mount):
                 problems.append(
                     f"spec.dataVolume mountPath {mount!r} collides with {reserved}, which the operator uses"
+                )
+                break
+
+    for i, extra in enumerate(spec.pod.volume_mounts):
+        for taken in (*RESERVED_MOUNT_PATHS, *([spec.data_volume.mount_path] if spec.data_volume else [])):
+            if _under(extra.mount_path, taken) or _under(taken, extra.mount_path):
+                owner = "the dataVolume" if taken not in RESERVED_MOUNT_PATHS else "the operator"
+                problems.append(
+                    f"spec.pod.volumeMounts[{i}] mountPath {extra.mount_path!r} collides with {taken}, "
+                    f"which {owner} uses"
                 )
                 break
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
-from .api import LoRAFineTuneSpec, PlacementSpec, parse_quantity
+from .api import LoRAFineTuneSpec, PlacementSpec
 from .conditions import ConditionReason
+from .k8s_types import parse_quantity
 from .settings import OperatorSettings, parse_label
 
 Device = Literal["xpu", "cpu"]

@@ -43,6 +43,7 @@ from .api import (
     LoRAFineTuneResource,
 )
 from .placement import PlacementDecision
+from .pod_overrides import PodVolume
 from .settings import OperatorSettings
 from .wiring import (
     WAIT_FOR_PEERS_PY,
@@ -161,8 +162,9 @@ def _volumes(
     empty: dict[str, Any] = {}
     cache: dict[str, Any] = {"sizeLimit": settings.cache_size_limit} if settings.cache_size_limit else {}
     shm: dict[str, Any] = {"medium": "Memory"}
-    if settings.shm_size_limit:
-        shm["sizeLimit"] = settings.shm_size_limit
+    shm_size = spec.pod.shm_size or settings.shm_size_limit
+    if shm_size:
+        shm["sizeLimit"] = shm_size
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": config_map_name(resource.name)}},
         {"name": "tmp", "emptyDir": dict(empty)},
@@ -200,7 +202,31 @@ def _volumes(
         # 0440 root:fsGroup: readable by the trainer user; ssh/sshd accept keys not owned by the caller.
         volumes.append({"name": "ssh", "secret": {"secretName": ssh_secret, "defaultMode": 0o440}})
         mounts.append({"name": "ssh", "mountPath": SSH_DIR, "readOnly": True})
+    volumes += [extra_volume(v) for v in spec.pod.volumes]
+    for m in spec.pod.volume_mounts:
+        mount = {"name": m.name, "mountPath": m.mount_path, "readOnly": m.read_only}
+        if m.sub_path:
+            mount["subPath"] = m.sub_path
+        mounts.append(mount)
     return volumes, mounts
+
+
+def extra_volume(volume: PodVolume) -> dict[str, Any]:
+    """A `spec.pod.volumes` entry as a core/v1 Volume (exactly one source is set; validated in the model)."""
+    out: dict[str, Any] = {"name": volume.name}
+    if volume.config_map is not None:
+        out["configMap"] = {"name": volume.config_map.name, "optional": volume.config_map.optional}
+    elif volume.secret is not None:
+        out["secret"] = {"secretName": volume.secret.secret_name, "optional": volume.secret.optional}
+    elif volume.persistent_volume_claim is not None:
+        pvc = volume.persistent_volume_claim
+        out["persistentVolumeClaim"] = {"claimName": pvc.claim_name, "readOnly": pvc.read_only}
+    elif volume.empty_dir is not None:
+        empty: dict[str, Any] = {"medium": volume.empty_dir.medium} if volume.empty_dir.medium else {}
+        if volume.empty_dir.size_limit:
+            empty["sizeLimit"] = volume.empty_dir.size_limit
+        out["emptyDir"] = empty
+    return out
 
 
 def image_pull_secrets(names: list[str], settings: OperatorSettings) -> list[dict[str, str]]:
@@ -228,8 +254,15 @@ def _pod(
         LABEL_ATTEMPT: str(attempt),
         "app.kubernetes.io/component": "worker",
     }
+    # The resource's labels/annotations first, the operator's on top: validation already refuses
+    # operator keys in spec.pod, and this order keeps selectors intact even if that check were bypassed.
     metadata = _metadata(resource, name, labels)
-    metadata["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash, ANNOTATION_GENERATION: str(resource.generation)}
+    metadata["labels"] = {**spec.pod.labels, **metadata["labels"]}
+    metadata["annotations"] = {
+        **spec.pod.annotations,
+        ANNOTATION_CONFIG_HASH: config_hash,
+        ANNOTATION_GENERATION: str(resource.generation),
+    }
     ports = [
         {"name": "master", "containerPort": settings.master_port, "protocol": "TCP"},
         {"name": "metrics", "containerPort": settings.metrics_port, "protocol": "TCP"},
@@ -281,8 +314,18 @@ def _pod(
     pull_secrets = image_pull_secrets(spec.image_pull_secrets, settings)
     if pull_secrets:
         pod_spec["imagePullSecrets"] = pull_secrets
-    if settings.service_account:
-        pod_spec["serviceAccountName"] = settings.service_account
+    service_account = spec.pod.service_account_name or settings.service_account
+    if service_account:
+        pod_spec["serviceAccountName"] = service_account
+    if spec.pod.runtime_class_name:
+        pod_spec["runtimeClassName"] = spec.pod.runtime_class_name
+    if spec.pod.env_from:
+        # Kubernetes gives `env` precedence over `envFrom`: the operator's wiring variables always win.
+        container["envFrom"] = [
+            {"configMapRef": {"name": e.config_map_ref.name, "optional": e.config_map_ref.optional}}
+            | ({"prefix": e.prefix} if e.prefix else {})
+            for e in spec.pod.env_from
+        ]
     if spec.placement.priority_class_name:
         pod_spec["priorityClassName"] = spec.placement.priority_class_name
     if placement.node_selector:

@@ -34,7 +34,8 @@ from typing import Any
 
 from kubelora_trainer.contract import LAUNCH_MODULE, METRICS_PORT_ENV, TRAINER_MODULE
 
-from .api import CACHE_DIR, CONFIG_DIR, CONFIG_FILE, OUTPUT_DIR, SSH_DIR, TMP_DIR, LoRAFineTuneSpec, parse_quantity
+from .api import CACHE_DIR, CONFIG_DIR, CONFIG_FILE, OUTPUT_DIR, SSH_DIR, TMP_DIR, LoRAFineTuneSpec
+from .k8s_types import parse_quantity
 from .settings import OperatorSettings
 
 HOSTFILE = f"{CONFIG_DIR}/hostfile"

@@ -12,13 +12,13 @@ from kubelora_operator.api import (
     LoRAFineTuneStatus,
     SpecError,
     check_resource,
-    parse_quantity,
     parse_spec,
     pvc_problems,
     references,
     validate_name,
     validate_spec,
 )
+from kubelora_operator.k8s_types import parse_quantity
 from kubelora_trainer.config import DataConfig, LoraSettings, ModelConfig, TrainingConfig
 
 from . import SETTINGS, raw_spec
