@@ -8,16 +8,8 @@ MASTER_ADDR, MASTER_PORT); writes OUT_DIR/rank-<RANK>.json. Only the steps up to
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from pathlib import Path
-
-
-def _rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def main() -> None:
@@ -29,9 +21,7 @@ def main() -> None:
     recipe = LoRAFineTuneRecipe(load_config(config))
     recipe.setup_device_and_group()
     recipe.load_tokenizer_and_data()
-    rss_before = _rss_kib()
     recipe.load_model_with_adapter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: this process's high-water mark
     base = recipe.model.get_base_model()
     linears = []
     for name, module in base.named_modules():
@@ -41,10 +31,7 @@ def main() -> None:
                             "shard": int(w.ds_tensor.numel()) if hasattr(w, "ds_tensor") else None,
                             "resident": int(w.data.numel())})
     rank = recipe.world.rank
-    (out / f"rank-{rank}.json").write_text(json.dumps({
-        "rank": rank, "rss_before_kib": rss_before, "peak_rss_kib": peak, "linears": linears,
-        "base_elements": sum(int(getattr(p, "ds_numel", p.numel())) for p in base.parameters()),
-    }))
+    (out / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "linears": linears}))
 
 
 if __name__ == "__main__":
