@@ -13,8 +13,14 @@ bridges the two:
   `x-kubernetes-preserve-unknown-fields: true` (pydantic still validates them), `int | str` becomes
   `x-kubernetes-int-or-string`, and unions of one primitive type (`"auto" | str`) become that type;
 * free-form objects (`dict[str, Any]`) keep their data via `x-kubernetes-preserve-unknown-fields`;
-* `title`, `default`, `examples` and `additionalProperties: false` are dropped: defaults are applied by
-  pydantic, and unknown spec keys are pruned by the server (kubectl's validation reports them).
+* spec field defaults become `default:` (so `kubectl explain` and `kubectl get -o yaml` show what a run
+  uses): plain values as they are; `None` never (an unset field means "follow the operator's setting"
+  or "not used", and a stored value would pin it); an optional section whose pydantic default is the
+  empty model (`lora`, `training`, `resources`, ...) gets `default: {}` when it holds defaults, because
+  the server applies nested defaults only where the parent object exists. Status carries none: it is
+  what the operator observed, not input;
+* `title`, `examples` and `additionalProperties: false` are dropped: unknown spec keys are pruned by the
+  server (kubectl's validation reports them).
 
 Output is YAML with sorted keys, so regenerating is byte-for-byte stable.
 """
@@ -94,8 +100,22 @@ def _union(branches: list[dict[str, Any]]) -> dict[str, Any]:
     return {PRESERVE: True}
 
 
-def to_structural(node: dict[str, Any], defs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Convert one pydantic JSON Schema node (and everything below it) into a structural schema node."""
+def _section_default(raw: dict[str, Any], converted: dict[str, Any]) -> bool:
+    """An optional object property defaulted by a factory (no `default` in the JSON Schema), not nullable,
+    with nothing required and defaults inside: absent means `{}`, and `default: {}` lets the server
+    fill the nested defaults of an absent section too."""
+    if "default" in raw or converted.get("type") != "object" or converted.get("nullable"):
+        return False
+    if converted.get("required") or "default" in converted:
+        return False
+    return any("default" in sub for sub in (converted.get("properties") or {}).values())
+
+
+def to_structural(
+    node: dict[str, Any], defs: dict[str, Any] | None = None, *, defaults: bool = False
+) -> dict[str, Any]:
+    """Convert one pydantic JSON Schema node (and everything below it) into a structural schema node;
+    `defaults`: carry field defaults (spec) or not (status)."""
     defs = defs if defs is not None else {}
     node = _resolve(node, defs)
     out: dict[str, Any] = {}
@@ -106,11 +126,13 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any] | None = None) -> d
         nullable = len(rest) < len(branches)
         if len(rest) == 1:
             merged = {k: v for k, v in node.items() if k not in ("anyOf", "oneOf")}
-            out = to_structural({**rest[0], **merged}, defs)
+            out = to_structural({**rest[0], **merged}, defs, defaults=defaults)
         else:
-            out = _union([to_structural(b, defs) for b in rest])
+            out = _union([to_structural(b, defs, defaults=defaults) for b in rest])
             if "description" in node:
                 out["description"] = node["description"]
+            if defaults and node.get("default") is not None:
+                out["default"] = node["default"]
         if nullable:
             out["nullable"] = True
         return out
@@ -119,7 +141,7 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any] | None = None) -> d
         if len(node["allOf"]) != 1:
             raise SchemaError(f"allOf with {len(node['allOf'])} parts is not supported")
         merged = {k: v for k, v in node.items() if k != "allOf"}
-        return to_structural({**_resolve(node["allOf"][0], defs), **merged}, defs)
+        return to_structural({**_resolve(node["allOf"][0], defs), **merged}, defs, defaults=defaults)
 
     for key, value in node.items():
         if key == "const":
@@ -133,6 +155,8 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any] | None = None) -> d
             out[key] = True
         elif key in _KEEP or key.startswith("x-kubernetes-"):
             out[key] = value
+        elif key == "default" and defaults and value is not None:
+            out["default"] = value
 
     if "const" in node and "type" not in out:
         value = node["const"]
@@ -143,17 +167,21 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any] | None = None) -> d
         out["type"] = "object"
         props = node.get("properties")
         if props:
-            out["properties"] = {name: to_structural(sub, defs) for name, sub in props.items()}
+            out["properties"] = {name: to_structural(sub, defs, defaults=defaults) for name, sub in props.items()}
+            required = set(node.get("required") or ())
+            for name, sub in props.items():
+                if defaults and name not in required and _section_default(sub, out["properties"][name]):
+                    out["properties"][name]["default"] = {}
         extra = node.get("additionalProperties")
         if isinstance(extra, dict) and extra:
             if props:
                 out[PRESERVE] = True
             else:
-                out["additionalProperties"] = to_structural(extra, defs)
+                out["additionalProperties"] = to_structural(extra, defs, defaults=defaults)
         elif (extra is True or extra == {}) or (not props and extra is None):
             out[PRESERVE] = True
     elif kind == "array":
-        out["items"] = to_structural(node.get("items", {}), defs)
+        out["items"] = to_structural(node.get("items", {}), defs, defaults=defaults)
     elif kind is None and not any(k in out for k in (INT_OR_STRING, PRESERVE, "enum")):
         out[PRESERVE] = True  # Any
     if out.get("type") == "object" and not out.get("required"):
@@ -161,16 +189,16 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any] | None = None) -> d
     return out
 
 
-def model_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The structural schema of a pydantic model (camelCase names, descriptions kept)."""
+def model_schema(model: type[BaseModel], *, defaults: bool = False) -> dict[str, Any]:
+    """The structural schema of a pydantic model (camelCase names, descriptions kept, defaults on request)."""
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
-    return to_structural(raw, defs)
+    return to_structural(raw, defs, defaults=defaults)
 
 
 def openapi_schema() -> dict[str, Any]:
     """The `openAPIV3Schema` of the resource."""
-    spec = model_schema(LoRAFineTuneSpec)
+    spec = model_schema(LoRAFineTuneSpec, defaults=True)
     status = model_schema(LoRAFineTuneStatus)
     status[PRESERVE] = True  # room for fields written by newer operators or tooling
     return {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -9,14 +11,17 @@ from typing import Any
 import pytest
 import yaml
 from kubelora_operator.__main__ import main
+from kubelora_operator.api import parse_spec
 from kubelora_operator.crd import build_crd, crd_yaml, to_structural
+
+from tests.deploy.deploy_helpers import validate_structural
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "crds" / "lorafinetunes.kubelora.dev.yaml"
 
-# The OpenAPI v3 subset apiextensions.k8s.io/v1 accepts in a structural schema (we emit no defaults).
+# The OpenAPI v3 subset apiextensions.k8s.io/v1 accepts in a structural schema.
 ALLOWED = {
-    "type", "format", "description", "enum", "maximum", "minimum", "exclusiveMaximum", "exclusiveMinimum",
+    "type", "format", "description", "enum", "maximum", "minimum", "exclusiveMaximum", "exclusiveMinimum", "default",
     "maxLength", "minLength", "pattern", "maxItems", "minItems", "multipleOf", "maxProperties",
     "minProperties", "required", "items", "properties", "additionalProperties", "nullable",
 }  # fmt: skip
@@ -52,6 +57,8 @@ def structural_problems(node: Any, path: str = "") -> list[str]:
         out.append(f"{path}: nullable must be a boolean")
     if "pattern" in node:
         re.compile(node["pattern"])
+    if "default" in node:  # a default must validate against its own node (the server refuses the CRD else)
+        out += [f"{path}: default {e}" for e in validate_structural(node["default"], node, path)]
     if "enum" in node and kind in PY_TYPE:
         bad = [
             v for v in node["enum"] if not isinstance(v, PY_TYPE[kind]) or isinstance(v, bool) != (kind == "boolean")
@@ -157,6 +164,7 @@ def test_conversions_of_tricky_fields() -> None:
     assert lookup(spec, "lora.targetModules") == {
         "description": lookup(spec, "lora.targetModules")["description"],
         "x-kubernetes-preserve-unknown-fields": True,
+        "default": "all-linear",
     }
     assert lookup(spec, "training.resume")["type"] == "string" and "enum" not in lookup(spec, "training.resume")
     assert lookup(spec, "resources.cpu")["x-kubernetes-int-or-string"] is True
@@ -165,6 +173,7 @@ def test_conversions_of_tricky_fields() -> None:
         "type": "number",
         "minimum": 0,
         "exclusiveMinimum": True,
+        "default": 2e-4,
     }
     assert lookup(spec, "distributed.deepspeedStage")["enum"] == [0, 2, 3]
     assert lookup(spec, "training.maxSteps")["nullable"] is True
@@ -210,3 +219,63 @@ def test_converter_edge_cases() -> None:
     assert to_structural(
         {"allOf": [{"$ref": "#/$defs/A"}], "description": "outer"}, {"A": {"type": "object", "description": "inner"}}
     ) == {"type": "object", "description": "outer", "x-kubernetes-preserve-unknown-fields": True}
+
+
+def _fill_defaults(obj: Any, node: dict[str, Any]) -> Any:
+    """What the API server's structural defaulting does: set each absent property's default, then
+    walk into present objects and array items (nested defaults apply only where the parent exists)."""
+    if isinstance(obj, dict) and "properties" in node:
+        for name, sub in node["properties"].items():
+            if name not in obj and "default" in sub:
+                obj[name] = copy.deepcopy(sub["default"])
+            if name in obj:
+                obj[name] = _fill_defaults(obj[name], sub)
+    elif isinstance(obj, list) and isinstance(node.get("items"), dict):
+        return [_fill_defaults(item, node["items"]) for item in obj]
+    return obj
+
+
+def test_spec_defaults_are_in_the_schema() -> None:
+    spec = lookup(schema(), "spec")
+    assert lookup(spec, "lora.r")["default"] == 8
+    assert lookup(spec, "training.learningRate")["default"] == 2e-4
+    assert lookup(spec, "evaluation.exactMatch")["default"] is True
+    assert lookup(spec, "output.overwrite")["default"] is False
+    assert lookup(spec, "resources.memory")["default"] == "16Gi"
+    assert lookup(spec, "workers")["default"] == 1
+    # Sections the pydantic model defaults to the empty model: {} so that nested defaults apply.
+    for section in ("lora", "training", "evaluation", "model", "resources", "distributed"):
+        assert lookup(spec, section)["default"] == {}, section
+    # "Unset means follow the operator's setting / not used": never pinned by a stored default.
+    for unset in ("image", "imagePullPolicy", "distributed.procsPerWorker", "pod.shmSize", "dataVolume",
+                  "activeDeadlineSeconds", "output.s3"):
+        assert "default" not in lookup(spec, unset), unset
+    assert "default" not in lookup(spec, "pod")  # nothing to fill inside: no {} noise
+    assert "default: null" not in COMMITTED.read_text()
+
+
+def test_status_has_no_defaults() -> None:
+    assert "default" not in json.dumps(lookup(schema(), "status"))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"data": {"path": "sample://train.jsonl"}, "output": {"pvc": {"claimName": "runs"}}},
+        {
+            "data": {"path": "sample://train.jsonl", "template": "chat"},
+            "lora": {"r": 32},
+            "output": {"s3": {"uri": "s3://b/p", "credentialsSecret": {"name": "c"}}},
+            "dataVolume": {"pvc": {"claimName": "d"}},
+            "pod": {"volumes": [{"name": "s", "emptyDir": {}}], "volumeMounts": [{"name": "s", "mountPath": "/s"}]},
+        },
+    ],
+    ids=["minimal", "nested"],
+)
+def test_server_filled_defaults_mean_what_pydantic_means(raw: dict[str, Any]) -> None:
+    """Whatever the server fills in parses to the very spec pydantic makes of the sparse object (and
+    validates against the schema it came from)."""
+    filled = _fill_defaults(copy.deepcopy(raw), lookup(schema(), "spec"))
+    assert filled["lora"]["r"] == raw.get("lora", {}).get("r", 8) and filled["training"]["learningRate"] == 2e-4
+    assert parse_spec(filled) == parse_spec(raw)
+    assert validate_structural(filled, lookup(schema(), "spec")) == []
