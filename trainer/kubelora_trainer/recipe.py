@@ -29,6 +29,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as dist_
 from . import fused_lora, rundir, segment_attention, zero
+from .batching import padding_free_default
 from .config import TrainerConfig, dump_config
 from .data import PackedRow, answer_of, build_datasets, collate, collate_flat, encode_prompt, prompt_only
 from .device import DeviceInfo, peak_memory_bytes, resolve_dtype, select_device, synchronize
@@ -258,13 +259,11 @@ class LoRAFineTuneRecipe:
     def padding_free(self) -> bool:
         """Flat, padding-free micro-batches (not under torch.compile: each new sample layout would recompile).
 
-        Unset, it follows the device: on CPU the per-sample attention saves compute (docs/benchmarks.md);
-        on a GPU a 4x256-token micro-batch became ~20 attention launches per layer instead of one, and
-        padded rows trained 3.3x faster on an H100 (docs/benchmarks.md, "On a GPU").
+        Unset, it follows the device and dtype (`batching.padding_free_default`: only a CPU in fp32).
         """
         wanted = self.cfg.training.padding_free
         if wanted is None:
-            wanted = self.device.type == "cpu"
+            wanted = padding_free_default(self.device.type, self.dtype)[0]
         return wanted and not self.cfg.training.compile and not self._no_segments
 
     _no_segments: str | None = None  # why the loaded model cannot attend per sample (set once it is loaded)
@@ -287,10 +286,13 @@ class LoRAFineTuneRecipe:
             if self._no_segments:
                 log.info("padded batches: %s", self._no_segments)
             else:
-                log.info("attention: %s (padding-free batches)", segment_attention.enable(self.model))
+                why = "asked for" if self.cfg.training.padding_free else (
+                    padding_free_default(self.device.type, self.dtype)[1])
+                log.info("attention: %s (padding-free batches: %s)", segment_attention.enable(self.model), why)
         else:
             why = "training.paddingFree is false" if self.cfg.training.padding_free is False else (
-                "torch.compile" if self.cfg.training.compile else f"the default on {self.device.type}"
+                "torch.compile" if self.cfg.training.compile
+                else padding_free_default(self.device.type, self.dtype)[1]
             )
             log.info("padded batches (%s)", why)
         if self.cfg.training.fused_lora:

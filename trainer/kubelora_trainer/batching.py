@@ -1,0 +1,23 @@
+"""Which batch format a run trains on when `training.paddingFree` is unset.
+
+Why a rule of its own: per-sample attention (padding-free batches) pays only where attention's
+arithmetic is what a step waits on. Measured (docs/benchmarks.md): on a 2-core AVX2 CPU in fp32 it
+was 1.30x faster than padded rows; on an AMX Xeon in bf16 (SmolLM2-135M shape, seq 256) it was 2.1x
+*slower* (1,169 vs 2,507 tokens/s), because AMX/AVX512-BF16 runs the big row-wide matmuls fast and the
+many small per-sample kernels do not; on an H100 it was 3.3-10x slower (kernel launches). So the
+default follows the device and the compute dtype, and says why in the log.
+"""
+
+from __future__ import annotations
+
+
+def padding_free_default(device_type: str, dtype: str) -> tuple[bool, str]:
+    """(padding-free?, reason for the log) for a run that leaves `training.paddingFree` unset.
+
+    `dtype` is the resolved compute dtype (bf16, fp16 or fp32), never `auto`.
+    """
+    if device_type != "cpu":
+        return False, f"the default on {device_type}: one attention kernel per sample costs more in launches"
+    if dtype == "fp32":
+        return True, "the default on a CPU in fp32: per-sample attention skips padding and cross-sample scores"
+    return False, f"the default on a CPU in {dtype}: row-wide bf16 matmuls beat per-sample attention kernels"
