@@ -381,7 +381,9 @@ def test_spec_change_after_start_is_refused(env: Env) -> None:
     wait_pods(cp, ns, name, 2, _bound)
     started = get_lft(cp, ns, name)
     started_gen = started["metadata"]["generation"]
-    assert json.loads(started["metadata"]["annotations"]["kubelora.dev/started-spec"])["lora"] == {"r": r0}
+    # The snapshot is the stored spec, server-side CRD defaults included (alpha 16 ... beside r).
+    started_lora = json.loads(started["metadata"]["annotations"]["kubelora.dev/started-spec"])["lora"]
+    assert started_lora["r"] == r0 and started_lora["alpha"] == 16
     patch_spec(cp, ns, name, {"workers": 3, "lora": {"r": r0 * 2}})
     obj = wait_condition(cp, ns, name, "SpecChangeRefused", "True", "SpecChangedAfterStart")
     msg = condition(obj, "SpecChangeRefused")["message"]
