@@ -153,16 +153,20 @@ def test_models_whose_attention_segments_cannot_reproduce_keep_padded_batches() 
 
 
 @pytest.mark.parametrize(
-    ("setting", "device", "expected"),
-    [(None, "cpu", True), (None, "cuda", False), (None, "xpu", False), (True, "cuda", True), (False, "cpu", False)],
+    ("setting", "device", "dtype", "expected"),
+    [(None, "cpu", "fp32", True), (None, "cpu", "bf16", False), (None, "cuda", "bf16", False),
+     (None, "xpu", "bf16", False), (True, "cuda", "bf16", True), (True, "cpu", "bf16", True),
+     (False, "cpu", "fp32", False)],
 )
 def test_padding_free_unset_follows_the_device(
-    tmp_path: Path, setting: bool | None, device: str, expected: bool
+    tmp_path: Path, setting: bool | None, device: str, dtype: str, expected: bool
 ) -> None:
-    """Unset: per-sample attention on CPU (saves compute), padded rows on GPUs (fewer kernel launches)."""
+    """Unset: per-sample attention on a CPU in fp32 (saves compute), padded rows on bf16 CPUs (AMX matmuls)
+    and GPUs (fewer kernel launches); set, the setting wins."""
     from kubelora_trainer.device import DeviceInfo
 
     training = {} if setting is None else {"paddingFree": setting}
     recipe = LoRAFineTuneRecipe(parse_config(tiny_config(tmp_path / "model", tmp_path / "run", training=training)))
     recipe.device = DeviceInfo(device, 0, "test")
+    recipe.dtype = dtype
     assert recipe.padding_free is expected
