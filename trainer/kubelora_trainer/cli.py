@@ -11,14 +11,13 @@ termination message itself.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import contract
+from . import contract, jsonsafe
 from .config import ConfigError, load_config
 from .contract import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, EXIT_RETRYABLE
 
@@ -72,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         contract.record_exit(EXIT_OK, success_message(summary), TERMINATION_LOG)
         keys = ("device", "dtype", "steps", "train_tokens_per_s", "eval_loss_before", "eval_loss_after",
                 "exact_match_before", "exact_match_after", "wall_s")
-        print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
+        print(jsonsafe.dumps({k: summary.get(k) for k in keys}, indent=2))
         print(f"run dir: {cfg.output.dir}")
     return 0
 
@@ -146,7 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    cfg.evaluation.max_new_tokens, device.torch_device, autocast)
     texts = tok.batch_decode(gen, skip_special_tokens=True)
     em = exact_match([GenerationResult(p, a, g) for (p, a), g in zip(prompts, texts, strict=True)])
-    print(json.dumps({"eval_loss": loss, "exact_match": em, "samples": len(prompts)}, indent=2))
+    print(jsonsafe.dumps({"eval_loss": loss, "exact_match": em, "samples": len(prompts)}, indent=2))
     return 0
 
 

@@ -236,13 +236,33 @@ class TrainingConfig(StrictModel):
     eval_steps: int | None = Field(
         None, ge=1, description="Compute held-out loss every N steps (always before and after training)."
     )
-    save_steps: int | None = Field(None, ge=1, description="Write a resumable checkpoint every N steps.")
+    save_steps: int | None = Field(
+        None, ge=1, description="Write a resumable checkpoint every N steps (besides `saveMinutes`)."
+    )
+    save_minutes: float | None = Field(
+        10.0,
+        gt=0,
+        description=(
+            "Write a resumable checkpoint every N minutes of training (rank 0's clock), so a crash, OOM kill "
+            "or lost node costs at most that much work; null disables. Fractions are allowed."
+        ),
+    )
     save_total_limit: int | None = Field(3, ge=1, description="Keep at most this many checkpoints (oldest removed).")
     resume: Literal["auto", "never"] | str = Field(
         "auto",
         description=(
             "`auto`: continue from the newest complete checkpoint in the run dir if there is one; `never`: "
-            "start fresh; or a path to a checkpoint directory."
+            "start fresh; or a path to a checkpoint directory. A checkpoint trained with other settings "
+            "(model, data, lora, optimiser, schedule, global batch) is refused, naming them."
+        ),
+    )
+    resume_allow_changed: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Settings that may differ from the checkpoint's when resuming, e.g. [training.learningRate, "
+            "training.maxSteps]; each is logged as a warning. The optimiser moments come from the checkpoint; "
+            "allowed optimiser and schedule settings apply from the resumed step on. The global batch can "
+            "never change (it fixes the data position)."
         ),
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")

@@ -141,6 +141,9 @@ def write_samples(
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+    """Write summary.json (last: it marks the run finished). A figure that is not a number (eval
+    loss over no rows) is written as null: NaN is not JSON, and the operator, jq and dashboards must
+    be able to read the file."""
     path = run_dir / SUMMARY_FILE
     write_json_atomic(path, summary)
     return path

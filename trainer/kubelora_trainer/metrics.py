@@ -16,6 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from . import jsonsafe
+
 CSV_FIELDS = ("step", "epoch", "kind", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s")
 
 
@@ -93,7 +95,7 @@ class MetricsLog:
         if not self.enabled or not self.jsonl.exists():
             return
         kept = [r for r in self.read() if r.get("step", 0) <= step]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.jsonl.write_text("".join(jsonsafe.dumps(r) + "\n" for r in kept))
         self._rewrite_csv(kept)
 
     def read(self) -> list[dict[str, Any]]:
@@ -102,10 +104,11 @@ class MetricsLog:
         return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
 
     def append(self, record: dict[str, Any]) -> None:
+        """One line per record; a NaN loss (a diverged step, eval over no rows) is written as null."""
         if not self.enabled:
             return
         with self.jsonl.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(jsonsafe.dumps(record) + "\n")
         new = not self.csv.exists()
         with self.csv.open("a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")

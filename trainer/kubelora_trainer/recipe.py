@@ -164,7 +164,8 @@ class LoRAFineTuneRecipe:
         run's work or other settings are refused, a finished run is only replaced when asked."""
         self.result_fields = rundir.result_fields(self.cfg, self.world.world_size)
         self.verdict = rundir.judge(self.run_dir, self.run_id(), self.result_fields,
-                                    overwrite=self.cfg.output.overwrite, deliverable=self.cfg.output.s3 is not None)
+                                    overwrite=self.cfg.output.overwrite, deliverable=self.cfg.output.s3 is not None,
+                                    allow_changed=self.cfg.training.resume_allow_changed)
         if self.verdict is not rundir.Verdict.DELIVER:
             self.check_delivery_target()
         self.metrics = MetricsLog(self.run_dir, enabled=self.world.is_main)
@@ -267,6 +268,8 @@ class LoRAFineTuneRecipe:
         return wanted and not self.cfg.training.compile and not self._no_segments
 
     _no_segments: str | None = None  # why the loaded model cannot attend per sample (set once it is loaded)
+    #: The clock of the `saveMinutes` cadence (tests step it by hand).
+    save_clock: Callable[[], float] = staticmethod(time.monotonic)
 
     def build_eval_batches(self) -> list[dict[str, torch.Tensor]]:
         """Held-out rows in the training batch format (flat or padded: known once the model is loaded).
@@ -347,12 +350,15 @@ class LoRAFineTuneRecipe:
             ref = ckpt.CheckpointRef(int(json.loads((path / ckpt.STATE_FILE).read_text())["step"]), path)
         if ref is None:
             return 0
+        state = ckpt.read_state(ref)  # refuse before loading anything
+        self._check_same_global_batch(ref, state)
+        self._check_same_settings(ref, state)
         if self.zero is not None:  # every rank reads the same rank-independent files
             self.zero.load_full_state(*ckpt.read(ref))
-            state = ckpt.load_scheduler(ref, self.scheduler)
+            ckpt.load_scheduler(ref, self.scheduler)
         else:
-            state = ckpt.load(ref, self.model, self.optimizer, self.scheduler)
-        self._check_same_global_batch(ref, state)
+            ckpt.load(ref, self.model, self.optimizer, self.scheduler)
+        self._apply_optimizer_settings()
         self.train_tokens_before = int(state.get("train_tokens", 0))
         self.metrics.truncate_after(ref.step)
         self.history = self.metrics.read()
@@ -375,6 +381,59 @@ class LoRAFineTuneRecipe:
             f"processes): keep the product at {saved} to resume, or start over (training.resume: never, "
             "or a new output dir)"
         )
+
+    def settings(self) -> dict[str, Any]:
+        """The settings a checkpoint belongs to: those that define the result (`rundir.result_fields`,
+        global batch included, so the process count may change) less `output`, which does not touch
+        training."""
+        fields = rundir.result_fields(self.cfg, self.world.world_size)
+        return ckpt.settings_record({k: v for k, v in fields.items() if k != "output"})
+
+    def _check_same_settings(self, ref: ckpt.CheckpointRef, state: dict[str, Any]) -> None:
+        """Refuse to resume a checkpoint trained with other settings, naming each, unless allowed.
+
+        Why: a resumed run with a new learning rate kept the checkpoint's schedule, applied a new
+        lora.alpha to weights trained with the old one, and reported the new settings (issue 9,
+        item 6). `training.resumeAllowChanged` lets named settings change knowingly.
+        """
+        saved = state.get("settings")
+        if saved is None:
+            log.warning("checkpoint %s was written before checkpoints recorded their settings: cannot check that "
+                        "this run's settings match it; resuming", ref.path)
+            return
+        current = self.settings()
+        allowed = set(self.cfg.training.resume_allow_changed)
+        unknown = sorted(allowed - current["fields"].keys())
+        if unknown:
+            raise RunDirError(
+                f"training.resumeAllowChanged names {', '.join(unknown)}: not a setting a checkpoint records "
+                f"(those are {', '.join(sorted(current['fields']))})"
+            )
+        changes = ckpt.changed_settings(saved, current)
+        refused = {k: v for k, v in changes.items() if k not in allowed}
+        if refused:
+            raise RunDirError(
+                f"checkpoint {ref.path} was trained with other settings: {ckpt.describe_changes(refused)}: "
+                "resume with the checkpoint's settings, allow the change with training.resumeAllowChanged: "
+                f"[{', '.join(refused)}], or start over (training.resume: never, or a new output dir)"
+            )
+        if changes:
+            log.warning("resuming %s with changed settings (training.resumeAllowChanged): %s", ref.path,
+                        ckpt.describe_changes(changes))
+
+    def _apply_optimizer_settings(self) -> None:
+        """Make this run's optimiser settings the ones in force after a resume.
+
+        Loading a checkpoint restores AdamW's param-group settings and the scheduler's base learning
+        rate from it; they equal this run's unless `training.resumeAllowChanged` let them differ, and
+        then the allowed values must be what trains (and what config.yaml reports).
+        """
+        t = self.cfg.training
+        lr = t.learning_rate * self.lr_lambda(self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=t.learning_rate, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                         weight_decay=t.weight_decay)
+        self.scheduler.base_lrs = [t.learning_rate] * len(self.optimizer.param_groups)
 
     # ------------------------------------------------------------------ measuring
     def measure(self, prompts: list[tuple[str, str | None]], label: str) -> dict[str, Any]:
@@ -435,6 +494,7 @@ class LoRAFineTuneRecipe:
     def train(self, start_step: int) -> dict[str, Any]:
         t = self.cfg.training
         console = ConsoleProgress(self.total_steps, enabled=self.world.is_main)
+        cadence = ckpt.SaveCadence(t.save_steps, t.save_minutes, clock=self.save_clock)
         self._install_sigterm()
         self.train_module.train()
         tokens_this_session = 0
@@ -477,11 +537,12 @@ class LoRAFineTuneRecipe:
                                  self.world)
                 self.record({"step": done, "epoch": done / self.steps_per_epoch, "kind": "eval", "loss": loss})
                 self.progress.update(eval_loss=loss)
-            last = done == self.total_steps
-            stop = self._stop_agreed()
-            if (t.save_steps and done % t.save_steps == 0) or last or stop:
+            decision = cadence.decide(done, done == self.total_steps, self._stop_requested, self.world,
+                                      self.device.torch_device)
+            if decision.save:
                 self.save_checkpoint(done, tokens_this_session)
-            if stop:
+                cadence.saved()
+            if decision.stop:
                 raise Preempted(f"stopped by SIGTERM after step {done}; checkpoint written, resume continues there")
         return {
             "steps": self.total_steps,
@@ -537,7 +598,7 @@ class LoRAFineTuneRecipe:
     def save_checkpoint(self, step: int, tokens_this_session: int) -> None:
         state = {"train_tokens": self.train_tokens_before + tokens_this_session,
                  "world_size": self.world.world_size, "total_steps": self.total_steps,
-                 "global_batch": self.global_batch}
+                 "global_batch": self.global_batch, "settings": self.settings()}
         if self.zero is not None:  # all ranks gather the partitions; rank 0 writes the same format as DDP
             weights, optimizer_state = self.zero.full_state(step)
             if self.world.is_main:
@@ -554,9 +615,6 @@ class LoRAFineTuneRecipe:
             self._stop_requested = True
         with contextlib.suppress(ValueError):  # not in the main thread (tests)
             signal.signal(signal.SIGTERM, handler)
-
-    def _stop_agreed(self) -> bool:
-        return dist_.any_rank(self._stop_requested, self.world, self.device.torch_device)
 
     # ------------------------------------------------------------------ publishing
     def publish(self, before: dict[str, Any] | None, after: dict[str, Any], train_stats: dict[str, Any],

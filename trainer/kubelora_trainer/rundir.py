@@ -37,6 +37,7 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -148,10 +149,13 @@ def read_owner(run_dir: Path) -> Owner | None:
     return None
 
 
-def judge(run_dir: Path, run_id: str, fields: dict[str, Any], *, overwrite: bool, deliverable: bool) -> Verdict:
+def judge(run_dir: Path, run_id: str, fields: dict[str, Any], *, overwrite: bool, deliverable: bool,
+          allow_changed: Collection[str] = ()) -> Verdict:
     """Decide what this run may do with `run_dir`, or refuse with one line that says the way out.
 
-    Read-only, so every rank can judge the same shared directory.
+    Read-only, so every rank can judge the same shared directory. `allow_changed`
+    (training.resumeAllowChanged) names settings an unfinished run may resume with changed; a
+    finished run is never continued or delivered under other settings.
     """
     owner = read_owner(run_dir)
     finished = is_finished(run_dir)
@@ -168,6 +172,8 @@ def judge(run_dir: Path, run_id: str, fields: dict[str, Any], *, overwrite: bool
             "(on a cluster another output.pvc.subPath)"
         )
     changed = differences(owner.fields, fields) if owner.fields is not None else []
+    if not finished:
+        changed = [c for c in changed if c.split(":", 1)[0] not in allow_changed]
     if overwrite and (finished or changed):
         return Verdict.REPLACE
     if finished and not changed:
@@ -184,6 +190,7 @@ def judge(run_dir: Path, run_id: str, fields: dict[str, Any], *, overwrite: bool
         raise RunDirError(
             f"output dir {run_dir} holds {what} run of {run_id} with other settings ({'; '.join(changed)}){kept}: "
             "set output.overwrite: true to replace it (the old run is kept until the new one finishes), "
+            f"{'' if finished else 'resume it anyway with training.resumeAllowChanged naming them, '}"
             "use another output.dir, or delete the directory"
         )
     return Verdict.CONTINUE

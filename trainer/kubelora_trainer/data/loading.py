@@ -61,6 +61,8 @@ def load_records(
     if cfg.eval_path:
         train = records
         eval_records = _read_guarded(cfg.eval_path, cfg, guard)
+        if not eval_records:  # else: "eval loss" NaN before and after, and a run that measured nothing
+            raise DataError(f"data.evalPath {cfg.eval_path} has no records: add held-out records or unset evalPath")
     else:
         train, eval_records = split_records(records, cfg.val_set_size, seed)
         if not train:
