@@ -28,6 +28,17 @@ def test_dump_round_trips_with_camel_case_keys() -> None:
     assert TrainerConfig.model_validate(yaml.safe_load(text)) == cfg
 
 
+def test_dump_keeps_nulls_that_switch_a_default_off() -> None:
+    """Dumped without them (the operator's ConfigMap), `saveMinutes: null` came back as 10 minutes."""
+    import yaml
+
+    cfg = parse_config({"data": {"path": "x"}, "training": {"saveMinutes": None, "maxGradNorm": None}})
+    back = TrainerConfig.model_validate(yaml.safe_load(dump_config(cfg)))
+    assert back.training.save_minutes is None and back.training.max_grad_norm is None
+    assert back == cfg
+    assert "ggufFile" not in dump_config(cfg)  # unset optional fields stay out
+
+
 def test_set_overrides_parse_yaml_scalars() -> None:
     raw = apply_overrides({"data": {"path": "x"}}, ["training.maxSteps=20", "lora.targetModules=[q_proj, v_proj]",
                                                     "output.merge=true"])

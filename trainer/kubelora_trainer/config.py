@@ -474,5 +474,20 @@ def resolve_sample_path(value: str) -> Path:
 
 
 def dump_config(cfg: TrainerConfig) -> str:
-    """Serialise a config to YAML with camelCase keys (what the operator puts in a ConfigMap)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False)
+    """Serialise a config to YAML with camelCase keys (what the operator puts in a ConfigMap).
+
+    Unset optional fields are left out, but a null that overrides a default (`saveMinutes: null`,
+    `maxGradNorm: null`: "off") is kept: dropping it would turn the feature back on in the pod.
+    """
+    return yaml.safe_dump(_drop_default_nulls(cfg, cfg.model_dump(mode="json", by_alias=True)), sort_keys=False)
+
+
+def _drop_default_nulls(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
+    """Remove from `data` (the model's by-alias dump) each None whose field default is None too."""
+    for name, field in type(model).model_fields.items():
+        value, key = getattr(model, name), field.alias or name
+        if value is None and field.default is None:
+            data.pop(key, None)
+        elif isinstance(value, BaseModel):
+            _drop_default_nulls(value, data[key])
+    return data
