@@ -59,8 +59,7 @@ def _rank(rank: int, port: int, out: dict[int, tuple[bool, bool, float]]) -> Non
     try:
         world = WorldView(rank=rank, world_size=2)
         cpu = torch.device("cpu")
-        only_rank1 = any_rank(rank == 1, world, cpu)
-        nobody = any_rank(False, world, cpu)
+        only_rank1, nobody = any_rank([rank == 1, False], world, cpu)
         batches = [{"x": torch.tensor([1.0, 2.0])}, {"x": torch.tensor([3.0])}, {"x": torch.tensor([6.0])}]
         loss = eval_loss(_SumLoss(), batches, cpu, lambda: torch.autocast("cpu", enabled=False), world)
         total = all_reduce_sum(torch.tensor([float(rank + 1)]), world)

@@ -210,8 +210,7 @@ class SaveCadence:
                device: torch.device) -> StepDecision:
         """The same decision on every rank: stop if any rank got SIGTERM, save by steps, rank 0's clock,
         at the last step or before stopping."""
-        flags = torch.tensor([float(stop_requested), float(world.is_main and self.due_by_time())], device=device)
-        stop, timed = (v > 0 for v in dist_.all_reduce_sum(flags, world).tolist())
+        stop, timed = dist_.any_rank([stop_requested, world.is_main and self.due_by_time()], world, device)
         by_steps = self.save_steps is not None and step % self.save_steps == 0
         return StepDecision(save=by_steps or timed or last or stop, stop=stop)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -142,13 +142,13 @@ def all_reduce_sum(value: torch.Tensor, world: WorldView) -> torch.Tensor:
     return value
 
 
-def any_rank(flag: bool, world: WorldView, device: torch.device) -> bool:
-    """True on every rank when any rank's flag is set: one tiny all-reduce on the training device,
-    so that all ranks take the same decision (stop, checkpoint) at the same step."""
+def any_rank(flags: Sequence[bool], world: WorldView, device: torch.device) -> list[bool]:
+    """For each flag, True on every rank when any rank set it: one tiny all-reduce on the training
+    device for all of them, so that all ranks take the same decisions (stop, checkpoint) at the same step."""
     if not world.distributed:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce_sum(value, world).item() > 0)
+        return list(flags)
+    value = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    return [v > 0 for v in all_reduce_sum(value, world).tolist()]
 
 
 def barrier(world: WorldView) -> None:
