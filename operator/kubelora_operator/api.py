@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from kubelora_trainer import contract
 from kubelora_trainer.config import (
+    SAMPLE_SCHEME,
     DataConfig,
     DistributedConfig,
     EvaluationConfig,
@@ -55,9 +56,6 @@ SINGULAR = "lorafinetune"
 SHORT_NAMES = ("lft",)
 CATEGORIES = ("kubelora",)
 
-#: Prefix of `data.path`/`data.evalPath` naming a file bundled with the trainer image
-#: (kubelora_trainer/sample_data/NAME); the trainer resolves it, the operator only checks the name.
-SAMPLE_SCHEME = "sample://"
 
 #: Pod paths the operator owns; a data volume may not be mounted on or under them.
 CONFIG_DIR = "/etc/kubelora"
@@ -86,8 +84,6 @@ OPERATOR_ENV = frozenset(
         "HF_TOKEN",
         "HOME",
         "KUBELORA_CACHE",
-        "KUBELORA_RUN_DIR",
-        "KUBELORA_WORKER_INDEX",
         contract.METRICS_PORT_ENV,
         contract.RUN_ID_ENV,
         contract.EXIT_DIR_ENV,

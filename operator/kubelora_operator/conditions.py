@@ -65,7 +65,6 @@ class ConditionReason(str, Enum):
     RESUMED = "Resumed"
     # SpecChangeRefused
     SPEC_CHANGED_AFTER_START = "SpecChangedAfterStart"
-    SPEC_CHANGE_APPLIED = "SpecChangeApplied"
 
 
 class Phase(str, Enum):

@@ -34,7 +34,7 @@ from typing import Any
 
 from kubelora_trainer.contract import LAUNCH_MODULE, METRICS_PORT_ENV, TRAINER_MODULE
 
-from .api import CACHE_DIR, CONFIG_DIR, CONFIG_FILE, OUTPUT_DIR, SSH_DIR, TMP_DIR, LoRAFineTuneSpec
+from .api import CACHE_DIR, CONFIG_DIR, CONFIG_FILE, SSH_DIR, TMP_DIR, LoRAFineTuneSpec
 from .k8s_types import parse_quantity
 from .settings import OperatorSettings
 
@@ -169,7 +169,7 @@ def ccl_env(spec: LoRAFineTuneSpec, settings: OperatorSettings) -> dict[str, str
     return {**settings.ccl_env, **spec.distributed.ccl_env}
 
 
-def runtime_env(index: int, settings: OperatorSettings) -> dict[str, str]:
+def runtime_env(settings: OperatorSettings) -> dict[str, str]:
     """Writable homes and caches under the read-only root filesystem, and the metrics port."""
     return {
         "HOME": TMP_DIR,
@@ -178,8 +178,6 @@ def runtime_env(index: int, settings: OperatorSettings) -> dict[str, str]:
         "KUBELORA_CACHE": f"{CACHE_DIR}/kubelora",
         "MPLCONFIGDIR": f"{TMP_DIR}/matplotlib",
         "PYTHONUNBUFFERED": "1",
-        "KUBELORA_RUN_DIR": OUTPUT_DIR,
-        "KUBELORA_WORKER_INDEX": str(index),
         METRICS_PORT_ENV: str(settings.metrics_port),
     }
 
@@ -225,7 +223,7 @@ def worker_env(
     merged: dict[str, dict[str, Any]] = {}
     parts: list[list[dict[str, Any]]] = [
         _plain(rank_env(name, namespace, index, topo, settings)),
-        _plain(runtime_env(index, settings)),
+        _plain(runtime_env(settings)),
         _plain(thread_env(spec, device, topo, settings)),
         _plain(ccl_env(spec, settings)),
     ]

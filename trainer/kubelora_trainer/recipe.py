@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import contract, fused_lora, rundir, segment_attention, zero
 from . import distributed as dist_
-from . import fused_lora, rundir, segment_attention, zero
 from .batching import padding_free_default
 from .config import TrainerConfig, dump_config
 from .data import PackedRow, answer_of, build_datasets, collate, collate_flat, encode_prompt, prompt_only
@@ -78,7 +78,7 @@ class LoRAFineTuneRecipe:
     def run(self) -> dict[str, Any]:
         t0 = time.monotonic()
         # Operator attempts of one run (same KUBELORA_RUN_ID) wait for an earlier attempt to let go.
-        self.claim.lock(self.run_id(), wait_s=rundir.SAME_RUN_WAIT_S if os.environ.get("KUBELORA_RUN_ID") else 0)
+        self.claim.lock(self.run_id(), wait_s=rundir.SAME_RUN_WAIT_S if os.environ.get(contract.RUN_ID_ENV) else 0)
         try:
             return self._run_claimed(t0)
         finally:

@@ -43,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from . import contract
 from .config import TrainerConfig
 from .export import SUMMARY_FILE, is_finished
 
@@ -82,7 +83,7 @@ def run_id_for(run_dir: Path) -> str:
     A new uuid is not written here: a laptop run's id reaches the directory with its owner file,
     once the pre-flight passed.
     """
-    given = os.environ.get("KUBELORA_RUN_ID")
+    given = os.environ.get(contract.RUN_ID_ENV)
     if given:
         return given
     owner = read_owner(run_dir)

@@ -63,7 +63,6 @@ _DS_PERSISTENCE = int(1e5)
 
 #: DeepSpeed keys that would take over what the recipe owns.
 _OWNED_BY_TRAINER = ("optimizer", "scheduler")
-_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..config import DataConfig
+from ..config import SAMPLE_DATA_DIR, SAMPLE_SCHEME, DataConfig
 from .errors import DataError
 from .guard import RecordGuard, human_bytes
 
@@ -31,9 +31,6 @@ _EXTENSIONS = {
     ".parquet": "parquet",
     ".pq": "parquet",
 }
-SAMPLE_SCHEME = "sample://"
-#: The bundled toy instruction set (train.jsonl, heldout.jsonl).
-SAMPLE_DATA_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 #: Bytes read at a time while skipping the rest of an over-long JSONL line (bounds memory, not speed).
 _SKIP_CHUNK = 1 << 20
 # A hub id is `name` or `owner/name`: no leading dot or slash, at most one slash, no file extension.
