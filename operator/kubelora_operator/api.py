@@ -161,6 +161,25 @@ class PlacementSpec(StrictModel):
         ),
     )
     priority_class_name: str | None = Field(None, description="PriorityClass of the worker pods.")
+    when_no_node_matches: Literal["Fail", "Wait"] | None = Field(
+        None,
+        description=(
+            "When no node can take the workers now. `Fail`: create no pod, report Scheduled=False/"
+            "NoMatchingNodes and re-check on every resync (static clusters). `Wait`: create the pods anyway "
+            "(same nodeSelector, affinity, resources, tolerations) so that a cluster-autoscaler or Karpenter "
+            "adds the node; Scheduled=False/WaitingForNodes while they are unbound, Failed/NodesNotAvailable "
+            "after waitTimeoutSeconds; `device: auto` then takes the operator's first preferred device. "
+            "Unset: the operator's setting `whenNoNodeMatches` (chart default Fail)."
+        ),
+    )
+    wait_timeout_seconds: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "`Wait` mode: how long worker pods may stay unbound (since they were created or the run resumed) "
+            "before the run fails with NodesNotAvailable. Unset: the operator's `placementWaitSeconds` (1800)."
+        ),
+    )
 
 
 class EnvVar(StrictModel):

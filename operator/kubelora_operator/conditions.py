@@ -50,6 +50,7 @@ class ConditionReason(str, Enum):
     PODS_CREATED = "PodsCreated"
     PODS_SCHEDULED = "PodsScheduled"
     PODS_PENDING = "PodsPending"
+    WAITING_FOR_NODES = "WaitingForNodes"
     # Running
     WORKERS_STARTING = "WorkersStarting"
     WORKERS_RUNNING = "WorkersRunning"
@@ -59,6 +60,7 @@ class ConditionReason(str, Enum):
     WORKER_FAILED = "WorkerFailed"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
+    NODES_NOT_AVAILABLE = "NodesNotAvailable"
     API_ERROR = "ApiError"
     # Suspended
     SUSPENDED_BY_USER = "SuspendedByUser"

@@ -7,6 +7,11 @@ node can ever fit ends in a NoMatchingNodes condition saying what was asked and 
 pods Pending forever. Several workers may share a node when its capacity allows, so feasibility is a
 count of worker *slots* over all nodes. Taints and cordons can be temporary, so the handler should
 re-evaluate on a timer while Scheduled=False.
+
+That fail-fast answer is wrong on autoscaled clusters: a cluster-autoscaler or Karpenter adds a node
+only for a Pending pod, so a pool at zero would never grow. `whenNoNodeMatches: Wait` therefore turns
+"no node can take them" into a *waiting* decision: the same requests and constraints, pods created,
+the missing pool named in the reason (the handler enforces the wait deadline).
 """
 
 from __future__ import annotations
@@ -93,6 +98,8 @@ class PlacementDecision:
     tolerations: Sequence[Mapping[str, Any]] = ()
     feasible_nodes: tuple[str, ...] = ()
     slots: int = 0
+    waiting: bool = False
+    """Wait mode: no node can take the workers now; pods are created for an autoscaler to act on."""
 
     @property
     def ok(self) -> bool:
@@ -295,25 +302,35 @@ def _offer(ev: _Evaluation, settings: OperatorSettings, all_nodes: int) -> str:
 
 
 def _decide(spec: LoRAFineTuneSpec, ev: _Evaluation, settings: OperatorSettings, prefix: str) -> PlacementDecision:
-    exprs = [label_expression(ev.pool_label)] if ev.pool_label else []
     res = spec.resources
     if ev.device == "xpu":
         most = max(int(n.amount(settings.gpu_resource)) for n in ev.pool)
-        pool = f"{settings.gpu_resource}>={res.gpus}" + (f",{ev.pool_label}" if ev.pool_label else "")
         reason = (
             f"{_nodes(len(ev.pool), 'offer')} {settings.gpu_resource} (max {most} per node); placing "
             f"{_workers(spec.workers)} with {_fmt_gpus(res.gpus)} each"
         )
     else:
-        pool = settings.amx_node_label
         reason = (
             f"{_nodes(len(ev.pool), 'carry')} {settings.amx_node_label} (room for {_workers(ev.total)}); placing "
             f"{_workers(spec.workers)} with {res.cpu} CPU and {res.memory} memory each"
         )
+    return _decision(spec, ev, settings, prefix + reason)
+
+
+def _decision(
+    spec: LoRAFineTuneSpec, ev: _Evaluation, settings: OperatorSettings, reason: str, *, waiting: bool = False
+) -> PlacementDecision:
+    """The pods' scheduling fields for `ev.device`: identical whether nodes fit now or are waited for."""
+    exprs = [label_expression(ev.pool_label)] if ev.pool_label else []
+    if ev.device == "xpu":
+        pool = f"{settings.gpu_resource}>={spec.resources.gpus}" + (f",{ev.pool_label}" if ev.pool_label else "")
+    else:
+        pool = settings.amx_node_label
     return PlacementDecision(
         device=ev.device,
-        reason=prefix + reason,
-        condition_reason=ConditionReason.PODS_CREATED,
+        reason=reason,
+        condition_reason=ConditionReason.WAITING_FOR_NODES if waiting else ConditionReason.PODS_CREATED,
+        waiting=waiting,
         node_pool=pool,
         requests=dict(ev.requests),
         limits=dict(ev.limits),
@@ -325,26 +342,47 @@ def _decide(spec: LoRAFineTuneSpec, ev: _Evaluation, settings: OperatorSettings,
     )
 
 
+def waits_for_nodes(spec: LoRAFineTuneSpec, settings: OperatorSettings) -> bool:
+    """Whether the resource is in `Wait` mode (its own `placement.whenNoNodeMatches`, else the operator's)."""
+    return (spec.placement.when_no_node_matches or settings.when_no_node_matches) == "Wait"
+
+
+def wait_timeout_seconds(spec: LoRAFineTuneSpec, settings: OperatorSettings) -> int:
+    """How long `Wait` mode lets worker pods stay unbound (the resource's value, else the operator's)."""
+    return spec.placement.wait_timeout_seconds or settings.placement_wait_seconds
+
+
+def _devices(spec: LoRAFineTuneSpec, settings: OperatorSettings) -> list[Device]:
+    """Devices to consider, in order: the explicit one; for `auto` the operator's preference order when
+    GPUs are requested, else cpu."""
+    if spec.device != "auto":
+        return [spec.device]
+    if spec.resources.gpus < 1:
+        return ["cpu"]
+    return list(settings.auto_device_preference)
+
+
 def decide_placement(
     spec: LoRAFineTuneSpec, nodes: Sequence[NodeFacts], settings: OperatorSettings
 ) -> PlacementDecision:
     """Choose xpu or cpu (for `auto`), or explain why no node can take the workers.
 
     xpu: nodes with the Intel GPU resource (and the optional GPU node label) whose allocatable GPUs,
-    CPU and memory fit at least one worker; cpu: nodes with the AMX label likewise. `auto` takes xpu
-    when GPU nodes have room for every worker, else cpu when AMX nodes do, else NoMatchingNodes;
-    `auto` with `resources.gpus: 0` considers cpu only.
+    CPU and memory fit at least one worker; cpu: nodes with the AMX label likewise. `auto` considers
+    devices in `settings.auto_device_preference` order (xpu only with `resources.gpus` >= 1).
+    `Fail` mode: the first device with room for every worker, else NoMatchingNodes (device None).
+    `Wait` mode: `auto` considers its first device only (a GPU pool scaled to zero must not turn a
+    run into a CPU run because AMX nodes happen to be up); when it has no room the decision is a
+    waiting one (`waiting`, WaitingForNodes) with the same scheduling fields.
     """
-    candidates: list[_Evaluation] = []
-    if spec.device == "xpu" or (spec.device == "auto" and spec.resources.gpus >= 1):
-        candidates.append(_evaluate(spec, "xpu", nodes, settings))
-    if spec.device in ("cpu", "auto"):
-        candidates.append(_evaluate(spec, "cpu", nodes, settings))
+    wait = waits_for_nodes(spec, settings)
+    devices = _devices(spec, settings)
+    candidates = [_evaluate(spec, d, nodes, settings) for d in (devices[:1] if wait else devices)]
     for i, ev in enumerate(candidates):
         if ev.total >= spec.workers:
             prefix = ""
-            if i > 0:  # auto fell back to cpu: say why not xpu
-                prefix = f"auto: not xpu ({_offer(candidates[0], settings, len(nodes))}); "
+            if i > 0:  # auto fell back to a less preferred device: say why not the first
+                prefix = f"auto: not {candidates[0].device} ({_offer(candidates[0], settings, len(nodes))}); "
             elif spec.device == "auto":
                 prefix = "auto: "
             return _decide(spec, ev, settings, prefix)
@@ -352,6 +390,15 @@ def decide_placement(
         f"{ev.device}: asked for {_ask(spec, ev, settings)}, but {_offer(ev, settings, len(nodes))}"
         for ev in candidates
     )
+    if wait:
+        timeout = wait_timeout_seconds(spec, settings)
+        return _decision(
+            spec,
+            candidates[0],
+            settings,
+            f"waiting up to {timeout} s for nodes (whenNoNodeMatches: Wait): {asked}",
+            waiting=True,
+        )
     return PlacementDecision(
         device=None,
         reason=f"no matching nodes: {asked}",

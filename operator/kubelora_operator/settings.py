@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 ENV_PREFIX = "KUBELORA_"
@@ -33,6 +33,10 @@ DEFAULT_CCL_ENV: dict[str, str] = {
     "CCL_ZE_IPC_EXCHANGE": "sockets",
     "CCL_LOG_LEVEL": "warn",
 }
+
+
+#: `device: auto` tries a GPU before an AMX CPU: a GPU step is many times faster.
+DEFAULT_AUTO_DEVICE_PREFERENCE: tuple[Literal["xpu", "cpu"], ...] = ("xpu", "cpu")
 
 
 class SettingsError(ValueError):
@@ -70,6 +74,34 @@ class OperatorSettings(BaseModel):
         "feature.node.kubernetes.io/cpu-cpuid.AMXBF16=true",
         min_length=1,
         description="`key=value` (or bare `key`) NFD label of AMX-capable Xeon nodes; cpu workers require it.",
+    )
+    when_no_node_matches: Literal["Fail", "Wait"] = Field(
+        "Fail",
+        description=(
+            "Default of `spec.placement.whenNoNodeMatches`. `Fail`: no worker pod is created while no node can "
+            "take the workers (NoMatchingNodes, re-checked every resync): right for static clusters, where a "
+            "typo in a nodeSelector should be loud at once. `Wait`: create the pods anyway so that a "
+            "cluster-autoscaler or Karpenter, which react to Pending pods, can add the node; Failed/"
+            "NodesNotAvailable after `placementWaitSeconds`."
+        ),
+    )
+    placement_wait_seconds: int = Field(
+        1800,
+        ge=1,
+        description=(
+            "Default of `spec.placement.waitTimeoutSeconds`: how long worker pods may stay unbound in `Wait` "
+            "mode before the run fails (NodesNotAvailable). Long enough for a GPU node to boot and join."
+        ),
+    )
+    auto_device_preference: list[Literal["xpu", "cpu"]] = Field(
+        default_factory=lambda: list(DEFAULT_AUTO_DEVICE_PREFERENCE),
+        min_length=1,
+        max_length=2,
+        description=(
+            "Order in which `device: auto` considers devices (xpu only with `resources.gpus` >= 1). `Fail` mode: "
+            "the first with room for every worker now. `Wait` mode: the first, even when its node pool is at "
+            "zero, so an autoscaled pool is never silently replaced by what happens to be up."
+        ),
     )
     cpu_image: str = Field("kubelora/trainer-cpu:0.1.0", min_length=1, description="Default trainer image for cpu.")
     xpu_image: str = Field("kubelora/trainer-xpu:0.1.0", min_length=1, description="Default trainer image for xpu.")
@@ -124,6 +156,13 @@ class OperatorSettings(BaseModel):
             "kopf peering CRDs. Unset: standalone (one replica)."
         ),
     )
+
+    @field_validator("auto_device_preference")
+    @classmethod
+    def _each_device_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each device at most once, got {value}")
+        return value
 
     def image_for(self, device: str) -> str:
         """Default trainer image for a placed device (`xpu` or `cpu`)."""

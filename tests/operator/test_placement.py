@@ -174,3 +174,62 @@ def test_merge_required_affinity_ands_into_every_term() -> None:
         )
         == 1
     )
+
+
+# --------------------------------------------------------------------------- autoscaled pools: Wait mode
+
+WAIT = OperatorSettings(when_no_node_matches="Wait")
+
+
+def test_fail_mode_is_the_default_and_creates_nothing_for_a_missing_pool() -> None:
+    assert SETTINGS.when_no_node_matches == "Fail"
+    d = decide([plain_node("p")], device="xpu")
+    assert not d.ok and not d.waiting and d.condition_reason.value == "NoMatchingNodes"
+
+
+def test_wait_mode_decides_the_same_pods_for_a_pool_at_zero() -> None:
+    """The waiting decision carries exactly the fields the pods would get if the pool existed."""
+    d = decide([plain_node("p")], settings=WAIT, device="xpu", placement={"tolerations": [{"key": "gpu"}]})
+    up = decide([gpu_node("g1")], settings=WAIT, device="xpu", placement={"tolerations": [{"key": "gpu"}]})
+    assert d.ok and d.waiting and d.device == "xpu" and d.condition_reason.value == "WaitingForNodes"
+    assert up.ok and not up.waiting and up.condition_reason.value == "PodsCreated"
+    for attr in ("requests", "limits", "node_selector", "affinity", "tolerations", "node_pool"):
+        assert getattr(d, attr) == getattr(up, attr), attr
+    assert d.reason == (
+        "waiting up to 1800 s for nodes (whenNoNodeMatches: Wait): xpu: asked for 1 worker with 1 "
+        "gpu.intel.com/i915, 4 CPU and 16Gi memory each, but no node of 1 offers gpu.intel.com/i915"
+    )
+    assert d.to_status()["device"] == "xpu"
+
+
+def test_the_resource_overrides_the_operators_mode_and_timeout() -> None:
+    d = decide([plain_node("p")], device="cpu", placement={"whenNoNodeMatches": "Wait", "waitTimeoutSeconds": 60})
+    assert d.waiting and d.device == "cpu" and d.reason.startswith("waiting up to 60 s for nodes")
+    assert d.affinity is not None
+    terms = d.affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert AMX_EXPR in terms[0]["matchExpressions"]  # the pods ask for the AMX pool that is not there yet
+    d = decide([plain_node("p")], settings=WAIT, device="cpu", placement={"whenNoNodeMatches": "Fail"})
+    assert not d.ok and not d.waiting
+
+
+def test_wait_mode_auto_keeps_the_preferred_gpu_instead_of_the_amx_nodes_that_are_up() -> None:
+    nodes = [amx_node("c1"), amx_node("c2")]
+    assert decide(nodes, workers=2).device == "cpu"  # Fail mode: what is up now
+    d = decide(nodes, settings=WAIT, workers=2)
+    assert d.waiting and d.device == "xpu" and "cpu:" not in d.reason
+    # Once the GPU pool has grown, the same rule places normally.
+    d = decide([*nodes, gpu_node("g1")], settings=WAIT, workers=2)
+    assert d.device == "xpu" and not d.waiting
+
+
+def test_auto_device_preference_orders_auto() -> None:
+    cpu_first = OperatorSettings(auto_device_preference=["cpu", "xpu"])
+    nodes = [gpu_node("g1"), amx_node("c1")]
+    assert decide(nodes, settings=cpu_first).device == "cpu"
+    d = decide([gpu_node("g1")], settings=cpu_first)
+    assert d.device == "xpu" and d.reason.startswith("auto: not cpu (no node of 1 carries")
+    wait_cpu = OperatorSettings(when_no_node_matches="Wait", auto_device_preference=["cpu"])
+    assert decide([gpu_node("g1")], settings=wait_cpu).device == "cpu"
+    # auto without GPUs is cpu whatever the preference says.
+    xpu_only = OperatorSettings(auto_device_preference=["xpu"])
+    assert decide([amx_node("c1")], settings=xpu_only, resources={"gpus": 0}).device == "cpu"

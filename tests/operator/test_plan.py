@@ -118,6 +118,17 @@ def test_auto_without_matching_nodes_plans_nothing() -> None:
         plan(res, decision, SETTINGS)
 
 
+def test_wait_mode_plans_the_pods_of_the_missing_pool() -> None:
+    """Wait mode: pods for a pool at zero are the pods a grown pool would get (what an autoscaler reads)."""
+    res = resource(workers=2, placement={"whenNoNodeMatches": "Wait"})
+    waiting = plan(res, decide_placement(res.spec, [plain_node("p")], SETTINGS), SETTINGS)
+    grown = plan(res, decide_placement(res.spec, GPU_NODES, SETTINGS), SETTINGS)
+    assert waiting.placement.waiting and not grown.placement.waiting
+    assert len(waiting.pods) == 2
+    assert [p["spec"] for p in waiting.pods] == [p["spec"] for p in grown.pods]
+    assert container(waiting.pods[0])["resources"]["limits"]["gpu.intel.com/i915"] == "1"
+
+
 def test_mpirun_plan() -> None:
     p = make(resource(name="mp", device="xpu", workers=2, resources={"gpus": 2}, distributed={"launcher": "mpirun"}))
     data = p.config_map["data"]

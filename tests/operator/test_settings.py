@@ -45,3 +45,18 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
 def test_parse_label() -> None:
     assert parse_label("a/b=true") == ("a/b", "true")
     assert parse_label("a/b") == ("a/b", None)
+
+
+def test_placement_settings_from_env_and_their_errors() -> None:
+    s = load_settings(
+        environ={
+            "KUBELORA_WHEN_NO_NODE_MATCHES": "Wait",
+            "KUBELORA_PLACEMENT_WAIT_SECONDS": "600",
+            "KUBELORA_AUTO_DEVICE_PREFERENCE": '["cpu", "xpu"]',
+        }
+    )
+    assert (s.when_no_node_matches, s.placement_wait_seconds, s.auto_device_preference) == ("Wait", 600, ["cpu", "xpu"])
+    with pytest.raises(SettingsError, match="each device at most once"):
+        load_settings(environ={"KUBELORA_AUTO_DEVICE_PREFERENCE": '["xpu", "xpu"]'})
+    with pytest.raises(SettingsError, match="when_no_node_matches|whenNoNodeMatches"):
+        load_settings(environ={"KUBELORA_WHEN_NO_NODE_MATCHES": "Sometimes"})

@@ -37,7 +37,7 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,9 @@ from kubelora_trainer.contract import EXIT_BAD_INPUT, EXIT_PREEMPTED, parse_succ
 from ..api import LoRAFineTuneResource, LoRAFineTuneSpec, SpecError, parse_spec
 from ..conditions import ConditionReason as R
 from ..conditions import ConditionType as T
-from ..conditions import get_condition, is_true
+from ..conditions import format_time, get_condition, is_true
 from ..kube import Kube, NotFound, PermanentApiError, TransientApiError
-from ..placement import NodeFacts, PlacementDecision, decide_placement
+from ..placement import NodeFacts, PlacementDecision, decide_placement, wait_timeout_seconds, waits_for_nodes
 from ..plan import LABEL_WORKER_INDEX, artifact_uri, plan, ssh_secret, worker_selector
 from ..run_dirs import Claimant, claimant, holder, in_use_message
 from ..settings import OperatorSettings
@@ -269,6 +269,8 @@ def _after_start(
             event="Normal",
         )
         u.condition(T.RUNNING, False, R.SUSPENDED_BY_USER, "suspended")
+        # No pods, nothing scheduled; dropping it also restarts Wait mode's clock on resume.
+        u.drop(T.SCHEDULED)
         u.status["workers"] = {"ready": 0, "total": spec.workers}
         return
     if is_true(u.conditions, T.SUSPENDED):
@@ -376,6 +378,9 @@ def _observe(
             f"{_plural(n, 'worker pod')} of attempt {attempt} bound to {nodes}",
             event="Normal",
         )
+    elif waits_for_nodes(resource.spec, settings):
+        if _wait_for_nodes(kube, settings, u, resource, attempt, workers, len(bound)):
+            return
     else:
         why = next((w.unschedulable for w in workers if w.unschedulable), None)
         msg = f"{len(bound)}/{n} worker pods of attempt {attempt} bound to nodes" + (
@@ -399,6 +404,49 @@ def _observe(
             f"{len(running)}/{n} workers running{extra} (attempt {attempt}){stuck}",
         )
     u.status["workers"] = {"ready": len(running), "total": n}
+
+
+def _wait_for_nodes(
+    kube: Kube,
+    settings: OperatorSettings,
+    u: StatusUpdate,
+    resource: LoRAFineTuneResource,
+    attempt: int,
+    workers: Sequence[WorkerState],
+    bound: int,
+) -> bool:
+    """Wait mode with unbound workers: Scheduled=False/WaitingForNodes naming what is missing, or, once
+    they have been unbound for waitTimeoutSeconds, Failed/NodesNotAvailable. True when the run failed.
+
+    The clock is the Scheduled=False condition's lastTransitionTime: it starts when the attempt's pods
+    are created (Scheduled flips to False) and restarts on resume (suspend drops the condition)."""
+    n, timeout = resource.spec.workers, wait_timeout_seconds(resource.spec, settings)
+    scheduled = get_condition(u.conditions, T.SCHEDULED)
+    since = u.now
+    if scheduled is not None and scheduled.get("status") == "False" and scheduled.get("lastTransitionTime"):
+        since = parse_time(scheduled["lastTransitionTime"])
+    waited = int((u.now - since).total_seconds())
+    why = next((w.unschedulable for w in workers if w.unschedulable), None)
+    missing = f"scheduler: {why}" if why else str((u.status.get("placement") or {}).get("reason", ""))
+    head = f"{bound}/{n} worker pods of attempt {attempt} bound to nodes"
+    if waited >= timeout:
+        msg = (
+            f"{head} after waiting {waited} s (waitTimeoutSeconds {timeout}); {missing}; worker pods deleted. "
+            "Check that the node pool can scale up (autoscaler limits, instance availability, nodeSelector)"
+        )
+        _delete(kube, resource.namespace, workers, keep_terminated=False)
+        u.condition(T.SCHEDULED, False, R.NODES_NOT_AVAILABLE, msg)
+        _fail(u, R.NODES_NOT_AVAILABLE, msg)
+        return True
+    u.condition(
+        T.SCHEDULED,
+        False,
+        R.WAITING_FOR_NODES,
+        f"{head}; waiting for nodes until {format_time(since + timedelta(seconds=timeout))} (whenNoNodeMatches: "
+        f"Wait, waitTimeoutSeconds {timeout}): {missing}",
+        event="Normal",
+    )
+    return False
 
 
 # --------------------------------------------------------------------------- actions
@@ -452,8 +500,8 @@ def _create(
     if not decision.ok:
         u.condition(T.SCHEDULED, False, R.NO_MATCHING_NODES, decision.reason, event="Warning")
         return None
-    if not u.status.get("placement", {}).get("device"):
-        u.status["placement"] = decision.to_status()
+    if decision.waiting or not u.status.get("placement", {}).get("device"):
+        u.status["placement"] = decision.to_status()  # a waiting decision names the missing pool
     p = plan(resource, decision, settings, attempt=attempt)
     if p.ssh_secret_to_create and p.ssh_secret_name and kube.read_secret(resource.namespace, p.ssh_secret_name) is None:
         private, public = _ssh_keypair(f"kubelora-{resource.namespace}-{resource.name}")
