@@ -113,6 +113,26 @@ def test_wait_deadline_fails_with_nodes_not_available(env: Env) -> None:
     cp.wait_for(lambda: pods(cp, ns, name) == [], timeout=20, what="pods deleted at the wait deadline")
 
 
+def test_time_suspended_does_not_count_against_the_wait(env: Env) -> None:
+    cp, ns = env.cp, env.ns
+    pool = uid()
+    name = f"waitsusp-{pool}"
+    spec = lft_spec(pool, device="cpu", resources={"gpus": 0}, placement={"waitTimeoutSeconds": 6})
+    _create(cp, ns, name, spec)
+    wait_condition(cp, ns, name, "Scheduled", "False", "WaitingForNodes")
+    patch_spec(cp, ns, name, {"suspend": True})
+    obj = wait_condition(cp, ns, name, "Suspended", "True", "SuspendedByUser")
+    assert condition(obj, "Scheduled") is None  # no pods, nothing scheduled
+    time.sleep(7)  # longer than waitTimeoutSeconds
+    patch_spec(cp, ns, name, {"suspend": False})
+    wait_condition(cp, ns, name, "Suspended", "False", "Resumed")
+    obj = wait_condition(cp, ns, name, "Scheduled", "False", "WaitingForNodes")
+    assert condition(obj, "Failed") is None, obj["status"]
+    add_amx_node(cp, f"amx-{pool}", pool)
+    wait_condition(cp, ns, name, "Scheduled", "True", "PodsScheduled", timeout=60)
+    assert condition(get_lft(cp, ns, name), "Failed") is None
+
+
 def test_a_resource_can_keep_fail_fast_under_a_waiting_operator(env: Env) -> None:
     cp, ns = env.cp, env.ns
     pool = uid()

@@ -19,7 +19,8 @@ which is for users, and never in memory):
   resume, as Kubernetes Jobs do; time spent suspended does not count).
 
 Lifecycle: not started -> validate (spec, then Secrets/PVCs/ConfigMaps) -> place (NoMatchingNodes
-waits for the resync timer) -> commit -> create ConfigMap, Service, pods -> observe pods: bound
+waits for the resync timer; in Wait mode pods are created anyway, WaitingForNodes until bound or
+NodesNotAvailable after waitTimeoutSeconds) -> commit -> create ConfigMap, Service, pods -> observe pods: bound
 (Scheduled), all running (Running), worker 0 finished (Succeeded + artifact from its termination
 message), a worker failed (exit 2: Failed/InvalidSpec at once; otherwise delete the attempt's pods and
 start the next attempt until backoffLimit). Disruptions do not count against backoffLimit: exit 143
