@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from tests.s3server import S3Server
+
 from . import build_tiny_llama
 
 SAMPLE = Path(__file__).resolve().parents[2] / "trainer" / "kubelora_trainer" / "sample_data"
@@ -42,3 +44,13 @@ def tiny_config(model_dir: Path, run_dir: Path, **sections: dict[str, Any]) -> d
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     return cfg
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3Server:
+    """The real S3 server's credentials in the env, the termination log in tmp, no operator run id."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr("kubelora_trainer.cli.TERMINATION_LOG", tmp_path / "termination-log")
+    monkeypatch.delenv("KUBELORA_RUN_ID", raising=False)
+    return s3_server

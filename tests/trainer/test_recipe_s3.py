@@ -18,15 +18,6 @@ from .conftest import tiny_config
 pytestmark = pytest.mark.s3
 
 
-@pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3Server:
-    for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr("kubelora_trainer.cli.TERMINATION_LOG", tmp_path / "termination-log")
-    monkeypatch.delenv("KUBELORA_RUN_ID", raising=False)
-    return s3_server
-
-
 def _cfg(tiny_model_dir: Path, tmp_path: Path, server: S3Server, bucket: str) -> Path:
     cfg = tiny_config(tiny_model_dir, tmp_path / "run", training={"maxSteps": 2},
                       evaluation={"exactMatch": False, "before": False},

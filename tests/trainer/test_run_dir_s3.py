@@ -16,15 +16,6 @@ from .conftest import tiny_config
 pytestmark = pytest.mark.s3
 
 
-@pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3Server:
-    for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr("kubelora_trainer.cli.TERMINATION_LOG", tmp_path / "termination-log")
-    monkeypatch.delenv("KUBELORA_RUN_ID", raising=False)
-    return s3_server
-
-
 def _cfg_file(tiny_model_dir: Path, tmp_path: Path, server: S3Server, uri: str, r: int, lr: float) -> Path:
     cfg = tiny_config(tiny_model_dir, tmp_path / "output", training={"maxSteps": 2, "learningRate": lr},
                       lora={"r": r}, evaluation={"exactMatch": False, "before": False},
