@@ -125,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import answer_of, build_datasets, collate, encode_prompt, prompt_only
+    from .data import build_datasets, collate, encode_prompt
     from .distributed import WorldView
     from .evaluate import GenerationResult, eval_loss, exact_match, generate
     from .loss import CausalLMLoss
@@ -139,9 +139,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bs = cfg.training.micro_batch_size
     batches = [collate(data.eval_rows[i : i + bs], pad) for i in range(0, len(data.eval_rows), bs)]
     loss = eval_loss(CausalLMLoss(model), batches, device.torch_device, autocast, WorldView())
-    records = data.eval_records[: cfg.evaluation.max_exact_match_samples]
-    prompts = [(prompt_only(r, cfg.data, tok), answer_of(r, cfg.data)) for r in records]
-    gen = generate(model, [encode_prompt(p, tok, cfg.data) for p, _ in prompts], pad, tok.eos_token_id,
+    prompts = data.eval_prompts[: cfg.evaluation.max_exact_match_samples]
+    gen = generate(model, [encode_prompt(p, tok, data.cfg) for p, _ in prompts], pad, tok.eos_token_id,
                    cfg.evaluation.max_new_tokens, device.torch_device, autocast)
     texts = tok.batch_decode(gen, skip_special_tokens=True)
     em = exact_match([GenerationResult(p, a, g) for (p, a), g in zip(prompts, texts, strict=True)])

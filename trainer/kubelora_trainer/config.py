@@ -117,6 +117,16 @@ class DataConfig(StrictModel):
         "auto", description="File format; `auto` decides from the file extension."
     )
     split: str = Field("train", description="Split to read from a `datasets` directory or hub id.")
+    kind: Literal["instruction", "messages", "text", "tokens"] | None = Field(
+        None,
+        description=(
+            "What the records are: `instruction` (instruction/input/output, rendered with `template`), "
+            "`messages` (OpenAI-style chat `{messages: [{role, content}]}`, rendered with the tokenizer's chat "
+            "template, loss on assistant turns), `text` (`{text}` documents joined with EOS and cut into full "
+            "blocks of `cutoffLen` tokens, loss on every token: continued pre-training) or `tokens` "
+            "(pre-tokenized `{input_ids, labels?}`, -100 = no loss). Unset: detected from the first record."
+        ),
+    )
     template: Literal["alpaca", "alpaca_legacy", "chat", "custom"] = Field(
         "alpaca",
         description=(
@@ -139,7 +149,10 @@ class DataConfig(StrictModel):
             "{output: answer}. Unmapped fields use their own name."
         ),
     )
-    cutoff_len: int = Field(256, ge=8, le=131072, description="Maximum tokens per sample (prompt + response + EOS).")
+    cutoff_len: int = Field(
+        256, ge=8, le=131072,
+        description="Maximum tokens per sample (prompt + response + EOS); for `kind: text`, the block length.",
+    )
     drop_truncated: bool = Field(
         False,
         description=(

@@ -31,7 +31,7 @@ from . import contract, fused_lora, rundir, segment_attention, zero
 from . import distributed as dist_
 from .batching import padding_free_default
 from .config import TrainerConfig, dump_config
-from .data import PackedRow, answer_of, build_datasets, collate, collate_flat, encode_prompt, prompt_only
+from .data import PackedRow, build_datasets, collate, collate_flat, encode_prompt
 from .device import DeviceInfo, peak_memory_bytes, resolve_dtype, select_device, synchronize
 from .evaluate import GenerationResult, eval_loss, exact_match, generate
 from .export import (
@@ -222,11 +222,8 @@ class LoRAFineTuneRecipe:
     def load_tokenizer_and_data(self) -> None:
         self.tokenizer = load_tokenizer(self.source, self.cfg.model)
         self.data = build_datasets(self.cfg.data, self.tokenizer, self.cfg.training.seed)
-        data_cfg = self.cfg.data
-        records = self.data.eval_records[: self.cfg.evaluation.max_exact_match_samples]
-        self.eval_prompts = [
-            (prompt_only(r, data_cfg, self.tokenizer), answer_of(r, data_cfg)) for r in records
-        ]
+        # Empty for data kinds without answers (text, tokens): exact match is then off, eval loss remains.
+        self.eval_prompts = self.data.eval_prompts[: self.cfg.evaluation.max_exact_match_samples]
         log.info("data: %s", self.data.stats)
 
     def load_model_with_adapter(self) -> None:
@@ -442,7 +439,7 @@ class LoRAFineTuneRecipe:
         results: list[GenerationResult] = []
         # Under ZeRO-3 every rank generates (each forward gathers weights from all); rank 0 keeps the text.
         if (self.world.is_main or self.zero is not None) and self.cfg.evaluation.exact_match and prompts:
-            ids = [encode_prompt(p, self.tokenizer, self.cfg.data) for p, _ in prompts]
+            ids = [encode_prompt(p, self.tokenizer, self.data.cfg) for p, _ in prompts]
             gen = generate(
                 self.model, ids, int(self.tokenizer.pad_token_id), self.tokenizer.eos_token_id,
                 self.cfg.evaluation.max_new_tokens, self.device.torch_device, self.autocast,

@@ -1,4 +1,4 @@
-"""Reading instruction records from files, `datasets` directories or the hub, and splitting them.
+"""Reading records (of any `data.kind`) from files, `datasets` directories or the hub, and splitting them.
 
 Records are plain dicts (column -> value) so templates, exact-match scoring and tests need no
 `datasets` objects. Every failure becomes a one-line :class:`DataError` naming the file (and line).
@@ -13,7 +13,7 @@ import csv
 import json
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from .errors import DataError
 from .guard import RecordGuard, human_bytes
 
 Record = dict[str, Any]
+#: A per-record check (see ``kinds.RecordChecker``): raises a DataError naming the field; the reader adds where.
+Check = Callable[[Record], None]
 
 _EXTENSIONS = {
     ".json": "json",
@@ -38,12 +40,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?
 
 
 def load_records(
-    cfg: DataConfig, seed: int, guard: RecordGuard | None = None
+    cfg: DataConfig, seed: int, guard: RecordGuard | None = None, check: Check | None = None
 ) -> tuple[list[Record], list[Record]]:
     """Return ``(train, eval)`` records as configured by ``cfg``.
 
     Records over ``cfg.max_record_bytes`` are left out and counted in ``guard`` (pass one to report
-    them); a source whose every record is over the bound is an error.
+    them); a source whose every record is over the bound is an error. ``check`` runs on every
+    record kept, in file order, and its DataError is reported with the file and line.
 
     The eval part comes from ``cfg.eval_path`` when set, otherwise ``val_set_size`` rows of
     ``cfg.path`` are held out by a ``seed``-determined permutation (a fraction when < 1, a count
@@ -52,12 +55,12 @@ def load_records(
     Eval rows keep file order and are cut to ``max_eval_samples``.
     """
     guard = guard if guard is not None else RecordGuard(cfg.max_record_bytes)
-    records = _read_guarded(cfg.path, cfg, guard)
+    records = _read_guarded(cfg.path, cfg, guard, check)
     if not records:
         raise DataError(f"empty dataset after filtering: {cfg.path} has no records")
     if cfg.eval_path:
         train = records
-        eval_records = _read_guarded(cfg.eval_path, cfg, guard)
+        eval_records = _read_guarded(cfg.eval_path, cfg, guard, check)
         if not eval_records:  # else: "eval loss" NaN before and after, and a run that measured nothing
             raise DataError(f"data.evalPath {cfg.eval_path} has no records: add held-out records or unset evalPath")
     else:
@@ -77,10 +80,10 @@ def load_records(
     return train, eval_records
 
 
-def _read_guarded(path: str, cfg: DataConfig, guard: RecordGuard) -> list[Record]:
+def _read_guarded(path: str, cfg: DataConfig, guard: RecordGuard, check: Check | None) -> list[Record]:
     """Read one source under the size bound; all of its records over the bound is a one-line error."""
     before = guard.dropped
-    records = read_records(path, cfg.format, cfg.split, guard)
+    records = read_records(path, cfg.format, cfg.split, guard, check)
     if not records and guard.dropped > before:
         raise DataError(
             f"every record of {path} ({guard.dropped - before}) is over data.maxRecordBytes "
@@ -113,12 +116,16 @@ def split_records(records: list[Record], val_set_size: float, seed: int) -> tupl
     return train, eval_records
 
 
-def read_records(path: str, fmt: str = "auto", split: str = "train", guard: RecordGuard | None = None) -> list[Record]:
+def read_records(
+    path: str, fmt: str = "auto", split: str = "train", guard: RecordGuard | None = None, check: Check | None = None
+) -> list[Record]:
     """Read every record of one source: a local file or directory, or else a hub dataset id.
 
     ``sample://NAME`` names a file of the bundled sample set. The config loader resolves it too,
     but a config validated without that step (e.g. from a resource spec) must still work here.
-    With a ``guard``, records over its limit are left out and counted there.
+    With a ``guard``, records over its limit are left out and counted there. ``check`` runs on every
+    record kept; a DataError from it becomes ``FILE line N: ...`` (``FILE record N`` where the format
+    has no lines).
     """
     if path.startswith(SAMPLE_SCHEME):
         name = path[len(SAMPLE_SCHEME) :]
@@ -130,24 +137,40 @@ def read_records(path: str, fmt: str = "auto", split: str = "train", guard: Reco
     if p.exists():
         kind = _detect_format(p, fmt)
         if kind == "datasets":
-            return _guarded(_read_datasets_dir(p, split), guard, p.name)
+            return _checked(_guarded(_read_datasets_dir(p, split), guard, p.name), check, str(p))
         if not p.is_file():
             raise DataError(f"data path {path} is a directory but not one saved with `datasets` (format {fmt})")
         if kind == "json":
-            return _read_json(p, guard)
+            return _read_json(p, guard, check)
         if kind == "jsonl":
-            return _read_jsonl(p, guard)
+            return _read_jsonl(p, guard, check)
         if kind == "csv":
-            return _guarded(_read_csv(p), guard, p.name)
-        return _guarded(_read_parquet(p), guard, p.name)
+            return _checked(_guarded(_read_csv(p), guard, p.name), check, str(p))
+        return _checked(_guarded(_read_parquet(p), guard, p.name), check, str(p))
     if _looks_like_hub_id(path) and fmt in ("auto", "datasets"):
-        return _guarded(_read_hub(path, split), guard, path)
+        return _checked(_guarded(_read_hub(path, split), guard, path), check, path)
     raise DataError(f"data file not found: {path}")
 
 
 def _guarded(records: list[Record], guard: RecordGuard | None, source: str) -> list[Record]:
     """Apply the size bound to records parsed whole (every format but JSON Lines, which is streamed)."""
     return records if guard is None else guard.keep(records, source)
+
+
+def _check_one(check: Check | None, record: Record, where: str) -> None:
+    if check is None:
+        return
+    try:
+        check(record)
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
+
+
+def _checked(records: list[Record], check: Check | None, source: str) -> list[Record]:
+    """Run ``check`` over records parsed whole; a failure names the record's position in ``source``."""
+    for i, rec in enumerate(records):
+        _check_one(check, rec, f"{source} record {i}")
+    return records
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -184,7 +207,7 @@ def _check_objects(rows: list[Any], p: Path) -> list[Record]:
     return rows
 
 
-def _read_json(p: Path, guard: RecordGuard | None) -> list[Record]:
+def _read_json(p: Path, guard: RecordGuard | None, check: Check | None) -> list[Record]:
     """A JSON list of objects or ``{"data": [...]}``; a `.json` file that is really JSONL also works.
 
     A JSON list is parsed whole (its records are size-checked after parsing): big data belongs in JSONL.
@@ -195,13 +218,13 @@ def _read_json(p: Path, guard: RecordGuard | None) -> list[Record]:
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several top-level values: JSON Lines saved as .json
             del text
-            return _read_jsonl(p, guard)
+            return _read_jsonl(p, guard, check)
         raise DataError(f"{p} line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
         raise DataError(f"{p}: expected a JSON list of objects or an object with a 'data' list")
-    return _guarded(_check_objects(obj, p), guard, p.name)
+    return _checked(_guarded(_check_objects(obj, p), guard, p.name), check, str(p))
 
 
 def _lines(p: Path, limit: int | None) -> Iterator[tuple[int, bytes | None]]:
@@ -229,7 +252,7 @@ def _lines(p: Path, limit: int | None) -> Iterator[tuple[int, bytes | None]]:
         raise DataError(f"cannot read data file {p}: {err.strerror or err}") from None
 
 
-def _read_jsonl(p: Path, guard: RecordGuard | None) -> list[Record]:
+def _read_jsonl(p: Path, guard: RecordGuard | None, check: Check | None = None) -> list[Record]:
     """Parse JSON Lines one line at a time; lines over the guard's limit are counted, never parsed."""
     rows: list[Record] = []
     for lineno, raw in _lines(p, guard.limit if guard is not None else None):
@@ -249,6 +272,7 @@ def _read_jsonl(p: Path, guard: RecordGuard | None) -> list[Record]:
             raise DataError(f"{p} line {lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{p} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+        _check_one(check, obj, f"{p} line {lineno}")
         rows.append(obj)
     return rows
 

@@ -70,6 +70,41 @@ class TokenizeResult:
             "dropped_no_label_tokens": self.dropped_no_labels,
         }
 
+    def add(self, index: int, example: TokenizedExample | None, status: str, full_len: int) -> None:
+        """Count one sample of input position ``index`` (``full_len`` tokens before the cutoff)."""
+        self.shortest = full_len if self.shortest is None else min(self.shortest, full_len)
+        if example is None:
+            self.dropped += 1
+            if status == "too_long":
+                self.dropped_too_long += 1
+            else:
+                self.dropped_no_labels += 1
+            return
+        self.examples.append(example)
+        self.source_index.append(index)
+        self.kept += 1
+        self.truncated += example.truncated
+
+    def raise_if_empty(self, n_in: int, cutoff_len: int, what: str) -> None:
+        """A DataError when nothing was kept, saying whether the cutoff is the cause."""
+        if self.examples:
+            return
+        if not n_in:
+            raise DataError(f"empty dataset after filtering: no {what} samples")
+        if self.dropped_too_long and self.shortest is not None and self.shortest > cutoff_len:
+            raise DataError(
+                f"cutoff_len {cutoff_len} is too small for any sample (shortest sample has {self.shortest} tokens)"
+            )
+        if self.dropped_too_long:
+            raise DataError(
+                f"cutoff_len {cutoff_len} leaves no response token in any {what} sample (shortest sample has "
+                f"{self.shortest} tokens); raise data.cutoffLen"
+            )
+        raise DataError(
+            f"empty dataset after filtering: none of the {n_in} {what} samples has a token to learn "
+            "(empty responses and data.addEos false?)"
+        )
+
     def describe_cutoff(self, what: str, cutoff_len: int) -> str:
         """One log line saying what the cutoff rules did, e.g. ``training samples: 3 truncated at ...``."""
         parts = []
@@ -83,7 +118,7 @@ class TokenizeResult:
         return f"{what} samples: " + ", ".join(parts) + f" ({self.kept} kept)"
 
 
-def _special_prefix(tokenizer: Any) -> list[int]:
+def special_prefix(tokenizer: Any) -> list[int]:
     """Special ids the tokenizer puts *before* a text (e.g. BOS), found by encoding a probe.
 
     Only a prefix is taken: a tokenizer that also appends EOS/SEP to every text must not put one
@@ -100,10 +135,10 @@ def _special_prefix(tokenizer: Any) -> list[int]:
 
 def _prompt_prefix(tokenizer: Any, cfg: DataConfig) -> list[int]:
     # A chat template writes its own special tokens (e.g. <|begin_of_text|>); adding BOS again would double it.
-    return [] if cfg.template == "chat" else _special_prefix(tokenizer)
+    return [] if cfg.template == "chat" or cfg.kind == "messages" else special_prefix(tokenizer)
 
 
-def _encode(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
+def encode_texts(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
     out: list[list[int]] = []
     for i in range(0, len(texts), _BATCH):
         chunk = list(texts[i : i + _BATCH])
@@ -112,7 +147,7 @@ def _encode(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
     return out
 
 
-def _eos_id(tokenizer: Any, cfg: DataConfig) -> int | None:
+def eos_id(tokenizer: Any, cfg: DataConfig) -> int | None:
     if not cfg.add_eos:
         return None
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -123,16 +158,17 @@ def _eos_id(tokenizer: Any, cfg: DataConfig) -> int | None:
 
 def encode_prompt(prompt: str, tokenizer: Any, cfg: DataConfig) -> list[int]:
     """Prompt ids exactly as training builds them: use this for generation at eval time."""
-    return _prompt_prefix(tokenizer, cfg) + _encode([prompt], tokenizer)[0]
+    return _prompt_prefix(tokenizer, cfg) + encode_texts([prompt], tokenizer)[0]
 
 
-def _assemble(
-    prompt_ids: list[int], response_ids: list[int], eos: int | None, cfg: DataConfig
-) -> tuple[TokenizedExample | None, str]:
-    """Build one example; returns ``(example or None, status)`` with status ok/truncated/too_long/no_labels."""
-    resp = response_ids + ([eos] if eos is not None else [])
-    ids = prompt_ids + resp
-    labels = (list(prompt_ids) if cfg.train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)) + list(resp)
+def finish_example(ids: list[int], labels: list[int], cfg: DataConfig) -> tuple[TokenizedExample | None, str]:
+    """Apply the label and cutoff rules to one sample's ids and labels (every kind of record shares them).
+
+    Returns ``(example or None, status)`` with status ok/truncated/too_long/no_labels. The first
+    label is masked (see module docstring); a sample over ``cutoff_len`` is cut at the end, or
+    dropped with ``drop_truncated``; a sample left without a labelled token is dropped.
+    """
+    labels = list(labels)
     if labels:
         labels[0] = IGNORE_INDEX  # see module docstring: never predicted from inside the sample
     status = "ok"
@@ -142,7 +178,16 @@ def _assemble(
         ids, labels, status = ids[: cfg.cutoff_len], labels[: cfg.cutoff_len], "truncated"
     if all(t == IGNORE_INDEX for t in labels):
         return None, "too_long" if status == "truncated" else "no_labels"
-    return TokenizedExample(ids, labels, truncated=status == "truncated"), status
+    return TokenizedExample(list(ids), labels, truncated=status == "truncated"), status
+
+
+def _assemble(
+    prompt_ids: list[int], response_ids: list[int], eos: int | None, cfg: DataConfig
+) -> tuple[TokenizedExample | None, str]:
+    """Build one instruction sample: prompt (masked unless ``train_on_inputs``), response and EOS."""
+    resp = response_ids + ([eos] if eos is not None else [])
+    labels = (list(prompt_ids) if cfg.train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)) + list(resp)
+    return finish_example(prompt_ids + resp, labels, cfg)
 
 
 def tokenize_example(prompt: str, response: str, tokenizer: Any, cfg: DataConfig) -> TokenizedExample | None:
@@ -166,41 +211,15 @@ def tokenize_examples(
     since they would only add compute. With ``raise_if_empty`` a result with nothing kept raises a
     DataError that says whether the cutoff is the cause.
     """
-    eos = _eos_id(tokenizer, cfg)
+    eos = eos_id(tokenizer, cfg)
     prefix = _prompt_prefix(tokenizer, cfg)
-    prompt_ids = _encode([p for p, _ in pairs], tokenizer)
-    response_ids = _encode([r for _, r in pairs], tokenizer)
+    prompt_ids = encode_texts([p for p, _ in pairs], tokenizer)
+    response_ids = encode_texts([r for _, r in pairs], tokenizer)
     res = TokenizeResult()
     extra = len(prefix) + (1 if eos is not None else 0)
     for i, (p_ids, r_ids) in enumerate(zip(prompt_ids, response_ids, strict=True)):
-        full = len(p_ids) + len(r_ids) + extra
-        res.shortest = full if res.shortest is None else min(res.shortest, full)
         ex, status = _assemble(prefix + p_ids, r_ids, eos, cfg)
-        if ex is None:
-            res.dropped += 1
-            if status == "too_long":
-                res.dropped_too_long += 1
-            else:
-                res.dropped_no_labels += 1
-            continue
-        res.examples.append(ex)
-        res.source_index.append(i)
-        res.kept += 1
-        res.truncated += ex.truncated
-    if raise_if_empty and not res.examples:
-        if not pairs:
-            raise DataError(f"empty dataset after filtering: no {what} samples")
-        if res.dropped_too_long and res.shortest is not None and res.shortest > cfg.cutoff_len:
-            raise DataError(
-                f"cutoff_len {cfg.cutoff_len} is too small for any sample (shortest sample has {res.shortest} tokens)"
-            )
-        if res.dropped_too_long:
-            raise DataError(
-                f"cutoff_len {cfg.cutoff_len} leaves no response token in any {what} sample (shortest sample has "
-                f"{res.shortest} tokens); raise data.cutoffLen"
-            )
-        raise DataError(
-            f"empty dataset after filtering: none of the {len(pairs)} {what} samples has a token to learn "
-            "(empty responses and data.addEos false?)"
-        )
+        res.add(i, ex, status, len(p_ids) + len(r_ids) + extra)
+    if raise_if_empty:
+        res.raise_if_empty(len(pairs), cfg.cutoff_len, what)
     return res
