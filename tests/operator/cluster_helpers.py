@@ -391,3 +391,23 @@ def operator_in_namespace(
 
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+class Env:
+    """A module's operator and its namespace, as the integration tests' `env` fixtures yield them."""
+
+    def __init__(self, cp: ControlPlane, ns: str, op: OperatorProcess) -> None:
+        self.cp, self.ns, self.op = cp, ns, op
+
+
+@contextlib.contextmanager
+def operator_env_in_namespace(cp: ControlPlane, log_dir: Path, **extra: str) -> Iterator[Env]:
+    """`operator_in_namespace` as one `Env` (what a module-scoped `env` fixture yields)."""
+    with operator_in_namespace(cp, log_dir, **extra) as (ns, op, _):
+        yield Env(cp, ns, op)
+
+
+def show_operator_log(env: Env) -> None:
+    """After a test: print the operator's log tail (pytest shows it on failure) and check it still runs."""
+    print(f"--- operator log {env.op.log_path} ---\n{env.op.log_tail(150)}")
+    env.op.assert_alive()

@@ -20,15 +20,16 @@ from tests.cluster.controlplane import ControlPlane
 from .cluster_helpers import (
     LFT_API,
     POOL_LABEL,
-    OperatorProcess,
+    Env,
     add_amx_node,
     add_gpu_node,
     condition,
     get_lft,
     lft_spec,
-    operator_in_namespace,
+    operator_env_in_namespace,
     patch_spec,
     pods,
+    show_operator_log,
     uid,
     wait_condition,
     wait_pods,
@@ -39,23 +40,17 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(150)]
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
-class Env:
-    def __init__(self, cp: ControlPlane, ns: str, op: OperatorProcess) -> None:
-        self.cp, self.ns, self.op = cp, ns, op
-
-
 @pytest.fixture(scope="module")
 def env(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     log_dir = tmp_path_factory.mktemp("operator-logs")
-    with operator_in_namespace(control_plane, log_dir, KUBELORA_WHEN_NO_NODE_MATCHES="Wait") as (ns, op, _):
-        yield Env(control_plane, ns, op)
+    with operator_env_in_namespace(control_plane, log_dir, KUBELORA_WHEN_NO_NODE_MATCHES="Wait") as env:
+        yield env
 
 
 @pytest.fixture(autouse=True)
 def _operator_log(env: Env) -> Iterator[None]:
     yield
-    print(f"--- operator log {env.op.log_path} ---\n{env.op.log_tail(150)}")
-    env.op.assert_alive()
+    show_operator_log(env)
 
 
 def _create(cp: ControlPlane, ns: str, name: str, spec: dict[str, Any], labels: dict[str, str] | None = None) -> None:

@@ -20,7 +20,7 @@ from tests.cluster.controlplane import ApiError, ControlPlane
 from .cluster_helpers import (
     LFT_API,
     POOL_LABEL,
-    OperatorProcess,
+    Env,
     add_amx_node,
     add_gpu_node,
     condition,
@@ -29,10 +29,11 @@ from .cluster_helpers import (
     get_lft,
     lft_spec,
     live_pods,
-    operator_in_namespace,
+    operator_env_in_namespace,
     patch_spec,
     pods,
     run_pod,
+    show_operator_log,
     terminate_pod,
     uid,
     wait_condition,
@@ -45,23 +46,17 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 METRICS_PORT = free_port()
 
 
-class Env:
-    def __init__(self, cp: ControlPlane, ns: str, op: OperatorProcess) -> None:
-        self.cp, self.ns, self.op = cp, ns, op
-
-
 @pytest.fixture(scope="module")
 def env(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     log_dir = tmp_path_factory.mktemp("operator-logs")
-    with operator_in_namespace(control_plane, log_dir, KUBELORA_METRICS_PORT=str(METRICS_PORT)) as (ns, op, _):
-        yield Env(control_plane, ns, op)
+    with operator_env_in_namespace(control_plane, log_dir, KUBELORA_METRICS_PORT=str(METRICS_PORT)) as env:
+        yield env
 
 
 @pytest.fixture(autouse=True)
 def _operator_log(env: Env) -> Iterator[None]:
     yield
-    print(f"--- operator log {env.op.log_path} ---\n{env.op.log_tail(150)}")
-    env.op.assert_alive()
+    show_operator_log(env)
 
 
 def _gpu_pool(cp: ControlPlane, n: int = 2, gpus: int = 2) -> tuple[str, list[str]]:
