@@ -383,8 +383,7 @@ class LoRAFineTuneRecipe:
         """The settings a checkpoint belongs to: those that define the result (`rundir.result_fields`,
         global batch included, so the process count may change) less `output`, which does not touch
         training."""
-        fields = rundir.result_fields(self.cfg, self.world.world_size)
-        return ckpt.settings_record({k: v for k, v in fields.items() if k != "output"})
+        return ckpt.settings_record({k: v for k, v in self.result_fields.items() if k != "output"})
 
     def _check_same_settings(self, ref: ckpt.CheckpointRef, state: dict[str, Any]) -> None:
         """Refuse to resume a checkpoint trained with other settings, naming each, unless allowed.
