@@ -7,8 +7,7 @@ instead of a pod the API server refuses after the run was admitted.
 
 from __future__ import annotations
 
-import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, WithJsonSchema
@@ -19,43 +18,18 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
-_QUANTITY = re.compile(
-    r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$"
-)
-_SUFFIX = {
-    "": Decimal(1),
-    "n": Decimal("1e-9"),
-    "u": Decimal("1e-6"),
-    "m": Decimal("1e-3"),
-    "k": Decimal(10) ** 3,
-    "M": Decimal(10) ** 6,
-    "G": Decimal(10) ** 9,
-    "T": Decimal(10) ** 12,
-    "P": Decimal(10) ** 15,
-    "E": Decimal(10) ** 18,
-    "Ki": Decimal(2) ** 10,
-    "Mi": Decimal(2) ** 20,
-    "Gi": Decimal(2) ** 30,
-    "Ti": Decimal(2) ** 40,
-    "Pi": Decimal(2) ** 50,
-    "Ei": Decimal(2) ** 60,
-}
-
-
 def parse_quantity(value: str | int | float) -> Decimal:
-    """Parse a Kubernetes resource quantity ("4", "500m", "16Gi", "1e3") into a Decimal of base units."""
-    text = str(value).strip()
-    match = _QUANTITY.match(text)
-    if not match:
-        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
-    number, suffix = match.group(1), match.group(2) or ""
+    """A Kubernetes resource quantity ("4", "500m", "16Gi", "1e3") as a Decimal of base units.
+
+    The Kubernetes client's own parser, so the operator reads quantities exactly as the client library
+    does; imported on first use because the API models otherwise need only pydantic.
+    """
+    from kubernetes.utils.quantity import parse_quantity as client_parse_quantity
+
     try:
-        base = Decimal(number)
-    except InvalidOperation:  # pragma: no cover - the regex already guarantees a number
-        raise ValueError(f"{value!r} is not a Kubernetes quantity") from None
-    if suffix[:1] in ("e", "E"):
-        return base * (Decimal(10) ** int(suffix[1:]))
-    return base * _SUFFIX[suffix]
+        return Decimal(client_parse_quantity(value))
+    except (ValueError, ArithmeticError):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)") from None
 
 
 def _quantity_in(value: Any) -> str:
