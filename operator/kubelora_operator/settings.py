@@ -4,13 +4,13 @@ Why separate from the CR: the Intel GPU resource name, NFD labels, default image
 transport depend on how a cluster was set up (device plugin version, NFD rules, network), not on one
 fine-tuning run. The Helm chart mounts them as a YAML file (camelCase keys, like chart values) and
 single values can be overridden with `KUBELORA_<UPPER_SNAKE_NAME>` environment variables (dicts and
-lists as JSON), env winning over the file.
+lists as JSON; read by pydantic-settings), env winning over the file.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +18,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
+from pydantic_settings.sources.utils import parse_env_vars
 
 ENV_PREFIX = "KUBELORA_"
 SETTINGS_FILE_ENV = "KUBELORA_SETTINGS_FILE"
@@ -175,24 +178,32 @@ def parse_label(label: str) -> tuple[str, str | None]:
     return key.strip(), (value.strip() if sep else None)
 
 
+class _EnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source, reading a given mapping instead of `os.environ` (tests)."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(_EnvSettings, env_prefix=ENV_PREFIX, env_parse_none_str="")
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+class _EnvSettings(BaseSettings, OperatorSettings):
+    """The same fields with their snake-case names: `KUBELORA_<UPPER_SNAKE_NAME>` (the camelCase aliases of
+    the file and the chart would otherwise be taken as unprefixed variable names)."""
+
+    model_config = SettingsConfigDict(alias_generator=None, extra="ignore")
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, field in OperatorSettings.model_fields.items():
-        var = ENV_PREFIX + name.upper()
-        if var not in environ:
-            continue
-        raw = environ[var]
-        annotation = str(field.annotation)
-        if "dict" in annotation or "list" in annotation:
-            try:
-                out[name] = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise SettingsError(f"{var} must be JSON: {err}") from None
-        elif raw == "" and "None" in annotation:
-            out[name] = None
-        else:
-            out[name] = raw
-    return out
+    """`KUBELORA_<UPPER_SNAKE_NAME>` variables, dicts and lists as JSON, parsed by pydantic-settings."""
+    try:
+        return dict(_EnvSource(environ)())
+    except PydanticSettingsError as err:  # a dict or list that is not JSON
+        field = re.search(r'field "(\w+)"', str(err))
+        var = ENV_PREFIX + field.group(1).upper() if field else "an environment variable"
+        raise SettingsError(f"{var} must be JSON: {err.__cause__ or err}") from None
 
 
 def load_settings(environ: Mapping[str, str] | None = None, path: str | Path | None = None) -> OperatorSettings:
