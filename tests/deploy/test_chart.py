@@ -471,6 +471,12 @@ def test_service_and_service_monitor() -> None:
     labels = common_labels("x")
     assert all(labels[k] == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    # Only rank 0 serves metrics: the relabeling keeps the pod with the operator's worker-index label 0.
+    from kubelora_operator.plan import LABEL_WORKER_INDEX
+
+    (keep,) = sm["spec"]["endpoints"][0]["relabelings"]
+    meta_label = "__meta_kubernetes_pod_label_" + "".join(c if c.isalnum() else "_" for c in LABEL_WORKER_INDEX)
+    assert (keep["sourceLabels"], keep["regex"], keep["action"]) == ([meta_label], "0", "keep")
     assert one(render({"metrics": {"serviceMonitor": {"enabled": True}}}), "ServiceMonitor")["spec"][
         "namespaceSelector"
     ] == {"any": True}
