@@ -17,6 +17,7 @@ the missing pool named in the reason (the handler enforces the wait deadline).
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -223,7 +224,7 @@ class _Evaluation:
     pool_label: str | None  # required label, if any
     pool: list[NodeFacts]  # admitted nodes of the device's pool
     slots: dict[str, int]  # node name -> workers it can hold
-    excluded: int  # pool nodes excluded by cordon/taints/user constraints
+    excluded: dict[str, int]  # pool nodes excluded, by why: "cordoned", "taint k:NoSchedule", "nodeSelector", ...
 
     @property
     def total(self) -> int:
@@ -267,13 +268,15 @@ def _evaluate(
         if device == "xpu" and node.amount(settings.gpu_resource) <= 0:
             continue
         in_pool.append(node)
-    admitted = [n for n in in_pool if _admits(n, spec.placement) is None]
+    why_not = {n.name: _admits(n, spec.placement) for n in in_pool}
+    admitted = [n for n in in_pool if why_not[n.name] is None]
+    excluded = Counter(why for why in why_not.values() if why is not None)
     slots: dict[str, int] = {}
     for node in admitted:
         fits = min(int(node.amount(k) // v) for k, v in wanted.items() if v > 0)
         if fits > 0:
             slots[node.name] = fits
-    return _Evaluation(device, requests, limits, pool_label, admitted, slots, len(in_pool) - len(admitted))
+    return _Evaluation(device, requests, limits, pool_label, admitted, slots, dict(excluded))
 
 
 def _ask(spec: LoRAFineTuneSpec, ev: _Evaluation, settings: OperatorSettings) -> str:
@@ -286,8 +289,19 @@ def _ask(spec: LoRAFineTuneSpec, ev: _Evaluation, settings: OperatorSettings) ->
     return f"{_workers(spec.workers)} with {res.cpu} CPU and {res.memory} memory each on nodes labelled {settings.amx_node_label}"
 
 
+def _exclusions(excluded: Mapping[str, int]) -> str:
+    """`2 cordoned, 1 taint a:NoSchedule`: what keeps pool nodes out, so the user knows what to undo."""
+    return ", ".join(f"{n} {why}" for why, n in sorted(excluded.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def _offer(ev: _Evaluation, settings: OperatorSettings, all_nodes: int) -> str:
-    excluded = f" ({ev.excluded} more excluded by cordon, taints or placement constraints)" if ev.excluded else ""
+    n_excluded = sum(ev.excluded.values())
+    excluded = f" ({n_excluded} more excluded: {_exclusions(ev.excluded)})" if n_excluded else ""
+    if not ev.pool and n_excluded:  # the pool exists, but every node of it is cordoned, tainted or not selected
+        has = settings.gpu_resource if ev.device == "xpu" else settings.amx_node_label
+        verb = "offer" if ev.device == "xpu" else "carry"
+        every = "it is" if n_excluded == 1 else "all are"
+        return f"{_nodes(n_excluded, verb)} {has}, but {every} excluded: {_exclusions(ev.excluded)}"
     if ev.device == "xpu":
         if not ev.pool:
             return f"no node of {all_nodes} offers {settings.gpu_resource}{excluded}"

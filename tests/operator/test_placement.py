@@ -112,7 +112,22 @@ def test_cordons_taints_and_user_constraints_exclude_nodes() -> None:
     tainted = gpu_node("g1", taints=(Taint("intel.com/gpu", "true", "NoSchedule"),))
     cordoned = gpu_node("g2", unschedulable=True)
     d = decide([tainted, cordoned], device="xpu")
-    assert not d.ok and "(2 more excluded by cordon, taints or placement constraints)" in d.reason
+    # The pool exists but every node of it is out: say so, and why, instead of "no node offers".
+    assert (
+        not d.ok
+        and "2 nodes offer gpu.intel.com/i915, but all are excluded: 1 cordoned, 1 taint intel.com/gpu:NoSchedule"
+        in d.reason
+    )
+    free = gpu_node("g0")
+    d = decide([free, cordoned], device="xpu", workers=3)
+    assert "(1 more excluded: 1 cordoned)" in d.reason
+    amx_cordoned = [amx_node(f"a{i}", unschedulable=True) for i in range(2)]
+    d = decide(amx_cordoned, device="cpu")
+    assert (
+        not d.ok
+        and "2 nodes carry feature.node.kubernetes.io/cpu-cpuid.AMXBF16=true, but all are excluded: 2 cordoned"
+        in d.reason
+    )
     tol = [{"key": "intel.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     d = decide([tainted, cordoned], device="xpu", placement={"tolerations": tol})
     assert d.ok and d.feasible_nodes == ("g1",) and list(d.tolerations) == tol
