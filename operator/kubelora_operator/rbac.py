@@ -1,12 +1,13 @@
 """The operator's RBAC: exactly what the handlers and kopf itself call, nothing more.
 
-Checked by tests/operator/test_integration_rbac.py, which runs the operator with a ServiceAccount
+The chart's RBAC templates read the same rules from a file generated from this module
+(`python -m kubelora_operator.chart_sync`). Checked by tests/operator/test_integration_rbac.py, which runs the operator with a ServiceAccount
 holding only these rules against the local control plane (RBAC authorizer on).
 
 Two roles:
 
-* `CLUSTER_RULES` (always a ClusterRoleBinding): Nodes for placement; CRDs and Namespaces that
-  kopf scans/watches even when it serves named namespaces only.
+* `CLUSTER_RULES` (always a ClusterRoleBinding): Nodes for placement; CRDs that kopf watches; with
+  named namespaces also `NAMESPACE_OBSERVER_RULES` (kopf's namespace observer runs only then).
 * `NAMESPACED_RULES`: the LoRAFineTunes and their children. Cluster-wide: a ClusterRoleBinding;
   `--namespace NS`: a RoleBinding in each watched namespace (to the same ClusterRole).
 
@@ -25,7 +26,11 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
     # kopf: resource discovery (notices the CRD being (re)installed).
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
-    # kopf 1.45 lists/watches namespaces even with `--namespace NAME`: without it, it never starts serving.
+]
+
+#: Only when the operator serves named namespaces: kopf 1.45 then lists/watches Namespaces to follow
+#: them being created or deleted, and without this rule never starts serving. Cluster-wide, it does not.
+NAMESPACE_OBSERVER_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
 ]
 
@@ -69,7 +74,8 @@ def manifests(
 ) -> list[dict[str, Any]]:
     """ClusterRoles and bindings for a ServiceAccount; `namespaces` empty: cluster-wide."""
     subject = [{"kind": "ServiceAccount", "name": service_account, "namespace": sa_namespace}]
-    cluster_rules = CLUSTER_RULES + (PEERING_CLUSTER_RULES if peering and not namespaces else [])
+    cluster_rules = CLUSTER_RULES + (NAMESPACE_OBSERVER_RULES if namespaces else [])
+    cluster_rules += PEERING_CLUSTER_RULES if peering and not namespaces else []
     ns_rules = NAMESPACED_RULES + (PEERING_NAMESPACED_RULES if peering and namespaces else [])
     rbac = "rbac.authorization.k8s.io/v1"
     out: list[dict[str, Any]] = [

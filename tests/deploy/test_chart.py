@@ -264,8 +264,7 @@ def test_namespaced_rbac() -> None:
 )
 def test_rules_match_the_operator_rbac_module(values: dict[str, Any]) -> None:
     """The chart grants what kubelora_operator.rbac (checked by tests/operator/test_integration_rbac.py)
-    lists; the one deliberate difference: kopf's namespace observer runs only in namespaced mode, so
-    cluster-wide mode gets no `namespaces` rule."""
+    lists, in both modes (the chart reads the rules from a file generated from that module)."""
     from kubelora_operator import rbac
 
     namespaces = values.get("watchNamespaces", [])
@@ -274,8 +273,6 @@ def test_rules_match_the_operator_rbac_module(values: dict[str, Any]) -> None:
         for o in rbac.manifests("sa", "ns", namespaces, peering="replicaCount" in values)
         if o["kind"] == "ClusterRole"
     }
-    if not namespaces:
-        expected["-cluster"] -= NAMESPACE_OBSERVER
     objs = render(values)
     assert rule_set(one(objs, "ClusterRole", f"{FULL}-cluster")["rules"]) == expected["-cluster"]
     if namespaces:
@@ -868,3 +865,11 @@ def test_namespaced_service_account_runs_the_operator(control_plane: ControlPlan
         with contextlib.suppress(ApiError, NameError):
             for i in range(2):
                 cp.delete(f"/api/v1/nodes/gpu-{pool}-{i}")
+
+
+def test_generated_chart_files_are_current() -> None:
+    """values.schema.json's settings and rbac-rules.yaml are what chart_sync writes from settings.py and
+    rbac.py: a field or rule changed there without `python -m kubelora_operator.chart_sync` fails here."""
+    from kubelora_operator import chart_sync
+
+    assert chart_sync.main(["--check", "--chart", str(CHART)]) == 0
