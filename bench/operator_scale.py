@@ -55,9 +55,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.cluster.controlplane import ApiError, ControlPlane  # noqa: E402
+from tests.operator.audit import AuditedControlPlane, parse_stamp, read_audit  # noqa: E402
 from tests.operator.cluster_helpers import AMX_LABELS, LFT_API, ensure_crd  # noqa: E402
 
-OPERATOR_USER = "kubelora-operator"
 LABEL_NAME = "kubelora.dev/name"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -65,68 +65,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # --------------------------------------------------------------------------- control plane
 
 
-class AuditedControlPlane(ControlPlane):
-    """A ControlPlane with a second static token (the operator's own user) and an audit log of it."""
-
-    def __init__(self, bench_dir: Path, **kw: Any) -> None:
-        self.bench_dir = bench_dir
-        self.audit_log = bench_dir / "audit.log"
-        policy = bench_dir / "audit-policy.yaml"
-        policy.write_text(
-            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n"
-            f"- level: Metadata\n  users: [{OPERATOR_USER}]\n- level: None\n"
-        )
-        super().__init__(
-            extra_apiserver_args=[
-                f"--audit-policy-file={policy}",
-                f"--audit-log-path={self.audit_log}",
-                "--audit-log-format=json",
-                "--audit-log-mode=blocking",
-            ],
-            **kw,
-        )
-        self.operator_token = ""
-        self.operator_kubeconfig: Path | None = None
-
-    def _write_kubeconfig(self) -> None:
-        # Called by _start_once after tokens.csv is written and before the apiserver starts.
-        super()._write_kubeconfig()
-        assert self.workdir is not None and self.kubeconfig is not None
-        import secrets
-
-        self.operator_token = secrets.token_hex(24)
-        with (self.workdir / "tokens.csv").open("a") as fh:
-            fh.write(f"{self.operator_token},{OPERATOR_USER},{OPERATOR_USER}-uid,system:masters\n")
-        cfg = json.loads(self.kubeconfig.read_text())
-        cfg["users"] = [{"name": "operator", "user": {"token": self.operator_token}}]
-        cfg["contexts"][0]["context"]["user"] = "operator"
-        self.operator_kubeconfig = self.workdir / "kubeconfig-operator"
-        self.operator_kubeconfig.write_text(json.dumps(cfg, indent=2) + "\n")
-        self.operator_kubeconfig.chmod(0o600)
-
-
-def read_audit(path: Path) -> list[dict[str, Any]]:
-    """One record per request (audit ID), with the last stage seen."""
-    by_id: dict[str, dict[str, Any]] = {}
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return []
-    for line in text.splitlines():
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
-        if (ev.get("user") or {}).get("username") != OPERATOR_USER:
-            continue
-        by_id[ev["auditID"]] = ev
-    return list(by_id.values())
-
-
-def _ts(stamp: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+_ts = parse_stamp
 
 
 def classify(ev: dict[str, Any]) -> str:
@@ -414,6 +353,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=16, help="client threads creating resources")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--settle", type=float, default=35, help="idle seconds watched after the last resource is done")
+    ap.add_argument("--idle-window", type=float, default=60, help="the settle window's last seconds counted as idle")
     ap.add_argument("--resync-seconds", type=float, default=None, help="KUBELORA_RESYNC_SECONDS (default: 30)")
     ap.add_argument("--verbose-operator", action="store_true", help="run the operator with --verbose")
     ap.add_argument("--out", type=Path, default=None)
@@ -602,6 +542,7 @@ def main() -> int:
         }
 
         events = read_audit(cp.audit_log)
+        idle_window = min(args.idle_window, t_end - t_done)
         ramp = summarize_requests(events, t0, t_done)
         settle = summarize_requests(events, t_done, t_end)
         result["operator_requests"] = {
@@ -614,6 +555,16 @@ def main() -> int:
             "settle_window_s": round(t_end - t_done, 1),
             "settle": settle,
             "settle_per_resource_per_minute": round(settle["total"] / n / ((t_end - t_done) / 60), 2),
+            # The settled fleet: the last `--idle-window` seconds of the settle window (the ramp's tail and
+            # the first resync wave are over; at least one full resync period when settle >= 2 periods).
+            "idle_window_s": idle_window,
+            "idle": summarize_requests(events, t_end - idle_window, t_end),
+            "idle_per_resource_per_minute": round(
+                len([e for e in events if t_end - idle_window <= _ts(e["requestReceivedTimestamp"]) < t_end])
+                / n
+                / (idle_window / 60),
+                3,
+            ),
             "whole_run_total": len(events),
             "timeline_5s_buckets_from_first_create": timeline(events, t0, t_end, 5.0),
         }
@@ -689,6 +640,7 @@ def main() -> int:
                 "requests_per_resource_ramp": r["ramp_per_resource"],
                 "ramp_requests_by_kind": r["ramp_first_create_to_done"]["by_verb_resource"],
                 "settle_requests_per_resource_per_minute": r["settle_per_resource_per_minute"],
+                "idle_requests_per_resource_per_minute": r["idle_per_resource_per_minute"],
                 "peak_rss_mib": p["peak_rss_mib_vmhwm"],
                 "cpu_s_ramp": p["cpu_s_ramp"],
                 "completed": result["completed"],

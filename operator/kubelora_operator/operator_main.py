@@ -1,8 +1,9 @@
 """Running the operator: kopf with kubelora's handlers, storage and scope.
 
 * kopf's bookkeeping stays out of `status`: handler progress and the diff base are annotations with
-  the `kubelora.dev/` prefix; the finalizer (kopf adds one for the timers, so that they stop before
-  the object goes) is `kubelora.dev/finalizer`.
+  the `kubelora.dev/` prefix. No handler needs a finalizer any more (the periodic passes run from
+  the cache, handlers/resync.py, not as kopf timers); kopf removes `kubelora.dev/finalizer` from
+  resources that an older version marked.
 * kopf's own Events about handler outcomes are switched off: the handlers post Events for real
   transitions (Validated, NoMatchingNodes, WorkerFailed, ...), which is what users read.
 * Scope: `--namespace NS` (repeatable) or cluster-wide when none is given. Peering (one active
@@ -17,7 +18,8 @@ from collections.abc import Sequence
 import kopf
 
 from .handlers import register
-from .kube import Kube, new_api_client
+from .handlers.cache import CachedKube
+from .kube import new_api_client
 from .plan import LABEL_NAME, LABEL_ROLE
 from .settings import OperatorSettings, load_settings
 
@@ -28,15 +30,12 @@ FINALIZER = f"{PREFIX}/finalizer"
 
 
 def kopf_settings() -> kopf.OperatorSettings:
-    """kopf settings: annotations storage, own finalizer, no handler-log Events."""
+    """kopf settings: annotations storage, own finalizer name (for the removal), no handler-log Events."""
     ks = kopf.OperatorSettings()
     ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX, key="last-handled-configuration")
     ks.persistence.finalizer = FINALIZER
     ks.posting.enabled = False
-    # A timer still running when its resource is deleted (e.g. the resync that applies
-    # ttlSecondsAfterFinished) would hold the finalizer for kopf's default 60 s: check every second.
-    ks.background.cancellation_polling = 1
     # Only worker pods are watched (server-side selector): the operator never streams every pod of
     # the cluster, which matters cluster-wide.
     ks.watching.label_selectors["v1", "pods"] = f"{LABEL_NAME},{LABEL_ROLE}=worker"
@@ -64,7 +63,7 @@ def run_operator(
     kopf.configure(verbose=verbose)
     logging.getLogger("kubelora_operator").setLevel(logging.DEBUG if verbose else logging.INFO)
     registry = kopf.OperatorRegistry()
-    register(registry, settings, Kube(new_api_client(connections=HANDLER_THREADS)))
+    register(registry, settings, CachedKube(new_api_client(connections=HANDLER_THREADS)))
     # A registry of our own gets none of kopf's default handlers: log in like kopf does by default.
     kopf.on.login(registry=registry, id="login")(kopf.login_via_client)
     peering = peering_name or settings.peering_name

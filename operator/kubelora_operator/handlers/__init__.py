@@ -2,47 +2,54 @@
 
 Triggers (all run the same level-based reconcile of one LoRAFineTune):
 
-* `@kopf.on.create` / `@kopf.on.resume` / `@kopf.on.update(field="spec")` of the resource;
+* `@kopf.on.event` of the resource (its initial listing, ADDED, MODIFIED): level-based, so it needs
+  none of kopf's create/update/resume bookkeeping, which cost two annotation patches per resource;
 * `@kopf.on.event` of its worker pods (label `kubelora.dev/name`), so pod phases reach status at once;
-* `@kopf.timer` every `resyncSeconds`: NoMatchingNodes and missing references are re-evaluated (a node
-  or Secret added later unblocks the run), activeDeadlineSeconds/ttlSecondsAfterFinished are checked,
-  missed events are caught up;
-* `@kopf.timer` every `progressSeconds` while Running: rank 0's metrics -> `status.progress`.
+* a resync pass every `resyncSeconds` (resync.py, from the cache): NoMatchingNodes and missing
+  references are re-evaluated (a node or Secret added later unblocks the run),
+  activeDeadlineSeconds/ttlSecondsAfterFinished are checked, missed events are caught up;
+* a progress pass every `progressSeconds` over the Running ones: rank 0's metrics -> `status.progress`.
+
+What the reconcile reads comes from memory (cache.py): a kopf index of the worker pods by owner and
+the LoRAFineTune bodies from the watch (`@kopf.on.event`, plus the operator's own patch responses).
+A resync of a settled resource therefore sends no request at all.
 
 Why pod events are filtered: every pod event used to run a full reconcile (GET the resource, LIST its
 pods), also for the many updates that change nothing the reconcile reads (the kubelet's condition
 timestamps, readiness probes). With 200 resources those no-op
 reconciles queued up and real changes were acted on 35-60 s late (docs/operator-benchmark.md). The
 Runner remembers each worker pod's reduced state (`WorkerState`: phase, node, exit code, ...) and
-triggers only when it changed or the pod went away; the resync timer still catches anything missed.
+triggers only when it changed or the pod went away; the resync pass still catches anything missed.
 
 Why `Runner` coalesces: kopf runs sync handlers in threads, and the triggers above fire concurrently
 for the same resource (a pod event during a create). Two reconciles of one resource at once could
 both start a restart; instead, a trigger that finds a reconcile of its resource running only marks
 it dirty, and the running one does one more pass. Nothing waits on a lock, so threads are never held.
 
-Errors: transient API errors become `kopf.TemporaryError` with a growing delay (kopf retries the
-handler; timers run again anyway); permanent ones are recorded by the reconcile as Failed/ApiError.
+Errors: transient API errors become `kopf.TemporaryError` (logged: kopf does not retry event handlers;
+the next event or resync pass runs the reconcile again); permanent ones are recorded by the reconcile
+as Failed/ApiError.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
 
 from ..api import GROUP, PLURAL, VERSION
-from ..conditions import ConditionType, is_true
 from ..kube import Conflict, Kube, TransientApiError
 from ..plan import LABEL_NAME, LABEL_ROLE
 from ..settings import OperatorSettings
 from ..wiring import worker_name
+from .cache import WORKER_INDEX, CachedKube, index_worker_pod
 from .pods import WorkerState, worker_state
 from .progress import scrape
 from .reconcile import reconcile
+from .resync import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +125,14 @@ class Runner:
         The patch carries the resourceVersion the decision was based on: if the reconcile changed
         the resource meanwhile (e.g. Succeeded with progress 100 %), the stale scrape is dropped (409).
         """
-        pod = self.kube.get_pod(namespace, worker_name(name, 0))
-        if pod is None or (pod.get("status") or {}).get("phase") != "Running":
+        if isinstance(self.kube, CachedKube):
+            w0 = next((w for w in self.kube.workers(namespace, name) if w.index == 0 and not w.deleting), None)
+        else:
+            pod = self.kube.get_pod(namespace, worker_name(name, 0))
+            w0 = None if pod is None else worker_state(pod)
+        if w0 is None or w0.phase != "Running" or not w0.ip:
             return
-        ip = (pod.get("status") or {}).get("podIP")
-        if not ip:
-            return
+        ip = w0.ip
         try:
             fresh = scrape(ip, self.settings.metrics_port, self.settings.scrape_timeout_seconds)
         except (OSError, ValueError) as err:
@@ -145,47 +154,48 @@ def _namespace(namespace: str | None) -> str:
     return namespace
 
 
-def _is_running(status: Any, **_: Any) -> bool:
-    return is_true((status or {}).get("conditions"), ConditionType.RUNNING)
-
-
-def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: Kube) -> Runner:
+def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: CachedKube) -> Runner:
     """Register every handler on `registry` (intervals from `settings`); returns the Runner."""
     runner = Runner(kube, settings)
+    pod_labels: dict[str, Any] = {LABEL_NAME: kopf.PRESENT, LABEL_ROLE: "worker"}
 
-    @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-resume", registry=registry)
-    @kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile-create", registry=registry)
-    @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile-update", field="spec", registry=registry)
-    def lft_changed(namespace: str | None, name: str, retry: int, **_: Any) -> None:
-        runner.trigger(_namespace(namespace), name, retry)
+    # Indexing functions run in kopf's event loop (async: no thread hop per event); kopf fills the
+    # index before any handler of the event runs and starts no handler before the first listing.
+    @kopf.index("", "v1", "pods", id=WORKER_INDEX, labels=pod_labels, registry=registry)
+    async def worker_pods_index(namespace: str | None, labels: Any, body: Any, **_: Any) -> Any:
+        return index_worker_pod(namespace, labels, body)
 
-    # First run one period after the resource appears: its create/resume handler has just reconciled it
-    # (firing at once doubled the reconciles of every new resource: docs/operator-benchmark.md).
-    @kopf.timer(
-        GROUP,
-        VERSION,
-        PLURAL,
-        id="resync",
-        interval=settings.resync_seconds,
-        initial_delay=settings.resync_seconds,
-        registry=registry,
-    )
-    def resync(namespace: str | None, name: str, retry: int = 0, **_: Any) -> None:
-        runner.trigger(_namespace(namespace), name, retry)
+    def attach(kw: Mapping[str, Any]) -> None:
+        """kopf hands every handler its live index (the same object each time): the cache reads it."""
+        if kube.pod_index is None:
+            kube.pod_index = kw[WORKER_INDEX]
 
-    @kopf.timer(
-        GROUP, VERSION, PLURAL, id="progress", interval=settings.progress_seconds, when=_is_running, registry=registry
-    )
-    def progress(namespace: str | None, name: str, status: Any, meta: Any, **_: Any) -> None:
+    # Every event of the resource, our own status patches included (their reconcile finds nothing to
+    # do and sends nothing): the body goes to the cache first, so the reconcile reads at least it.
+    @kopf.on.event(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
+    def lft_event(namespace: str | None, name: str, type: str | None, body: Any, **kw: Any) -> None:  # noqa: A002
+        attach(kw)
+        kube.observe_lft(type, body)
+        if type == "DELETED":
+            return
         try:
-            runner.progress(_namespace(namespace), name, status, meta.get("resourceVersion"))
-        except TransientApiError as err:
-            log.debug("%s/%s: progress skipped: %s", namespace, name, err)
+            runner.trigger(_namespace(namespace), name)
+        except kopf.TemporaryError as err:  # events are not retried by kopf; the resync pass catches up
+            log.warning("%s/%s: %s", namespace, name, err)
 
-    @kopf.on.event(
-        "", "v1", "pods", id="worker-pods", labels={LABEL_NAME: kopf.PRESENT, LABEL_ROLE: "worker"}, registry=registry
-    )
-    def worker_pod(namespace: str | None, labels: Any, type: str | None, body: Any, **_: Any) -> None:  # noqa: A002
+    periodic = Periodic(runner, kube, settings.resync_seconds, settings.progress_seconds)
+
+    @kopf.on.startup(id="periodic", registry=registry)
+    def start_periodic(**_: Any) -> None:
+        periodic.start()
+
+    @kopf.on.cleanup(id="periodic", registry=registry)
+    def stop_periodic(**_: Any) -> None:
+        periodic.stop()
+
+    @kopf.on.event("", "v1", "pods", id="worker-pods", labels=pod_labels, registry=registry)
+    def worker_pod(namespace: str | None, labels: Any, type: str | None, body: Any, **kw: Any) -> None:  # noqa: A002
+        attach(kw)
         try:
             runner.pod_event(_namespace(namespace), labels[LABEL_NAME], type, body)
         except kopf.TemporaryError as err:  # events are not retried by kopf; the resync timer catches up

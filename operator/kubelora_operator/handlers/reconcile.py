@@ -1,12 +1,13 @@
 """The reconcile of one LoRAFineTune: read what exists, decide the next step, write status once.
 
 Level-based on purpose: every trigger (create/resume/update of the resource, any event of its worker
-pods, the periodic resync timer) runs the same function on freshly read state, so a missed event, an
-operator restart or a crash between two API calls is repaired by the next run. Children have
+pods, the periodic resync timer) runs the same function on the newest state the watches delivered
+(cache.py: no GET or LIST per run), so a missed event, an operator restart or a crash between two API
+calls is repaired by the next run. Children have
 deterministic names and are created with "AlreadyExists is fine", so nothing is ever duplicated.
 
 What the operator remembers between runs lives in annotations on the resource (never in `status`,
-which is for users, and never in memory):
+which is for users, and never only in memory; cache.py merely mirrors the cluster):
 
 * `kubelora.dev/started-spec`: the spec the job was started with (JSON). It is written *before* the
   first child is created (the commit point); later attempts are planned from it, and a spec change
@@ -53,6 +54,7 @@ from ..placement import NodeFacts, PlacementDecision, decide_placement, wait_tim
 from ..plan import LABEL_WORKER_INDEX, artifact_uri, plan, ssh_secret, worker_selector
 from ..run_dirs import Claimant, claimant, holder, in_use_message
 from ..settings import OperatorSettings
+from .cache import cached_workers
 from .pods import WorkerState, first_failure, worker_state
 from .status import StatusUpdate
 from .validate_create import validate
@@ -144,7 +146,9 @@ def _reconcile(kube: Kube, settings: OperatorSettings, body: Mapping[str, Any], 
 
 def _finished(kube: Kube, body: Mapping[str, Any], u: StatusUpdate, raw: Mapping[str, Any]) -> None:
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    _stop_pods(kube, ns, name, keep_terminated=True)  # e.g. mpirun's sshd workers, or a stop that failed
+    # e.g. mpirun's sshd workers, or a stop that failed; from the cache: a finished resource costs no
+    # request until its TTL (a pod the cache has not seen yet is stopped by the next resync)
+    _delete(kube, ns, cached_workers(kube, ns, name), keep_terminated=True)
     ttl = raw.get("ttlSecondsAfterFinished")
     done = u.status.get("completionTime")
     if ttl is not None and done and (u.now - parse_time(done)).total_seconds() >= int(ttl):
@@ -201,6 +205,7 @@ def _before_start(
     u.status.update(startTime=u.stamp, placement=decision.to_status(), restarts=0)
     resource = LoRAFineTuneResource(name, ns, meta.get("uid", ""), u.generation, spec)
     _observe(kube, settings, u, resource, decision.device, 0, [], placed=decision)
+    u.fold_event(R.SPEC_VALID.value)  # "valid; created 2 worker pods": one Event per start, not two
 
 
 def _after_start(
@@ -241,9 +246,10 @@ def _after_start(
         u.condition(T.VALIDATED, True, R.SPEC_VALID, "spec and referenced objects are valid")
     generation = int(annotations.get(ANN_STARTED_GENERATION) or u.generation)
     resource = LoRAFineTuneResource(name, ns, meta.get("uid", ""), generation, spec)
-    # The watch cache is enough to observe: _observe confirms with a quorum read before it acts on
-    # a pod's absence, and everything else it does is idempotent (AlreadyExists, uid preconditions).
-    pods = [worker_state(p) for p in kube.list_pods(ns, worker_selector(name), from_cache=True)]
+    # The operator's index of the pods (cache.py) is enough to observe: _observe confirms with a quorum
+    # read before it acts on a pod's absence, and everything else it does is idempotent (AlreadyExists,
+    # uid preconditions).
+    pods = cached_workers(kube, ns, name)
 
     start = annotations.get(ANN_ACTIVE_SINCE) or u.status.get("startTime")
     deadline = spec.active_deadline_seconds

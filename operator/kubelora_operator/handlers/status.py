@@ -74,6 +74,18 @@ class StatusUpdate:
     def event(self, type_: str, reason: str, message: str) -> None:
         self.events.append((type_, reason, message))
 
+    def fold_event(self, reason: str) -> None:
+        """Fold a pending Normal Event of `reason` into the next Normal Event of this pass (one
+        Event, its message first), when there is one: fewer requests, the same words."""
+        for i, (type_, why, message) in enumerate(self.events):
+            if type_ == "Normal" and why == reason:
+                later = next((j for j in range(i + 1, len(self.events)) if self.events[j][0] == "Normal"), None)
+                if later is not None:
+                    t, r, m = self.events[later]
+                    self.events[later] = (t, r, f"{message}; {m}")
+                    del self.events[i]
+                return
+
     def patch(self) -> dict[str, Any]:
         """The merge patch of changed top-level keys (phase recomputed); {} when nothing changed."""
         self.status["phase"] = phase_of(self.conditions).value

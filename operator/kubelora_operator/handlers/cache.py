@@ -1,0 +1,194 @@
+"""What the operator already knows, so that a reconcile reads memory instead of the API server.
+
+Why: every reconcile used to GET its resource and LIST its pods. With the resync timer that is two
+requests per resource every 30 s forever, finished resources included: at 1,000 resources the
+operator sent ~165 requests per second to an idle cluster (docs/operator-benchmark.md). The state is
+already streamed to the operator by kopf's watches; this module keeps the part the reconcile reads:
+
+* `WORKER_INDEX`, a kopf index of the worker pods by owner: `(namespace, lft name) -> WorkerState`
+  (the reduced pod, a few hundred bytes, never the whole pod). kopf fills it from the pod watch
+  before it runs any handler of that event, and it starts no handler at all before the initial
+  listing is indexed, so a restarted operator sees every existing pod (no duplicate creates).
+* `CachedKube`, the REST layer with three reads served from memory:
+  - `get_lft`: the newest body seen on the LoRAFineTune watch or returned by the operator's own
+    patches (newest = higher resourceVersion), a GET only on a miss;
+  - `workers`: the index above (a cached LIST without it, e.g. outside kopf), plus the pods this
+    operator created that the watch has not delivered yet ("expectations", as controller-runtime
+    calls them): without them a reconcile right after the create (triggered by our own status
+    patch) would see the pods missing and POST them again (409s, wasted requests);
+  - `list_nodes`: one list shared by all reconciles for `NODE_LIST_TTL` seconds (placement already
+    tolerated a node seen a moment late; a burst of 1,000 starts used to list every node 1,000 times).
+
+What stays a quorum read: the one destructive decision taken on an absence (a worker missing while
+its peers run restarts the attempt) re-lists the pods from etcd first (`reconcile._observe`), and
+run-directory ownership lists the resources from etcd (run_dirs.py). Everything else the reconcile
+does on a cached view is idempotent (deterministic names + AlreadyExists, uid preconditions).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from ..kube import Kube
+from ..plan import LABEL_NAME, worker_selector
+from .pods import WorkerState, worker_state
+
+#: kopf index id (also the handler kwarg kopf passes it as).
+WORKER_INDEX = "worker_pods"
+#: Seconds a node list is reused by other reconciles.
+NODE_LIST_TTL = 2.0
+#: Seconds a created pod counts as existing before the watch shows it (it normally takes milliseconds).
+EXPECTATION_TTL = 60.0
+
+Key = tuple[str, str]
+
+
+def index_worker_pod(namespace: str | None, labels: Mapping[str, str], body: Mapping[str, Any]) -> dict[Key, Any]:
+    """The kopf indexing function: a worker pod under its owner's key, reduced to a WorkerState."""
+    owner = labels.get(LABEL_NAME)
+    if not namespace or not owner:
+        return {}
+    return {(namespace, owner): worker_state(body)}
+
+
+def workers_of(index: Mapping[Key, Iterable[WorkerState]], namespace: str, name: str) -> list[WorkerState]:
+    """The worker pods of one resource from the index: a dict lookup, no request.
+
+    The index is written by kopf's event loop while handler threads read it: a store that changes
+    size during the copy is copied again."""
+    for _ in range(9):
+        try:
+            return sorted(index.get((namespace, name)) or (), key=lambda w: (w.index, w.name))
+        except RuntimeError:  # "dictionary changed size during iteration"
+            continue
+    return sorted(index.get((namespace, name)) or (), key=lambda w: (w.index, w.name))
+
+
+def _listed_workers(kube: Kube, namespace: str, name: str) -> list[WorkerState]:
+    return [worker_state(p) for p in kube.list_pods(namespace, worker_selector(name), from_cache=True)]
+
+
+def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The body without metadata.managedFields (nothing reads them; they are most of its size)."""
+    meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    return {**body, "metadata": meta}
+
+
+def _rv(body: Mapping[str, Any] | None) -> int:
+    """resourceVersion as a number (etcd's revision); -1 when absent or not numeric."""
+    try:
+        return int(((body or {}).get("metadata") or {}).get("resourceVersion") or -1)
+    except ValueError:
+        return -1
+
+
+class CachedKube(Kube):
+    """`Kube` with the resource bodies, worker pods and nodes served from memory (module docstring)."""
+
+    def __init__(self, *args: Any, clock: Callable[[], float] = time.monotonic, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._lock = threading.Lock()
+        self._bodies: dict[Key, dict[str, Any]] = {}
+        self.pod_index: Mapping[Key, Iterable[WorkerState]] | None = None
+        self._clock = clock
+        self._nodes: tuple[float, list[dict[str, Any]]] | None = None
+        self._nodes_lock = threading.Lock()
+        self._expected: dict[Key, dict[str, tuple[float, WorkerState]]] = {}  # owner -> pod name -> created
+
+    # ----- the LoRAFineTune bodies ----------------------------------------------------------------
+
+    def observe_lft(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """A watch event of a LoRAFineTune (kopf): remember the body, forget it when deleted."""
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace") or "", meta.get("name") or "")
+        with self._lock:
+            if event_type == "DELETED":
+                self._bodies.pop(key, None)
+            elif _rv(body) >= _rv(self._bodies.get(key)):
+                self._bodies[key] = _slim(body)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        """Every known resource's newest body (a snapshot: the periodic passes walk it)."""
+        with self._lock:
+            return list(self._bodies.values())
+
+    def _remember(self, body: Any) -> None:
+        """The object returned by one of our writes, if it is newer than what the watch delivered."""
+        if not isinstance(body, dict):
+            return
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace") or "", meta.get("name") or "")
+        with self._lock:
+            if key in self._bodies and _rv(body) > _rv(self._bodies.get(key)):
+                self._bodies[key] = _slim(body)
+
+    def get_lft(self, namespace: str, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            body = self._bodies.get((namespace, name))
+        if body is not None:
+            return body
+        body = super().get_lft(namespace, name)
+        if body is not None:
+            self.observe_lft("GET", body)
+        return body
+
+    def patch_lft_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None = None
+    ) -> Any:
+        out = super().patch_lft_status(namespace, name, status, resource_version)
+        self._remember(out)
+        return out
+
+    def patch_lft_annotations(self, namespace: str, name: str, annotations: Mapping[str, str | None]) -> Any:
+        out = super().patch_lft_annotations(namespace, name, annotations)
+        self._remember(out)
+        return out
+
+    # ----- worker pods and nodes ------------------------------------------------------------------
+
+    def create_if_absent(self, obj: Mapping[str, Any]) -> bool:
+        created = super().create_if_absent(obj)
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        if created and obj.get("kind") == "Pod" and labels.get(LABEL_NAME):
+            key = (obj["metadata"]["namespace"], labels[LABEL_NAME])
+            with self._lock:
+                self._expected.setdefault(key, {})[obj["metadata"]["name"]] = (self._clock(), worker_state(obj))
+        return created
+
+    def workers(self, namespace: str, name: str) -> list[WorkerState]:
+        """The resource's worker pods as last seen on the watch (see `workers_of`), plus the ones it
+        created that the watch has not shown yet."""
+        if self.pod_index is None:
+            return _listed_workers(self, namespace, name)
+        seen = workers_of(self.pod_index, namespace, name)
+        key = (namespace, name)
+        with self._lock:
+            expected = self._expected.get(key)
+            if not expected:
+                return seen
+            now, names = self._clock(), {w.name for w in seen}
+            for pod, (t, _) in list(expected.items()):
+                if pod in names or now - t > EXPECTATION_TTL:
+                    del expected[pod]
+            extra = [w for _, w in expected.values()]
+            if not expected:
+                del self._expected[key]
+        return sorted(seen + extra, key=lambda w: (w.index, w.name))
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        """All nodes, one list per NODE_LIST_TTL seconds for all reconciles (the first caller lists)."""
+        with self._nodes_lock:
+            now = self._clock()
+            if self._nodes is None or now - self._nodes[0] >= NODE_LIST_TTL:
+                self._nodes = (now, super().list_nodes())
+            return self._nodes[1]
+
+
+def cached_workers(kube: Kube, namespace: str, name: str) -> list[WorkerState]:
+    """The worker pods as the reconcile observes them: the index when there is one, else a cached LIST."""
+    if isinstance(kube, CachedKube):
+        return kube.workers(namespace, name)
+    return _listed_workers(kube, namespace, name)

@@ -1,0 +1,119 @@
+"""The operator's memory of the cluster (handlers/cache.py): pods found by owner without a LIST, a
+settled resource reconciled without a request, newest body wins, one node list per burst."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kopf._core.engines.indexing import OperatorIndexer
+from kubelora_operator.conditions import ConditionType as T
+from kubelora_operator.handlers.cache import CachedKube, index_worker_pod, workers_of
+from kubelora_operator.handlers.reconcile import ANN_ATTEMPT, ANN_DEVICE, ANN_STARTED_SPEC, reconcile
+from kubelora_operator.handlers.status import StatusUpdate
+
+from . import SETTINGS, raw_spec
+from .test_handlers import FakeApiClient, _exc, pod
+
+
+def worker(owner: str, index: int, ns: str = "team-a", **kw: Any) -> dict[str, Any]:
+    p = pod(index, phase="Pending", state={"waiting": {"reason": "ContainerCreating"}}, **kw)
+    p["metadata"].update(name=f"{owner}-worker-{index}", namespace=ns, uid=f"{owner}-u{index}")
+    p["metadata"]["labels"].update({"kubelora.dev/name": owner, "kubelora.dev/role": "worker"})
+    return p
+
+
+def index_of(*pods: dict[str, Any]) -> OperatorIndexer:
+    """kopf's own indexer, filled as kopf fills it: one `replace` per pod event with our function's result."""
+    indexer = OperatorIndexer()
+    for p in pods:
+        meta = p["metadata"]
+        indexer.replace(
+            (meta["namespace"], meta["name"], meta["uid"]), index_worker_pod(meta["namespace"], meta["labels"], p)
+        )
+    return indexer
+
+
+def test_worker_pods_are_found_by_owner_without_a_list() -> None:
+    indexer = index_of(worker("demo", 1), worker("demo", 0), worker("other", 0), worker("demo", 0, ns="team-b"))
+    api = FakeApiClient()  # no scripted answer: any request would fail the test
+    kube = CachedKube(api, backoff=0)
+    kube.pod_index = indexer.index
+    got = kube.workers("team-a", "demo")
+    assert [w.name for w in got] == ["demo-worker-0", "demo-worker-1"] and api.calls == []
+    assert [w.name for w in kube.workers("team-b", "demo")] == ["demo-worker-0"]
+    assert kube.workers("team-a", "nobody") == []
+    # A deleted pod leaves the index (kopf discards an object's values on DELETED).
+    indexer.discard(("team-a", "demo-worker-1", "demo-u1"))  # type: ignore[arg-type]
+    assert [w.index for w in workers_of(indexer.index, "team-a", "demo")] == [0] and api.calls == []
+    # Non-worker objects without the owner label are not indexed at all.
+    assert index_worker_pod("team-a", {}, worker("x", 0)) == {}
+
+
+def settled_body(rv: str = "10") -> dict[str, Any]:
+    """A started 2-worker resource whose status already says what its (bound, pending) pods show."""
+    raw = raw_spec(workers=2, device="cpu")
+    body = {
+        "apiVersion": "kubelora.dev/v1alpha1",
+        "kind": "LoRAFineTune",
+        "metadata": {
+            "name": "demo",
+            "namespace": "team-a",
+            "uid": "uid-1",
+            "generation": 1,
+            "resourceVersion": rv,
+            "creationTimestamp": "2026-11-30T00:00:00Z",
+            "annotations": {ANN_STARTED_SPEC: json.dumps(raw), ANN_DEVICE: "cpu", ANN_ATTEMPT: "0"},
+            "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}],
+        },
+        "spec": raw,
+        "status": {},
+    }
+    u = StatusUpdate(body)
+    u.status.update(startTime=u.stamp, restarts=0, observedGeneration=1, placement={"device": "cpu"})
+    body["status"] = u.status
+    return body
+
+
+def test_a_settled_resource_is_reconciled_without_any_request() -> None:
+    api = FakeApiClient({}, {})  # two answers: the first pass's status patch and its Scheduled Event
+    kube = CachedKube(api, backoff=0)
+    kube.pod_index = index_of(worker("demo", 0), worker("demo", 1)).index
+    kube.observe_lft("ADDED", settled_body())
+    assert "managedFields" not in kube.get_lft("team-a", "demo")["metadata"]  # type: ignore[index]
+    reconcile(kube, SETTINGS, "team-a", "demo")  # first pass: conditions written once
+    status_path = "/apis/kubelora.dev/v1alpha1/namespaces/team-a/lorafinetunes/demo/status"
+    assert [c[:2] for c in api.calls] == [("PATCH", status_path), ("POST", "/api/v1/namespaces/team-a/events")]
+    patch = api.calls[0][2]["status"]
+    assert {c["type"]: c["status"] for c in patch["conditions"]}[T.SCHEDULED.value] == "True"
+    # The watch delivers the patched object; every further pass (the resync timer) is free.
+    body = settled_body(rv="11")
+    body["status"] = {**body["status"], **patch}
+    kube.observe_lft("MODIFIED", body)
+    kube.observe_lft("MODIFIED", settled_body(rv="9"))  # an older event arriving late changes nothing
+    for _ in range(3):
+        reconcile(kube, SETTINGS, "team-a", "demo")
+    assert len(api.calls) == 2
+
+
+def test_own_writes_are_remembered_when_newer_and_deleted_resources_forgotten() -> None:
+    answer = {**settled_body(rv="12"), "status": {"phase": "Pending"}}
+    api = FakeApiClient(answer, answer)
+    kube = CachedKube(api, backoff=0)
+    kube.observe_lft("ADDED", settled_body(rv="10"))
+    kube.patch_lft_status("team-a", "demo", {"phase": "Pending"})
+    assert kube.get_lft("team-a", "demo")["status"] == {"phase": "Pending"}  # type: ignore[index]
+    kube.observe_lft("DELETED", settled_body(rv="13"))
+    kube.patch_lft_status("team-a", "demo", {"phase": "Pending"})  # a write racing the deletion
+    api.script.append(_exc(404))
+    assert kube.get_lft("team-a", "demo") is None  # not resurrected from our write: a GET, 404
+    assert [c[0] for c in api.calls] == ["PATCH", "PATCH", "GET"]
+
+
+def test_one_node_list_serves_a_burst_of_placements() -> None:
+    now = [0.0]
+    api = FakeApiClient({"items": [{"metadata": {"name": "a"}}]}, {"items": []})
+    kube = CachedKube(api, backoff=0, clock=lambda: now[0])
+    assert [kube.list_nodes() for _ in range(50)][-1] == [{"metadata": {"name": "a"}}] and len(api.calls) == 1
+    now[0] = 2.5  # NODE_LIST_TTL later: listed again (a node added meanwhile becomes visible)
+    assert kube.list_nodes() == [] and len(api.calls) == 2
