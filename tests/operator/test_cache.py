@@ -117,3 +117,17 @@ def test_one_node_list_serves_a_burst_of_placements() -> None:
     assert [kube.list_nodes() for _ in range(50)][-1] == [{"metadata": {"name": "a"}}] and len(api.calls) == 1
     now[0] = 2.5  # NODE_LIST_TTL later: listed again (a node added meanwhile becomes visible)
     assert kube.list_nodes() == [] and len(api.calls) == 2
+
+
+def test_device_is_reported_after_a_crash_before_the_first_status_write() -> None:
+    # Started (annotations written) and every pod created, but the operator died before writing status.
+    api = FakeApiClient({}, {})
+    kube = CachedKube(api, backoff=0)
+    kube.pod_index = index_of(worker("demo", 0), worker("demo", 1)).index
+    body = settled_body()
+    body["status"] = {}
+    kube.observe_lft("ADDED", body)
+    reconcile(kube, SETTINGS, "team-a", "demo")
+    patch = api.calls[0][2]["status"]
+    assert patch["placement"] == {"device": "cpu"} and patch["startTime"]
+    assert not any(c[0] == "POST" and "/pods" in c[1] for c in api.calls)  # nothing recreated

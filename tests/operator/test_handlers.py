@@ -245,14 +245,40 @@ class _RecordingKube:
     def patch_lft_annotations(self, namespace: str, name: str, annotations: Any) -> None:
         self.calls.append(("patch_lft_annotations", dict(annotations)))
 
+    def list_nodes(self) -> list[dict]:
+        labels = {"feature.node.kubernetes.io/cpu-cpuid.AMXBF16": "true"}
+        return [
+            {"metadata": {"name": "n1", "labels": labels}, "status": {"allocatable": {"cpu": "64", "memory": "256Gi"}}}
+        ]
 
-def _observe_with_worker_1_missing_from_the_cache(quorum_pods: list[dict]) -> tuple[_RecordingKube, StatusUpdate]:
+    def create_if_absent(self, obj: dict) -> bool:
+        self.calls.append(("create", f"{obj['kind']} {obj['metadata']['name']}"))
+        return obj["kind"] == "Pod"
+
+
+#: What the pass that created attempt 0's pods wrote: the attempt was reported created.
+REPORTED = {
+    "conditions": [
+        {
+            "type": "Scheduled",
+            "status": "True",
+            "reason": "PodsScheduled",
+            "message": "2 worker pods of attempt 0 bound to n1",
+        }
+    ]
+}
+
+
+def _observe_with_worker_1_missing_from_the_cache(
+    quorum_pods: list[dict], status: dict | None = None
+) -> tuple[_RecordingKube, StatusUpdate]:
     from kubelora_operator.handlers.reconcile import _observe
 
     from . import resource
 
     kube = _RecordingKube(quorum_pods)
-    u = StatusUpdate({"metadata": {"name": "demo", "namespace": "team-a", "generation": 3}, "status": {}})
+    body = {"metadata": {"name": "demo", "namespace": "team-a", "generation": 3}, "status": status or REPORTED}
+    u = StatusUpdate(body)
     cached = [worker_state(pod(0))]  # worker 0 runs; the cached list has not seen worker 1 yet
     _observe(kube, SETTINGS, u, resource(workers=2), "cpu", 0, cached)  # type: ignore[arg-type]
     return kube, u
@@ -269,6 +295,17 @@ def test_a_pod_missing_from_the_cached_list_is_confirmed_before_the_attempt_rest
     assert ("delete_pod", "demo-worker-0") in kube.calls
     running = next(c for c in u.conditions if c["type"] == "Running")
     assert running["reason"] == "Restarting" and "demo-worker-1 disappeared" in running["message"]
+
+
+def test_a_worker_never_created_because_the_operator_died_is_created_not_a_disruption() -> None:
+    # The operator was killed after creating worker 0 (now running) and before worker 1 and before
+    # the status write that reports the attempt's pods: worker 1 is created, the attempt goes on.
+    kube, u = _observe_with_worker_1_missing_from_the_cache([pod(0)], status={"startTime": "2026-12-01T00:00:00Z"})
+    assert kube.calls[0] == ("list_pods", False)
+    assert ("create", "Pod demo-worker-1") in kube.calls and ("create", "Pod demo-worker-0") not in kube.calls
+    assert not any(c[0] in ("delete_pod", "patch_lft_annotations") for c in kube.calls), kube.calls
+    assert next(c for c in u.conditions if c["type"] == "Running")["reason"] == "WorkersStarting"
+    assert u.events[-1][1] == "PodsCreated" and "1 worker pod of attempt 0" in u.events[-1][2]
 
 
 def test_pod_events_reconcile_only_when_the_workers_state_changed() -> None:

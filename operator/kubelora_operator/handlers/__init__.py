@@ -47,7 +47,7 @@ from ..settings import OperatorSettings
 from ..wiring import worker_name
 from .cache import WORKER_INDEX, CachedKube, index_worker_pod
 from .pods import WorkerState, worker_state
-from .progress import scrape
+from .progress import EVENT_METRICS_UNREACHABLE, SCRAPE_FAILURES_TO_REPORT, scrape
 from .reconcile import reconcile
 from .resync import Periodic
 
@@ -69,6 +69,7 @@ class Runner:
         self._running: set[Key] = set()
         self._dirty: set[Key] = set()
         self._pod_states: dict[str, WorkerState] = {}  # pod uid -> state last acted on
+        self._scrape_failures: dict[Key, int] = {}  # consecutive failed scrapes per resource
 
     def pod_event(self, namespace: str, owner: str, event_type: str | None, pod: Any) -> bool:
         """Reconcile `owner` if this worker pod event changed what the reconcile reads; True if it ran.
@@ -137,7 +138,9 @@ class Runner:
             fresh = scrape(ip, self.settings.metrics_port, self.settings.scrape_timeout_seconds)
         except (OSError, ValueError) as err:
             log.debug("%s/%s: metrics of %s not readable: %s", namespace, name, ip, err)
+            self._scrape_failed(namespace, name, ip, err)
             return
+        self._scrape_succeeded(namespace, name)
         old = dict((status or {}).get("progress") or {})
         new = {**old, **fresh}
         if new != old:
@@ -145,6 +148,40 @@ class Runner:
                 self.kube.patch_lft_status(namespace, name, {"progress": new}, resource_version=resource_version)
             except Conflict:
                 log.debug("%s/%s: resource changed while scraping; progress dropped", namespace, name)
+
+
+    def _scrape_failed(self, namespace: str, name: str, ip: str, err: BaseException) -> None:
+        """After SCRAPE_FAILURES_TO_REPORT failures in a row: a Warning Event and the reason in the
+        Running condition's message (a NetworkPolicy that blocks the port otherwise only empties the
+        PROGRESS and LOSS columns)."""
+        key = (namespace, name)
+        with self._lock:
+            count = self._scrape_failures[key] = self._scrape_failures.get(key, 0) + 1
+        if count != SCRAPE_FAILURES_TO_REPORT or not isinstance(self.kube, CachedKube):
+            return
+        port = self.settings.metrics_port
+        problem = (
+            f"progress unknown: rank 0's metrics at {ip}:{port} not readable in {count} scrapes in a row "
+            f"({err}); allow the operator to reach port {port} of the worker pods (NetworkPolicy)"
+        )
+        self.kube.metrics_problems[key] = problem
+        body = self.kube.get_lft(namespace, name)
+        if body is not None:
+            self.kube.post_event(body, "Warning", EVENT_METRICS_UNREACHABLE, problem)
+        self._retrigger(namespace, name)
+
+    def _scrape_succeeded(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        with self._lock:
+            self._scrape_failures.pop(key, None)
+        if isinstance(self.kube, CachedKube) and self.kube.metrics_problems.pop(key, None) is not None:
+            self._retrigger(namespace, name)  # the Running message drops the problem
+
+    def _retrigger(self, namespace: str, name: str) -> None:
+        try:
+            self.trigger(namespace, name)
+        except kopf.TemporaryError as err:  # the next resync pass writes it
+            log.debug("%s/%s: %s", namespace, name, err)
 
 
 def _namespace(namespace: str | None) -> str:

@@ -97,6 +97,9 @@ class CachedKube(Kube):
         self._nodes: tuple[float, list[dict[str, Any]]] | None = None
         self._nodes_lock = threading.Lock()
         self._expected: dict[Key, dict[str, tuple[float, WorkerState]]] = {}  # owner -> pod name -> created
+        #: resource -> why rank 0's metrics cannot be read (set by the progress pass after repeated
+        #: failures, read by the reconcile into the Running condition's message)
+        self.metrics_problems: dict[Key, str] = {}
 
     # ----- the LoRAFineTune bodies ----------------------------------------------------------------
 
@@ -185,6 +188,11 @@ class CachedKube(Kube):
             if self._nodes is None or now - self._nodes[0] >= NODE_LIST_TTL:
                 self._nodes = (now, super().list_nodes())
             return self._nodes[1]
+
+
+def metrics_problem(kube: Kube, namespace: str, name: str) -> str | None:
+    """Why the progress pass cannot read this resource's metrics, when it has given up for now."""
+    return kube.metrics_problems.get((namespace, name)) if isinstance(kube, CachedKube) else None
 
 
 def cached_workers(kube: Kube, namespace: str, name: str) -> list[WorkerState]:

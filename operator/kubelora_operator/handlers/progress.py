@@ -12,6 +12,12 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
+#: Failed scrapes in a row after which the failure is reported (Event + Running condition message);
+#: fewer would report a pod that is just starting its metrics server.
+SCRAPE_FAILURES_TO_REPORT = 3
+#: The Warning Event's reason.
+EVENT_METRICS_UNREACHABLE = "MetricsUnreachable"
+
 #: gauge name -> (status.progress key, int?)
 GAUGES: dict[str, tuple[str, bool]] = {
     "kubelora_step": ("step", True),

@@ -54,7 +54,7 @@ from ..placement import NodeFacts, PlacementDecision, decide_placement, wait_tim
 from ..plan import LABEL_WORKER_INDEX, artifact_uri, plan, ssh_secret, worker_selector
 from ..run_dirs import Claimant, claimant, holder, in_use_message
 from ..settings import OperatorSettings
-from .cache import cached_workers
+from .cache import cached_workers, metrics_problem
 from .pods import WorkerState, first_failure, worker_state
 from .status import StatusUpdate
 from .validate_create import validate
@@ -242,6 +242,8 @@ def _after_start(
     # After a crash between the commit point and the first status write, status catches up here.
     u.status.setdefault("startTime", u.stamp)
     u.status.setdefault("restarts", 0)
+    if device and not (u.status.get("placement") or {}).get("device"):  # the DEVICE column
+        u.status["placement"] = {**(u.status.get("placement") or {}), "device": device}
     if get_condition(u.conditions, T.VALIDATED) is None:
         u.condition(T.VALIDATED, True, R.SPEC_VALID, "spec and referenced objects are valid")
     generation = int(annotations.get(ANN_STARTED_GENERATION) or u.generation)
@@ -358,19 +360,23 @@ def _observe(
                 fresh = [worker_state(p) for p in kube.list_pods(ns, worker_selector(resource.name))]
                 _observe(kube, settings, u, resource, device, attempt, fresh, confirmed=True)
                 return
-            # The job started and a peer is gone for good (force-deleted): a replacement cannot join
-            # the running process group, so the attempt restarts (not counted: not the job's fault).
-            names = ", ".join(f"{resource.name}-worker-{i}" for i in missing)
-            _on_failure(
-                kube,
-                u,
-                resource,
-                attempt,
-                list(pods),
-                f"worker pod(s) {names} disappeared (disruption)",
-                EXIT_PREEMPTED,
-            )
-            return
+            if not _never_created(u, attempt, missing, current):
+                # The job started and a peer is gone for good (force-deleted): a replacement cannot
+                # join the running process group, so the attempt restarts (not counted: not the
+                # job's fault).
+                names = ", ".join(f"{resource.name}-worker-{i}" for i in missing)
+                _on_failure(
+                    kube,
+                    u,
+                    resource,
+                    attempt,
+                    list(pods),
+                    f"worker pod(s) {names} disappeared (disruption)",
+                    EXIT_PREEMPTED,
+                )
+                return
+            # else: the operator died between creating the attempt's pods; its peers wait for it at
+            # the rendezvous, so it is created now (below) instead of restarting the attempt.
         if _create(kube, settings, u, resource, device, attempt, missing, placed) is None:
             return
 
@@ -398,8 +404,14 @@ def _observe(
     running = [w for w in workers if w.running]
     finished = [w for w in workers if w.succeeded]
     if len(running) == n:
+        problem = metrics_problem(kube, ns, resource.name)  # a blocked scrape: said here, not only logged
         u.condition(
-            T.RUNNING, True, R.WORKERS_RUNNING, f"{_plural(n, 'worker')} running (attempt {attempt})", event="Normal"
+            T.RUNNING,
+            True,
+            R.WORKERS_RUNNING,
+            f"{_plural(n, 'worker')} running (attempt {attempt})" + (f"; {problem}" if problem else ""),
+            # the Event is for the transition; the scrape problem has its own (Runner._scrape_failed)
+            event=None if is_true(u.conditions, T.RUNNING) else "Normal",
         )
     else:
         extra = f", {len(finished)} finished" if finished else ""
@@ -411,6 +423,18 @@ def _observe(
             f"{len(running)}/{n} workers running{extra} (attempt {attempt}){stuck}",
         )
     u.status["workers"] = {"ready": len(running), "total": n}
+
+
+def _never_created(
+    u: StatusUpdate, attempt: int, missing: Sequence[int], current: Mapping[int, WorkerState]
+) -> bool:
+    """True when the missing workers were never created (not deleted): one pass creates an attempt's
+    pods in index order and then writes the Scheduled condition naming the attempt, so missing
+    workers that all come after the existing ones, with no Scheduled message about this attempt yet,
+    are what a crash in the middle of that pass leaves behind."""
+    scheduled = get_condition(u.old.get("conditions"), T.SCHEDULED) or {}
+    reported = f"of attempt {attempt} bound" in (scheduled.get("message") or "")
+    return not reported and min(missing) > max(current, default=-1)
 
 
 def _wait_for_nodes(
