@@ -86,7 +86,7 @@ def test_a_settled_resource_is_reconciled_without_any_request() -> None:
     assert [c[:2] for c in api.calls] == [("PATCH", status_path), ("POST", "/api/v1/namespaces/team-a/events")]
     patch = api.calls[0][2]["status"]
     assert {c["type"]: c["status"] for c in patch["conditions"]}[T.SCHEDULED.value] == "True"
-    # The watch delivers the patched object; every further pass (the resync timer) is free.
+    # The watch delivers the patched object; every further pass (the resync pass) is free.
     body = settled_body(rv="11")
     body["status"] = {**body["status"], **patch}
     kube.observe_lft("MODIFIED", body)

@@ -235,7 +235,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: 
         attach(kw)
         try:
             runner.pod_event(_namespace(namespace), labels[LABEL_NAME], type, body)
-        except kopf.TemporaryError as err:  # events are not retried by kopf; the resync timer catches up
+        except kopf.TemporaryError as err:  # events are not retried by kopf; the resync pass catches up
             log.warning("%s/%s: %s", namespace, labels[LABEL_NAME], err)
 
     return runner

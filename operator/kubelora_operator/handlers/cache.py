@@ -1,6 +1,6 @@
 """What the operator already knows, so that a reconcile reads memory instead of the API server.
 
-Why: every reconcile used to GET its resource and LIST its pods. With the resync timer that is two
+Why: every reconcile used to GET its resource and LIST its pods. With the resync timer that was two
 requests per resource every 30 s forever, finished resources included: at 1,000 resources the
 operator sent ~165 requests per second to an idle cluster (docs/operator-benchmark.md). The state is
 already streamed to the operator by kopf's watches; this module keeps the part the reconcile reads:

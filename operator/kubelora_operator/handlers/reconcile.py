@@ -1,7 +1,7 @@
 """The reconcile of one LoRAFineTune: read what exists, decide the next step, write status once.
 
 Level-based on purpose: every trigger (create/resume/update of the resource, any event of its worker
-pods, the periodic resync timer) runs the same function on the newest state the watches delivered
+pods, the periodic resync pass) runs the same function on the newest state the watches delivered
 (cache.py: no GET or LIST per run), so a missed event, an operator restart or a crash between two API
 calls is repaired by the next run. Children have
 deterministic names and are created with "AlreadyExists is fine", so nothing is ever duplicated.
@@ -20,14 +20,14 @@ which is for users, and never only in memory; cache.py merely mirrors the cluste
   resume, as Kubernetes Jobs do; time spent suspended does not count).
 
 Lifecycle: not started -> validate (spec, then Secrets/PVCs/ConfigMaps) -> place (NoMatchingNodes
-waits for the resync timer; in Wait mode pods are created anyway, WaitingForNodes until bound or
+waits for the resync pass; in Wait mode pods are created anyway, WaitingForNodes until bound or
 NodesNotAvailable after waitTimeoutSeconds) -> commit -> create ConfigMap, Service, pods -> observe pods: bound
 (Scheduled), all running (Running), worker 0 finished (Succeeded + artifact from its termination
 message), a worker failed (exit 2: Failed/InvalidSpec at once; otherwise delete the attempt's pods and
 start the next attempt until backoffLimit). Disruptions do not count against backoffLimit: exit 143
 (SIGTERM after a checkpoint) and worker pods deleted by someone else (drain, eviction, kubectl).
 suspend deletes the pods (SIGTERM: the trainer checkpoints) and resuming starts a new attempt.
-activeDeadlineSeconds and ttlSecondsAfterFinished are checked on every run (the resync timer makes
+activeDeadlineSeconds and ttlSecondsAfterFinished are checked on every run (the resync pass makes
 that periodic).
 """
 
