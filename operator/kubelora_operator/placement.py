@@ -185,9 +185,9 @@ def _admits(node: NodeFacts, extra: PlacementSpec) -> str | None:
         if taint.effect in ("NoSchedule", "NoExecute") and not _tolerates(extra.tolerations, taint):
             return f"taint {taint.key}:{taint.effect}"
     if any(node.labels.get(k) != v for k, v in extra.node_selector.items()):
-        return "nodeSelector"
+        return "not in spec.placement.nodeSelector"
     if not _terms_match(node, _required_terms(extra.affinity)):
-        return "affinity"
+        return "outside spec.placement.affinity"
     return None
 
 
@@ -224,7 +224,9 @@ class _Evaluation:
     pool_label: str | None  # required label, if any
     pool: list[NodeFacts]  # admitted nodes of the device's pool
     slots: dict[str, int]  # node name -> workers it can hold
-    excluded: dict[str, int]  # pool nodes excluded, by why: "cordoned", "taint k:NoSchedule", "nodeSelector", ...
+    excluded: dict[
+        str, int
+    ]  # pool nodes excluded, by why: "cordoned", "taint k:NoSchedule", "not in spec.placement.nodeSelector", ...
 
     @property
     def total(self) -> int:
