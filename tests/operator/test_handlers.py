@@ -225,6 +225,28 @@ def test_trainer_success_message_round_trips_into_status_artifact() -> None:
     assert parse_termination_message(success_message({})) == {}  # nulls are dropped, not written as ""
 
 
+def test_a_run_shorter_than_one_scrape_ends_with_its_final_step_and_loss() -> None:
+    """Issue 12: a run that finished before the first progress scrape used to end `step 0, percent 100` with
+    an empty LOSS column; the trainer's final gauges now ride in the success message."""
+    from kubelora_operator.handlers.reconcile import _on_success
+    from kubelora_trainer.cli import success_message
+    from kubelora_trainer.metrics import ProgressState
+
+    from . import resource
+
+    state = ProgressState()
+    state.update(step=12, total_steps=12, train_loss=0.75, eval_loss=0.5, tokens_per_second=321.0)
+    message = success_message({"adapter": {"sha256": "ab" * 32, "size_bytes": 9}}, state.snapshot())
+    w0 = worker_state(pod(0, phase="Succeeded", state={"terminated": {"exitCode": 0, "message": message}}))
+    u = StatusUpdate({"metadata": {"name": "demo", "namespace": "team-a", "generation": 1}, "status": {}})
+    _on_success(_RecordingKube([]), u, resource(workers=1), [w0], w0)  # type: ignore[arg-type]
+    progress = u.status["progress"]
+    assert (progress["step"], progress["totalSteps"], progress["percent"]) == (12, 12, 100)
+    assert (progress["trainLoss"], progress["evalLoss"]) == (0.75, 0.5)
+    assert u.status["artifact"]["sha256"] == "ab" * 32
+    assert "NaN" not in message  # unset gauges (eta: NaN) are left out, not written as invalid JSON
+
+
 class _RecordingKube:
     """Answers the two pod lists of one reconcile and records every call (no cluster: the branch under
     test needs a cached list that lags behind etcd, which a real apiserver gives only by chance)."""

@@ -31,10 +31,14 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def success_message(summary: dict) -> str:
-    """The termination message of a finished run (`contract.success_message`; URI only when not a pod path)."""
+def success_message(summary: dict, gauges: dict[str, float] | None = None) -> str:
+    """The termination message of a finished run (`contract.success_message`; URI only when not a pod path),
+    with the final values of the metrics gauges (ProgressState keys)."""
     adapter = summary.get("adapter") or {}
-    return contract.success_message(summary.get("artifact_uri"), adapter.get("sha256"), adapter.get("size_bytes"))
+    metrics = {contract.METRIC_PREFIX + key: value for key, value in (gauges or {}).items()}
+    return contract.success_message(
+        summary.get("artifact_uri"), adapter.get("sha256"), adapter.get("size_bytes"), metrics
+    )
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -68,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         recipe.close()
     if summary:
-        contract.record_exit(EXIT_OK, success_message(summary), TERMINATION_LOG)
+        contract.record_exit(EXIT_OK, success_message(summary, progress.snapshot()), TERMINATION_LOG)
         keys = ("device", "dtype", "steps", "train_tokens_per_s", "eval_loss_before", "eval_loss_after",
                 "exact_match_before", "exact_match_after", "wall_s")
         print(jsonsafe.dumps({k: summary.get(k) for k in keys}, indent=2))

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,17 +76,28 @@ def write_termination_message(text: str, path: Path | None = None) -> None:
 # --------------------------------------------------------------------------- success message
 
 
-def success_message(uri: str | None, sha256: str | None, size_bytes: int | None) -> str:
-    """The termination message of a finished run: `{"artifact": {"uri"?, "sha256", "sizeBytes"}}`
-    (the operator turns it into status.artifact; nulls are left out)."""
+#: Prometheus names of the trainer's gauges: this prefix + the ProgressState key (`kubelora_step`, ...).
+METRIC_PREFIX = "kubelora_"
+
+
+def success_message(
+    uri: str | None, sha256: str | None, size_bytes: int | None, metrics: Mapping[str, float] | None = None
+) -> str:
+    """The termination message of a finished run: `{"artifact": {"uri"?, "sha256", "sizeBytes"},
+    "metrics": {gauge: value}}` (the operator turns it into status.artifact and the final status.progress;
+    nulls and non-finite values are left out). The final gauges travel here because a run shorter than one
+    progress scrape would otherwise end with no step or loss in its status."""
     artifact: dict[str, Any] = {"sha256": sha256, "sizeBytes": size_bytes}
     if uri:
         artifact["uri"] = uri
-    return json.dumps({"artifact": artifact}, separators=(",", ":"))
+    out: dict[str, Any] = {"artifact": artifact}
+    finite = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if finite:
+        out["metrics"] = finite
+    return json.dumps(out, separators=(",", ":"))
 
 
-def parse_success_message(message: str | None) -> dict[str, Any] | None:
-    """status.artifact from a success message (valid fields only), or None for anything else (an error line)."""
+def _success_json(message: str | None) -> dict[str, Any] | None:
     text = (message or "").strip()
     if not text.startswith("{"):
         return None
@@ -93,6 +106,14 @@ def parse_success_message(message: str | None) -> dict[str, Any] | None:
     except ValueError:
         return None
     if not isinstance(data, dict) or not isinstance(data.get("artifact"), dict):
+        return None
+    return data
+
+
+def parse_success_message(message: str | None) -> dict[str, Any] | None:
+    """status.artifact from a success message (valid fields only), or None for anything else (an error line)."""
+    data = _success_json(message)
+    if data is None:
         return None
     art = data["artifact"]
     out: dict[str, Any] = {}
@@ -103,6 +124,19 @@ def parse_success_message(message: str | None) -> dict[str, Any] | None:
     if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
         out["sizeBytes"] = size
     return out
+
+
+def parse_success_metrics(message: str | None) -> dict[str, float]:
+    """The final gauges (`kubelora_step` -> value) of a success message; empty for anything else."""
+    data = _success_json(message)
+    metrics = data.get("metrics") if data else None
+    if not isinstance(metrics, dict):
+        return {}
+    return {
+        str(k): float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 # --------------------------------------------------------------------------- exit records

@@ -43,7 +43,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from kubelora_trainer.contract import EXIT_BAD_INPUT, EXIT_PREEMPTED, parse_success_message
+from kubelora_trainer.contract import EXIT_BAD_INPUT, EXIT_PREEMPTED, parse_success_message, parse_success_metrics
 
 from ..api import LoRAFineTuneResource, LoRAFineTuneSpec, SpecError, parse_spec
 from ..conditions import ConditionReason as R
@@ -56,6 +56,7 @@ from ..run_dirs import Claimant, claimant, holder, in_use_message
 from ..settings import OperatorSettings
 from .cache import cached_workers, metrics_problem
 from .pods import WorkerState, first_failure, worker_state
+from .progress import progress_from_metrics
 from .status import StatusUpdate
 from .validate_create import validate
 
@@ -636,6 +637,8 @@ def _on_success(
     u.condition(T.SUCCEEDED, True, R.TRAINING_COMPLETE, f"training complete; {details}", event="Normal")
     u.condition(T.RUNNING, False, R.TRAINING_COMPLETE, "all workers finished")
     progress = dict(u.status.get("progress") or {})
+    # The trainer's final gauges: a run shorter than one scrape interval has no scraped progress at all.
+    progress.update(progress_from_metrics(parse_success_metrics(w0.message)))
     if progress.get("totalSteps"):
         progress["step"] = progress["totalSteps"]
     progress.update(percent=100, etaSeconds=0)
