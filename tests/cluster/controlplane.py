@@ -41,6 +41,8 @@ K8S_PKG_VERSION = "1.20.5+really1.20.2-1.1+deb12u1"
 K8S_BUILD_REV = 2
 K8S_CACHE_KEY = f"{K8S_PKG_VERSION}+kubelora{K8S_BUILD_REV}"
 K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+# Built by `build.sh --node` into the same cache dir (same source and recipe): the real node's binaries.
+NODE_BINARIES = ("kubelet", "kube-proxy")
 KCM_CONTROLLERS = "*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route"
 SERVICE_CIDR = "10.0.0.0/24"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"

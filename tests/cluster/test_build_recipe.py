@@ -36,3 +36,12 @@ def test_old_recipe_cache_is_not_used(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("KUBELORA_K8S_CACHE", str(tmp_path))
     assert controlplane.binaries_dir() is None
     assert controlplane.missing_reason() is not None
+
+
+def test_build_script_builds_the_node_binaries_controlplane_names() -> None:
+    """`build.sh --node` caches kubelet + kube-proxy beside the control plane, under the same key."""
+    text = BUILD_SH.read_text()
+    m = re.search(r"^NODE_BINS=\(([^)]*)\)$", text, re.MULTILINE)
+    assert m, "NODE_BINS=(...) not found in build.sh"
+    assert tuple(m.group(1).split()) == controlplane.NODE_BINARIES
+    assert '--node) WITH_NODE=1' in text
