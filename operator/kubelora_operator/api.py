@@ -1,4 +1,5 @@
-"""The LoRAFineTune API: pydantic models of the custom resource, and the checks a schema cannot express.
+"""The LoRAFineTune API: pydantic models of the custom resource (types only; the checks beyond the
+schema live in `validation`).
 
 Why pydantic here: these models are the single source of truth for the CRD schema (`crd.py`
 generates it), for validating what the API server stored, and for rendering the trainer's config.
@@ -11,14 +12,11 @@ included.
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from kubelora_trainer import contract
 from kubelora_trainer.config import (
-    SAMPLE_SCHEME,
     DataConfig,
     DistributedConfig,
     EvaluationConfig,
@@ -42,10 +40,8 @@ from pydantic.fields import FieldInfo
 from .conditions import ConditionReason, ConditionType
 from .k8s_types import DNS_SUBDOMAIN as _DNS_SUBDOMAIN
 from .k8s_types import Quantity, SecretName
+from .names import OUTPUT_DIR
 from .pod_overrides import PodOverrides
-
-if TYPE_CHECKING:
-    from .settings import OperatorSettings
 
 GROUP = "kubelora.dev"
 VERSION = "v1alpha1"
@@ -56,53 +52,10 @@ SINGULAR = "lorafinetune"
 SHORT_NAMES = ("lft",)
 CATEGORIES = ("kubelora",)
 
-
-#: Pod paths the operator owns; a data volume may not be mounted on or under them.
-CONFIG_DIR = "/etc/kubelora"
-CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
-SSH_DIR = "/etc/kubelora-ssh"
-OUTPUT_DIR = "/output"
-TMP_DIR = "/tmp"
-CACHE_DIR = "/cache"
-SHM_DIR = "/dev/shm"
-RESERVED_MOUNT_PATHS = (CONFIG_DIR, SSH_DIR, OUTPUT_DIR, TMP_DIR, CACHE_DIR, SHM_DIR)
-
-#: Environment the operator sets on workers; `distributed.env` may not override it.
-OPERATOR_ENV = frozenset(
-    {
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "WORLD_SIZE",
-        "RANK",
-        "LOCAL_RANK",
-        "NODE_RANK",
-        "NNODES",
-        "NPROC_PER_NODE",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "HF_TOKEN",
-        "HOME",
-        "KUBELORA_CACHE",
-        contract.METRICS_PORT_ENV,
-        contract.RUN_ID_ENV,
-        contract.EXIT_DIR_ENV,
-        contract.TERMINATION_LOG_ENV,
-    }
-)
-
-#: Module names that exist in the bundled models, to reject typos in `lora.targetModules` early.
-KNOWN_TARGET_MODULES: dict[str, tuple[str, ...]] = {
-    "smollm2-135m": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
-
-_DNS_LABEL_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
 #: Bound on list fields that end up in every pod (a pod spec has a size limit; lists this long are typos).
 MAX_PULL_SECRETS = 16
-_ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
-_SAMPLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 
 
 
@@ -185,7 +138,7 @@ class PlacementSpec(StrictModel):
 class EnvVar(StrictModel):
     """An extra environment variable for every worker."""
 
-    name: str = Field(..., pattern=_ENV_NAME, description="Variable name.")
+    name: str = Field(..., pattern=ENV_NAME_PATTERN, description="Variable name.")
     value: str | None = Field(None, description="Literal value.")
     value_from: dict[str, Any] | None = Field(
         None, description="A core/v1 EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef)."
@@ -542,7 +495,7 @@ class LoRAFineTuneStatus(_StatusModel):
     workers: WorkersStatus | None = Field(None, description="Worker pods ready/total.")
 
 
-# --------------------------------------------------------------------------- the resource and its checks
+# --------------------------------------------------------------------------- the resource
 
 
 class SpecError(ValueError):
@@ -553,7 +506,7 @@ class SpecError(ValueError):
         self.problems = problems
 
 
-def _format_errors(err: ValidationError, prefix: str = "spec") -> list[str]:
+def format_errors(err: ValidationError, prefix: str = "spec") -> list[str]:
     out = []
     for e in err.errors():
         loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
@@ -567,7 +520,7 @@ def parse_spec(raw: Mapping[str, Any]) -> LoRAFineTuneSpec:
     try:
         return LoRAFineTuneSpec.model_validate(dict(raw))
     except ValidationError as err:
-        raise SpecError(_format_errors(err)) from None
+        raise SpecError(format_errors(err)) from None
 
 
 @dataclass(frozen=True)
@@ -591,269 +544,3 @@ class LoRAFineTuneResource:
             generation=int(meta.get("generation") or 1),
             spec=parse_spec(body.get("spec") or {}),
         )
-
-
-@dataclass(frozen=True)
-class Reference:
-    """An object in the resource's namespace that must exist before pods are created."""
-
-    kind: Literal["Secret", "PersistentVolumeClaim", "ConfigMap"]
-    name: str
-    field: str
-    key: str | None = None
-
-    @property
-    def reason(self) -> ConditionReason:
-        """The Validated=False reason when it is missing."""
-        return {
-            "Secret": ConditionReason.SECRET_NOT_FOUND,
-            "PersistentVolumeClaim": ConditionReason.PVC_NOT_FOUND,
-            "ConfigMap": ConditionReason.CONFIG_MAP_NOT_FOUND,
-        }[self.kind]
-
-    def missing_message(self) -> str:
-        """The message for a missing object (or key)."""
-        what = f"{self.kind} {self.name!r}"
-        if self.key is not None:
-            return f"spec.{self.field}: {what} (key {self.key!r}) not found in the namespace"
-        return f"spec.{self.field}: {what} not found in the namespace"
-
-
-def references(spec: LoRAFineTuneSpec) -> list[Reference]:
-    """Secrets, PVCs and ConfigMaps the spec points at (the handler checks they exist, keys included)."""
-    refs: list[Reference] = []
-    out = spec.output
-    if out.pvc is not None:
-        refs.append(Reference("PersistentVolumeClaim", out.pvc.claim_name, "output.pvc.claimName"))
-    if out.s3 is not None:
-        if out.s3.workdir_pvc is not None:
-            refs.append(
-                Reference("PersistentVolumeClaim", out.s3.workdir_pvc.claim_name, "output.s3.workdirPvc.claimName")
-            )
-        cred = out.s3.credentials_secret
-        if cred is not None:
-            field = "output.s3.credentialsSecret"
-            refs.append(Reference("Secret", cred.name, field, cred.access_key_id_key))
-            refs.append(Reference("Secret", cred.name, field, cred.secret_access_key_key))
-            if cred.session_token_key:
-                refs.append(Reference("Secret", cred.name, field, cred.session_token_key))
-    if spec.data_volume is not None:
-        if spec.data_volume.pvc is not None:
-            refs.append(Reference("PersistentVolumeClaim", spec.data_volume.pvc.claim_name, "dataVolume.pvc.claimName"))
-        if spec.data_volume.config_map is not None:
-            refs.append(Reference("ConfigMap", spec.data_volume.config_map.name, "dataVolume.configMap.name"))
-    for i, pull in enumerate(spec.image_pull_secrets):
-        refs.append(Reference("Secret", pull, f"imagePullSecrets[{i}]"))
-    for i, vol in enumerate(spec.pod.volumes):
-        field = f"pod.volumes[{i}]"
-        if vol.config_map is not None and not vol.config_map.optional:
-            refs.append(Reference("ConfigMap", vol.config_map.name, f"{field}.configMap.name"))
-        if vol.secret is not None and not vol.secret.optional:
-            refs.append(Reference("Secret", vol.secret.secret_name, f"{field}.secret.secretName"))
-        if vol.persistent_volume_claim is not None:
-            claim = vol.persistent_volume_claim.claim_name
-            refs.append(Reference("PersistentVolumeClaim", claim, f"{field}.persistentVolumeClaim.claimName"))
-    for i, source in enumerate(spec.pod.env_from):
-        if not source.config_map_ref.optional:
-            refs.append(Reference("ConfigMap", source.config_map_ref.name, f"pod.envFrom[{i}].configMapRef.name"))
-    hub = spec.secrets.hub_token_secret
-    if hub is not None:
-        refs.append(Reference("Secret", hub.name, "secrets.hubTokenSecret", hub.key))
-    if spec.distributed.launcher == "mpirun" and spec.distributed.ssh_secret:
-        refs.append(Reference("Secret", spec.distributed.ssh_secret, "distributed.sshSecret", "ssh-privatekey"))
-        refs.append(Reference("Secret", spec.distributed.ssh_secret, "distributed.sshSecret", "ssh-publickey"))
-    return refs
-
-
-def validate_name(name: str, workers: int) -> list[str]:
-    """The resource name must yield valid child names: `<name>-workers` (a Service, DNS-1035 label)
-    and `<name>-worker-<i>` hostnames, both at most 63 characters."""
-    problems = []
-    if not _DNS_LABEL_1035.match(name):
-        problems.append(
-            f"metadata.name {name!r}: must start with a letter and hold only lowercase letters, digits and '-' "
-            "(it names a Service and pod hostnames)"
-        )
-    longest = f"{name}-worker-{max(workers - 1, 0)}"
-    if len(longest) > 63 or len(f"{name}-workers") > 63:
-        problems.append(
-            f"metadata.name {name!r} is too long: child hostname {longest!r} would exceed 63 characters "
-            f"(keep the name at most {63 - len(longest) + len(name)} characters)"
-        )
-    return problems
-
-
-def _under(path: str, root: str) -> bool:
-    root = root.rstrip("/") or "/"
-    return path == root or path.startswith(root + "/")
-
-
-def _user_mounts(spec: LoRAFineTuneSpec) -> list[str]:
-    """Mount paths the resource adds to the pod: the dataVolume and `pod.volumeMounts`."""
-    paths = [m.mount_path for m in spec.pod.volume_mounts]
-    return ([spec.data_volume.mount_path] if spec.data_volume else []) + paths
-
-
-def _check_pod_path(field: str, value: str | None, spec: LoRAFineTuneSpec, *, allow_sample: bool) -> list[str]:
-    """A path the trainer opens in the pod must be reachable there."""
-    if not value:
-        return []
-    if value.startswith(SAMPLE_SCHEME):
-        name = value[len(SAMPLE_SCHEME) :]
-        if not allow_sample:
-            return [f"spec.{field}: {SAMPLE_SCHEME} names bundled data files and cannot be used here"]
-        if not _SAMPLE_NAME.match(name):
-            return [
-                f"spec.{field}: {value!r} is not a bundled sample; use {SAMPLE_SCHEME}FILE with a plain file name "
-                "such as sample://train.jsonl"
-            ]
-        return []
-    if value.startswith("/"):
-        mounted = spec.data_volume.mount_path if spec.data_volume else None
-        if any(_under(value, path) for path in _user_mounts(spec)):
-            return []
-        if spec.image is not None:
-            return []  # a custom image may ship the file; nothing to check
-        where = f"the dataVolume is mounted at {mounted}" if mounted else "no dataVolume is mounted"
-        return [
-            f"spec.{field}: {value!r} is not on a mounted volume ({where}); mount it with spec.dataVolume, "
-            f"use {SAMPLE_SCHEME}NAME for bundled data, or bring an image that contains it"
-        ]
-    if value.lower().endswith(_FILE_SUFFIXES):
-        return [
-            f"spec.{field}: relative file path {value!r} does not exist in the pod; give an absolute path on "
-            f"spec.dataVolume or {SAMPLE_SCHEME}NAME for bundled data"
-        ]
-    return []  # a hub id
-
-
-def validate_spec(spec: LoRAFineTuneSpec, settings: OperatorSettings) -> list[str]:
-    """Problems the schema cannot express, as specific messages (empty: valid).
-
-    Covers device/GPU/process consistency, launcher/backend/DeepSpeed combinations, data reachability
-    inside the pod, known LoRA target modules of bundled models, mount path collisions, env overrides
-    of operator-managed variables, and the trainer's own cross-field rules.
-    """
-    problems: list[str] = []
-    dist = spec.distributed
-    gpus = spec.resources.gpus
-    devices = ("xpu", "cpu") if spec.device == "auto" else (spec.device,)
-
-    if spec.device == "xpu" and gpus < 1:
-        problems.append("spec.resources.gpus is 0 but device is xpu: each xpu worker needs at least one GPU")
-    if "xpu" in devices and gpus >= 1 and dist.procs_per_worker is not None and dist.procs_per_worker != gpus:
-        hint = " (set device: cpu to run several processes per CPU worker)" if spec.device == "auto" else ""
-        problems.append(
-            f"spec.distributed.procsPerWorker ({dist.procs_per_worker}) must equal spec.resources.gpus ({gpus}) "
-            f"on xpu: each process drives one GPU{hint}"
-        )
-
-    world = [spec.workers * spec.procs_per_worker(d) for d in devices]
-    if spec.data.max_samples is not None:
-        needed = max(world) * spec.training.micro_batch_size
-        if spec.data.max_samples < needed:
-            problems.append(
-                f"spec.data.maxSamples ({spec.data.max_samples}) is smaller than one batch per process "
-                f"({max(world)} processes x microBatchSize {spec.training.micro_batch_size} = {needed})"
-            )
-
-    if dist.backend == "nccl":
-        problems.append(
-            "spec.distributed.backend nccl needs CUDA GPUs; kubelora places on Intel GPUs (xccl) or CPUs (gloo, ccl)"
-        )
-    if dist.backend == "xccl" and spec.device == "cpu":
-        problems.append("spec.distributed.backend xccl needs Intel GPUs but device is cpu; use gloo or auto")
-    if dist.backend == "gloo" and spec.device == "xpu":
-        problems.append("spec.distributed.backend gloo cannot reduce XPU tensors; use xccl or auto on xpu")
-    if dist.backend == "mpi" and dist.launcher != "mpirun":
-        problems.append("spec.distributed.backend mpi needs launcher mpirun (processes get their rank from MPI)")
-    if dist.launcher == "mpirun" and dist.deepspeed_stage != 0:
-        problems.append(
-            f"spec.distributed.deepspeedStage {dist.deepspeed_stage} is supported with launcher torchrun only; "
-            "use torchrun or deepspeedStage 0"
-        )
-    if dist.deepspeed_stage == 3 and max(world) == 1:
-        problems.append("spec.distributed.deepspeedStage 3 shards weights across processes but there is only one")
-
-    for i, env in enumerate(dist.env):
-        if env.name in OPERATOR_ENV:
-            problems.append(f"spec.distributed.env[{i}]: {env.name} is set by the operator and cannot be overridden")
-    env_name = re.compile(_ENV_NAME)
-    for key in dist.ccl_env:
-        if not env_name.match(key):
-            problems.append(f"spec.distributed.cclEnv: {key!r} is not a valid environment variable name")
-
-    problems += _check_pod_path("data.path", spec.data.path, spec, allow_sample=True)
-    problems += _check_pod_path("data.evalPath", spec.data.eval_path, spec, allow_sample=True)
-    problems += _check_pod_path("distributed.deepspeedConfig", dist.deepspeed_config, spec, allow_sample=False)
-    if spec.model.name_or_path.startswith("/"):
-        problems += _check_pod_path("model.nameOrPath", spec.model.name_or_path, spec, allow_sample=False)
-
-    if spec.data_volume is not None:
-        mount = spec.data_volume.mount_path
-        for reserved in RESERVED_MOUNT_PATHS:
-            if _under(mount, reserved) or _under(reserved, mount):
-                problems.append(
-                    f"spec.dataVolume mountPath {mount!r} collides with {reserved}, which the operator uses"
-                )
-                break
-
-    for i, extra in enumerate(spec.pod.volume_mounts):
-        for taken in (*RESERVED_MOUNT_PATHS, *([spec.data_volume.mount_path] if spec.data_volume else [])):
-            if _under(extra.mount_path, taken) or _under(taken, extra.mount_path):
-                owner = "the dataVolume" if taken not in RESERVED_MOUNT_PATHS else "the operator"
-                problems.append(
-                    f"spec.pod.volumeMounts[{i}] mountPath {extra.mount_path!r} collides with {taken}, "
-                    f"which {owner} uses"
-                )
-                break
-
-    known = KNOWN_TARGET_MODULES.get(spec.model.name_or_path)
-    if known is not None and isinstance(spec.lora.target_modules, list):
-        unknown = [m for m in spec.lora.target_modules if m not in known]
-        if unknown:
-            problems.append(
-                f"spec.lora.targetModules: {', '.join(unknown)} not in model {spec.model.name_or_path} "
-                f"(known: {', '.join(known)}, or all-linear)"
-            )
-
-    for device in devices:
-        image = spec.image or settings.image_for(device)
-        if not image:
-            problems.append(f"spec.image is not set and the operator has no default image for {device}")
-    try:
-        spec.to_trainer_config(device=devices[0])
-    except ValidationError as err:
-        problems += _format_errors(err)
-    return problems
-
-
-def check_resource(
-    name: str, raw_spec: Mapping[str, Any], settings: OperatorSettings
-) -> tuple[LoRAFineTuneSpec | None, list[str]]:
-    """Everything that can be checked without the API server: (parsed spec or None, problems)."""
-    try:
-        spec = parse_spec(raw_spec)
-    except SpecError as err:
-        return None, err.problems
-    problems = validate_name(name, spec.workers) + validate_spec(spec, settings)
-    return (spec if not problems else None), problems
-
-
-def pvc_problems(spec: LoRAFineTuneSpec, claim_name: str, access_modes: list[str], *, read_only: bool) -> list[str]:
-    """Several workers on different nodes can share a claim only with a *Many access mode.
-
-    The handler calls this with the PVC's `spec.accessModes` (read_only for the data volume). A
-    ReadWriteOnce claim still works when all workers land on one node, but that is not guaranteed, so
-    it is reported instead of leaving pods Pending on a multi-attach error.
-    """
-    if spec.workers <= 1:
-        return []
-    ok = {"ReadWriteMany"} | ({"ReadOnlyMany"} if read_only else set())
-    if ok & set(access_modes):
-        return []
-    need = " or ".join(sorted(ok))
-    return [
-        f"PVC {claim_name!r} has access modes {', '.join(access_modes) or 'none'}; {spec.workers} workers "
-        f"on several nodes need {need}"
-    ]

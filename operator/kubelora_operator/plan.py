@@ -30,18 +30,8 @@ from typing import Any
 from kubelora_trainer.config import TrainerConfig, dump_config
 from kubelora_trainer.contract import RUN_ID_ENV
 
-from .api import (
-    API_VERSION,
-    CACHE_DIR,
-    CONFIG_DIR,
-    KIND,
-    OUTPUT_DIR,
-    SHM_DIR,
-    SSH_DIR,
-    TMP_DIR,
-    ClaimRef,
-    LoRAFineTuneResource,
-)
+from .api import API_VERSION, KIND, ClaimRef, LoRAFineTuneResource
+from .names import CACHE_DIR, CONFIG_DIR, OUTPUT_DIR, SHM_DIR, SSH_DIR, TMP_DIR
 from .placement import PlacementDecision
 from .pod_overrides import PodVolume
 from .settings import OperatorSettings

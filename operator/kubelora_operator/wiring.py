@@ -34,8 +34,9 @@ from typing import Any
 
 from kubelora_trainer.contract import LAUNCH_MODULE, METRICS_PORT_ENV, TRAINER_MODULE
 
-from .api import CACHE_DIR, CONFIG_DIR, CONFIG_FILE, SSH_DIR, TMP_DIR, LoRAFineTuneSpec
+from .api import LoRAFineTuneSpec
 from .k8s_types import parse_quantity
+from .names import CACHE_DIR, CONFIG_DIR, CONFIG_FILE, SSH_DIR, TMP_DIR
 from .settings import OperatorSettings
 
 HOSTFILE = f"{CONFIG_DIR}/hostfile"

@@ -17,12 +17,10 @@ from kubelora_operator.api import (
     API_VERSION,
     KIND,
     LoRAFineTuneResource,
-    check_resource,
     parse_spec,
-    pvc_problems,
-    references,
 )
 from kubelora_operator.placement import NodeFacts, decide_placement
+from kubelora_operator.validation import check_resource, pvc_problems, references
 from kubelora_operator.plan import plan
 from kubelora_operator.settings import OperatorSettings
 

@@ -11,13 +11,9 @@ from kubelora_operator.api import (
     LoRAFineTuneSpec,
     LoRAFineTuneStatus,
     SpecError,
-    check_resource,
     parse_spec,
-    pvc_problems,
-    references,
-    validate_name,
-    validate_spec,
 )
+from kubelora_operator.validation import check_resource, pvc_problems, references, validate_name, validate_spec
 from kubelora_operator.k8s_types import parse_quantity
 from kubelora_trainer.config import DataConfig, LoraSettings, ModelConfig, TrainingConfig
 

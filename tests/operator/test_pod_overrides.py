@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from kubelora_operator.api import SpecError, parse_spec, references, validate_spec
+from kubelora_operator.api import SpecError, parse_spec
+from kubelora_operator.validation import references, validate_spec
 from kubelora_operator.pod_overrides import is_operator_key, qualified_name_problem
 
 from . import SETTINGS, raw_spec, resource

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubelora_operator.api import CACHE_DIR, CONFIG_DIR, CONFIG_FILE, OUTPUT_DIR, SHM_DIR, TMP_DIR, LoRAFineTuneResource
+from kubelora_operator.api import LoRAFineTuneResource
+from kubelora_operator.names import CACHE_DIR, CONFIG_DIR, CONFIG_FILE, OUTPUT_DIR, SHM_DIR, TMP_DIR
 from kubelora_operator.placement import decide_placement
 from kubelora_operator.plan import CONFIG_KEY, plan
 from kubelora_operator.settings import OperatorSettings

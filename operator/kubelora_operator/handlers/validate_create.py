@@ -1,4 +1,4 @@
-"""Validation before anything is created: the spec (api.check_resource) and the objects it references.
+"""Validation before anything is created: the spec (validation.check_resource) and the objects it references.
 
 A missing Secret/PVC/ConfigMap (or a missing key in a Secret) is reported with a specific reason
 (SecretNotFound, PVCNotFound, ConfigMapNotFound) and message; nothing is created until it exists.
@@ -12,10 +12,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from ..api import LoRAFineTuneSpec, Reference, check_resource, pvc_problems, references
+from ..api import LoRAFineTuneSpec
 from ..conditions import ConditionReason
 from ..kube import Kube
 from ..settings import OperatorSettings
+from ..validation import Reference, check_resource, pvc_problems, references
 
 
 @dataclasses.dataclass(frozen=True)
