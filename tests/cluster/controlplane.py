@@ -44,6 +44,8 @@ K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
 # Built by `build.sh --node` into the same cache dir (same source and recipe): the real node's binaries.
 NODE_BINARIES = ("kubelet", "kube-proxy")
 KCM_CONTROLLERS = "*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route"
+# With a real node (serve_pods_at): its kubelet sends heartbeats, so node-lifecycle removes the not-ready taint.
+KCM_CONTROLLERS_REAL_NODE = "*,-nodeipam,-cloud-node-lifecycle,-service,-route"
 SERVICE_CIDR = "10.0.0.0/24"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 NOT_READY_TAINT = "node.kubernetes.io/not-ready"
@@ -163,7 +165,12 @@ class ControlPlane:
         keep_workdir: bool | None = None,
         start_timeout: float = 90.0,
         extra_apiserver_args: Iterable[str] = (),
+        serve_pods_at: str | None = None,
     ):
+        """``serve_pods_at``: an address of this host that pods can reach (a real node's bridge or host
+        IP). The apiserver then binds and advertises it (the ``kubernetes`` Service gets an endpoint that
+        is not loopback), its certificate carries it, the node-lifecycle controller runs and the apiserver
+        reaches kubelets by InternalIP (``kubectl logs``). None (default): the fake-kubelet mode on 127.0.0.1."""
         self.controller_manager = controller_manager
         self.scheduler = scheduler
         self.bin_dir = Path(bin_dir) if bin_dir else binaries_dir()
@@ -172,6 +179,7 @@ class ControlPlane:
         self.keep_workdir = keep_workdir
         self.start_timeout = start_timeout
         self.extra_apiserver_args = list(extra_apiserver_args)
+        self.serve_pods_at = serve_pods_at
 
         self.workdir: Path | None = None
         self.server = ""
@@ -243,7 +251,7 @@ class ControlPlane:
         self._make_certs()
         self.token = secrets.token_hex(24)
         (w / "tokens.csv").write_text(f"{self.token},admin,admin-uid,system:masters\n")
-        self.server = f"https://127.0.0.1:{p_api}"
+        self.server = f"https://{self.serve_pods_at or '127.0.0.1'}:{p_api}"
         self._write_kubeconfig()
         if not self._atexit_registered:
             atexit.register(self.stop)
@@ -275,13 +283,15 @@ class ControlPlane:
 
         b = self.bin_dir
         admission = [] if self.controller_manager else ["--disable-admission-plugins=ServiceAccount"]
+        addr = self.serve_pods_at or "127.0.0.1"
+        real_node = ["--kubelet-preferred-address-types=InternalIP"] if self.serve_pods_at else []
         self._spawn(
             "kube-apiserver",
             [
                 str(b / "kube-apiserver"),
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={addr}",
+                f"--advertise-address={addr}",
                 f"--secure-port={p_api}",
                 "--insecure-port=0",
                 f"--cert-dir={w / 'apiserver-certs'}",
@@ -298,6 +308,7 @@ class ControlPlane:
                 "--allow-privileged=true",
                 "--profiling=false",
                 *admission,
+                *real_node,
                 *self.extra_apiserver_args,
             ],
         )
@@ -330,7 +341,7 @@ class ControlPlane:
                     f"--root-ca-file={w / 'ca.crt'}",
                     f"--cluster-signing-cert-file={w / 'ca.crt'}",
                     f"--cluster-signing-key-file={w / 'ca.key'}",
-                    f"--controllers={KCM_CONTROLLERS}",
+                    f"--controllers={KCM_CONTROLLERS_REAL_NODE if self.serve_pods_at else KCM_CONTROLLERS}",
                     "--use-service-account-credentials=false",
                 ],
             )
@@ -432,13 +443,14 @@ class ControlPlane:
     def _make_certs(self) -> None:
         w = self.workdir
         assert w is not None
+        extra_san = f"IP:{self.serve_pods_at}," if self.serve_pods_at else ""
         (w / "openssl.cnf").write_text(
             "[req]\ndistinguished_name = dn\nprompt = no\n[dn]\nCN = unused\n"
             "[v3_ca]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign,digitalSignature\n"
             "subjectKeyIdentifier = hash\n"
             "[v3_server]\nbasicConstraints = critical,CA:FALSE\n"
             "keyUsage = critical,digitalSignature,keyEncipherment\nextendedKeyUsage = serverAuth\n"
-            "subjectAltName = IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
+            f"subjectAltName = {extra_san}IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
             "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
         )
         cnf = str(w / "openssl.cnf")

@@ -44,4 +44,4 @@ def test_build_script_builds_the_node_binaries_controlplane_names() -> None:
     m = re.search(r"^NODE_BINS=\(([^)]*)\)$", text, re.MULTILINE)
     assert m, "NODE_BINS=(...) not found in build.sh"
     assert tuple(m.group(1).split()) == controlplane.NODE_BINARIES
-    assert '--node) WITH_NODE=1' in text
+    assert "--node) WITH_NODE=1" in text
