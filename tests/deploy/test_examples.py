@@ -20,9 +20,9 @@ from kubelora_operator.api import (
     parse_spec,
 )
 from kubelora_operator.placement import NodeFacts, decide_placement
-from kubelora_operator.validation import check_resource, pvc_problems, references
 from kubelora_operator.plan import plan
 from kubelora_operator.settings import OperatorSettings
+from kubelora_operator.validation import check_resource, pvc_problems, references
 
 from tests.cluster.controlplane import ApiError, ControlPlane
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubelora_operator.validation import check_resource
 from kubelora_operator.settings import OperatorSettings
+from kubelora_operator.validation import check_resource
 
 from .deploy_helpers import CHART, EXAMPLES, REPO, crd_schema, helm, kubectl_bin, validate_structural
 

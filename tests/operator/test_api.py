@@ -13,8 +13,8 @@ from kubelora_operator.api import (
     SpecError,
     parse_spec,
 )
-from kubelora_operator.validation import check_resource, pvc_problems, references, validate_name, validate_spec
 from kubelora_operator.k8s_types import parse_quantity
+from kubelora_operator.validation import check_resource, pvc_problems, references, validate_name, validate_spec
 from kubelora_trainer.config import DataConfig, LoraSettings, ModelConfig, TrainingConfig
 
 from . import SETTINGS, raw_spec

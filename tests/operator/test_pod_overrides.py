@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 from kubelora_operator.api import SpecError, parse_spec
-from kubelora_operator.validation import references, validate_spec
 from kubelora_operator.pod_overrides import is_operator_key, qualified_name_problem
+from kubelora_operator.validation import references, validate_spec
 
 from . import SETTINGS, raw_spec, resource
 from .test_plan import AMX_NODES, container, make, mounts, volumes
