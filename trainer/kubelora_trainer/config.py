@@ -360,6 +360,25 @@ class EvaluationConfig(StrictModel):
     before: bool = Field(True, description="Also measure the base model before training (the 'before' figures).")
 
 
+class MlflowConfig(StrictModel):
+    """Log the run's metrics and parameters to MLflow (the `mlflow` extra)."""
+
+    tracking_uri: str = Field(
+        ..., min_length=1, description="MLflow tracking URI: http(s)://server, file:///path, sqlite:///file.db."
+    )
+    experiment: str = Field("kubelora", min_length=1, description="Experiment name (created when missing).")
+    run_name: str | None = Field(None, description="Run name. Default: the run dir's name.")
+
+
+class TrackingConfig(StrictModel):
+    """Experiment tracking beside metrics.jsonl/metrics.csv/loss.png (kubelora_trainer/tracking.py)."""
+
+    tensorboard: bool = Field(
+        True, description="Write TensorBoard event files into `<output.dir>/tensorboard/` (rank 0)."
+    )
+    mlflow: MlflowConfig | None = Field(None, description="Also log to MLflow. Absent: off.")
+
+
 class TrainerConfig(StrictModel):
     """A complete fine-tuning run: the file given to `kubelora-train run`."""
 
@@ -370,6 +389,14 @@ class TrainerConfig(StrictModel):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Before/after evaluation.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Multi-process settings.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Run directory and artifact delivery.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard and MLflow.")
+    cluster: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "Fields of a LoRAFineTune spec for `kubelora submit` (workers, resources, output.pvc/s3, ...), plus "
+            "`name` and `namespace`; ignored by `kubelora-train` (docs/cli.md)."
+        ),
+    )
     device: Literal["auto", "cpu", "xpu", "cuda"] = Field(
         "auto", description="Compute device; `auto` picks xpu, then cuda, then cpu."
     )

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from . import jsonsafe
+from .config import TrackingConfig
+from .tracking import Trackers
 
 CSV_FIELDS = ("step", "epoch", "kind", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s")
 
@@ -83,16 +85,21 @@ def serve_metrics(state: ProgressState, port: int, host: str = "0.0.0.0") -> Thr
 
 
 class MetricsLog:
-    """Append-only log history in `metrics.jsonl` (source of truth) and `metrics.csv` (for people)."""
+    """Append-only log history in `metrics.jsonl` (source of truth) and `metrics.csv` (for people),
+    and the same records to the experiment trackers (TensorBoard, MLflow: `tracking.Trackers`)."""
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, tracking: TrackingConfig | None = None) -> None:
         self.jsonl = run_dir / "metrics.jsonl"
         self.csv = run_dir / "metrics.csv"
         self.enabled = enabled
+        self.trackers = Trackers(tracking, run_dir)
 
     def truncate_after(self, step: int) -> None:
         """Drop entries past `step` (a resumed run replays them), so the curve has no duplicates."""
-        if not self.enabled or not self.jsonl.exists():
+        if not self.enabled:
+            return
+        self.trackers.resumed_at(step)
+        if not self.jsonl.exists():
             return
         kept = [r for r in self.read() if r.get("step", 0) <= step]
         self.jsonl.write_text("".join(jsonsafe.dumps(r) + "\n" for r in kept))
@@ -115,6 +122,11 @@ class MetricsLog:
             if new:
                 writer.writeheader()
             writer.writerow(record)
+        self.trackers.log(record)
+
+    def close(self) -> None:
+        """End the trackers' runs (FAILED when called while an exception propagates)."""
+        self.trackers.close()
 
     def _rewrite_csv(self, records: list[dict[str, Any]]) -> None:
         with self.csv.open("w", newline="") as fh:

@@ -168,7 +168,7 @@ class LoRAFineTuneRecipe:
                                     allow_changed=self.cfg.training.resume_allow_changed)
         if self.verdict is not rundir.Verdict.DELIVER:
             self.check_delivery_target()
-        self.metrics = MetricsLog(self.run_dir, enabled=self.world.is_main)
+        self.metrics = MetricsLog(self.run_dir, enabled=self.world.is_main, tracking=self.cfg.tracking)
 
     @property
     def needs_initial_adapter(self) -> bool:
@@ -464,7 +464,8 @@ class LoRAFineTuneRecipe:
                 "eval_loss": before["eval_loss"], "exact_match": before["exact_match"],
                 "results": [r.__dict__ for r in before["results"]],
             })
-            self.record({"step": 0, "epoch": 0.0, "kind": "eval", "loss": before["eval_loss"]})
+            self.record({"step": 0, "epoch": 0.0, "kind": "eval", "loss": before["eval_loss"],
+                         "exact_match": before["exact_match"]})
         return before
 
     # ------------------------------------------------------------------ training
@@ -619,7 +620,7 @@ class LoRAFineTuneRecipe:
         if not self.world.is_main:
             return {}
         self.record({"step": self.total_steps, "epoch": self.total_steps / self.steps_per_epoch,
-                     "kind": "eval", "loss": after["eval_loss"]})
+                     "kind": "eval", "loss": after["eval_loss"], "exact_match": after["exact_match"]})
         adapter = save_adapter(self.model, self.run_dir, self.tokenizer, self.initial_adapter)
         if self.cfg.output.plot:
             plot_loss(self.history, self.run_dir / "loss.png")
@@ -662,4 +663,6 @@ class LoRAFineTuneRecipe:
         return summary
 
     def close(self) -> None:
+        if hasattr(self, "metrics"):  # set by guard_run_dir, the run's first step
+            self.metrics.close()
         dist_.destroy(self.world)
