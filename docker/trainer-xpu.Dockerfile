@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # kubelora trainer for Intel GPUs: stock PyTorch XPU wheels (they bring the oneAPI runtime: SYCL,
 # oneMKL, oneCCL), Intel's GPU user-space driver (Level Zero, compute runtime), the `trainer`, `s3` and
 # `deepspeed` extras, Intel MPI (for launcher mpirun) and openssh-server (non-root sshd on port 2222 in
@@ -9,7 +8,8 @@
 # Runs as uid 1000 with a read-only root filesystem: HOME=/tmp, caches under /cache. The GPU device nodes
 # (/dev/dri) come from the Intel GPU device plugin; where the runtime does not hand them to non-root
 # users, set the chart value settings.gpuSupplementalGroups to the host's `render` group id.
-FROM ubuntu:24.04
+ARG BASE_IMAGE=ubuntu:24.04
+FROM ${BASE_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/xpu
