@@ -374,7 +374,8 @@ def test_builds_offline_with_a_local_base(name: str) -> None:
     assert "# syntax=" not in text, f"{name}: a syntax directive makes BuildKit pull a frontend (fails offline)"
     ins = instructions(path)
     first_from = next(i for i, (word, _) in enumerate(ins) if word == "FROM")
-    assert ("ARG", next(rest for word, rest in ins if word == "ARG" and rest.startswith("BASE_IMAGE="))) in ins[:first_from]
+    base_args = [i for i, (word, rest) in enumerate(ins) if word == "ARG" and rest.startswith("BASE_IMAGE=")]
+    assert base_args and base_args[0] < first_from, f"{name}: ARG BASE_IMAGE must come before FROM"
     assert all(rest.split()[0] == "${BASE_IMAGE}" for word, rest in ins if word == "FROM")
     if name != "trainer-xpu.Dockerfile":
         assert "TORCH_INDEX_URL" in args_of(path) or name == "operator.Dockerfile"
