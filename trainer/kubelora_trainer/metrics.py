@@ -12,9 +12,13 @@ import math
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from . import jsonsafe
 from .config import TrackingConfig
@@ -48,13 +52,17 @@ class ProgressState:
         with self._lock:
             return dict(self.values)
 
-    def prometheus_text(self) -> str:
-        lines = []
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """prometheus_client's collector protocol: one gauge `kubelora_<key>` per value (the names the
+        operator reads, handlers/progress.py)."""
         for key, value in self.snapshot().items():
-            name = f"kubelora_{key}"
-            lines.append(f"# TYPE {name} gauge")
-            lines.append(f"{name} {'NaN' if isinstance(value, float) and math.isnan(value) else value}")
-        return "\n".join(lines) + "\n"
+            yield GaugeMetricFamily(f"kubelora_{key}", f"kubelora trainer progress: {key}", value=float(value))
+
+    def prometheus_text(self) -> str:
+        """The Prometheus text exposition of the snapshot (prometheus_client's own writer)."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return generate_latest(registry).decode()
 
 
 def serve_metrics(state: ProgressState, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
