@@ -29,6 +29,7 @@ import torch
 from . import checkpoint as ckpt
 from . import contract, fused_lora, rundir, segment_attention, zero
 from . import distributed as dist_
+from . import engine as engine_
 from .batching import padding_free_default
 from .config import TrainerConfig, dump_config
 from .data import PackedRow, build_datasets, collate, collate_flat, encode_prompt
@@ -96,7 +97,7 @@ class LoRAFineTuneRecipe:
         if self.verdict is rundir.Verdict.REPLACE:
             self.claim.set_aside()
         dist_.barrier(self.world)  # no rank reads checkpoints before the replaced run is out of the way
-        with zero.gathered(self.zero) if self.needs_initial_adapter else contextlib.nullcontext():
+        with self.engine.gathered() if self.needs_initial_adapter else contextlib.nullcontext():
             self.keep_initial_adapter()
         start_step = self.maybe_resume()
         self.take_run_dir()
@@ -105,7 +106,7 @@ class LoRAFineTuneRecipe:
         train_stats = self.train(start_step)
         self.progress.update(phase=2)
         after = self.measure(self.eval_prompts, label="after")
-        with zero.gathered(self.zero):  # ZeRO-3: full LoRA weights on every rank while rank 0 exports
+        with self.engine.gathered():  # ZeRO-3: full LoRA weights on every rank while rank 0 exports
             summary = self.publish(before, after, train_stats, wall_s=time.monotonic() - t0)
         self.progress.update(phase=3)
         dist_.barrier(self.world)
@@ -201,7 +202,6 @@ class LoRAFineTuneRecipe:
                 ) from None
         # DeepSpeed settings are checked here, before any model loads (bad JSON: one line, exit 2).
         self.zero_settings = zero.prepare(self.cfg, self.device.type) if zero.wanted(self.cfg) else None
-        self.zero: zero.ZeroRun | None = None
         # Before the process group exists: transformers' save_pretrained writes only on global rank 0
         # once one does, and every rank converts a GGUF into its own (pod-local) cache.
         self.source = materialize(self.cfg.model)
@@ -243,12 +243,6 @@ class LoRAFineTuneRecipe:
         self.loss_module: torch.nn.Module = CausalLMLoss(self.model)
         if self.cfg.training.compile:
             self.loss_module = torch.compile(self.loss_module)  # type: ignore[assignment]
-        self.train_module = self.loss_module
-        if self.world.distributed and self.zero_settings is None:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.index is not None else None
-            self.train_module = DDP(self.loss_module, device_ids=ids)
         trainable, total = trainable_parameters(self.model)
         self.param_counts = {"trainable": trainable, "total": total}
         log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
@@ -316,9 +310,11 @@ class LoRAFineTuneRecipe:
             weight_decay=t.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
-        if self.ds_config is not None:
-            self.zero = zero.ZeroRun.start(self.loss_module, self.model, self.optimizer, self.ds_config, self.world)
-            self.train_module = self.loss_module = self.zero.engine
+        # One engine (plain/DDP or DeepSpeed ZeRO) answers backward, step, no_sync and checkpoint state.
+        self.engine: engine_.Engine = engine_.build(self.loss_module, self.model, self.optimizer, self.ds_config,
+                                                    t.max_grad_norm, self.world, self.device.index)
+        if self.engine.sharded:
+            self.loss_module = self.engine.module  # ZeRO-3 evaluates through the engine (it gathers weights)
         self.progress.update(total_steps=self.total_steps)
 
     def lr_lambda(self, step: int) -> float:
@@ -350,11 +346,7 @@ class LoRAFineTuneRecipe:
         state = ckpt.read_state(ref)  # refuse before loading anything
         self._check_same_global_batch(ref, state)
         self._check_same_settings(ref, state)
-        if self.zero is not None:  # every rank reads the same rank-independent files
-            self.zero.load_full_state(*ckpt.read(ref))
-            ckpt.load_scheduler(ref, self.scheduler)
-        else:
-            ckpt.load(ref, self.model, self.optimizer, self.scheduler)
+        self.engine.load(ref, self.scheduler)
         self._apply_optimizer_settings()
         self.train_tokens_before = int(state.get("train_tokens", 0))
         self.metrics.truncate_after(ref.step)
@@ -437,12 +429,12 @@ class LoRAFineTuneRecipe:
         loss = eval_loss(self.loss_module, self.eval_batches, self.device.torch_device, self.autocast, self.world)
         results: list[GenerationResult] = []
         # Under ZeRO-3 every rank generates (each forward gathers weights from all); rank 0 keeps the text.
-        if (self.world.is_main or self.zero is not None) and self.cfg.evaluation.exact_match and prompts:
+        if (self.world.is_main or self.engine.sharded) and self.cfg.evaluation.exact_match and prompts:
             ids = [encode_prompt(p, self.tokenizer, self.data.cfg) for p, _ in prompts]
             gen = generate(
                 self.model, ids, int(self.tokenizer.pad_token_id), self.tokenizer.eos_token_id,
                 self.cfg.evaluation.max_new_tokens, self.device.torch_device, self.autocast,
-                synced=self.zero is not None and self.world.distributed,
+                synced=self.engine.sharded and self.world.distributed,
             )
             texts = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
             results = [GenerationResult(p, a, g) for (p, a), g in zip(prompts, texts, strict=True)]
@@ -493,7 +485,7 @@ class LoRAFineTuneRecipe:
         console = ConsoleProgress(self.total_steps, enabled=self.world.is_main)
         cadence = ckpt.SaveCadence(t.save_steps, t.save_minutes, clock=self.save_clock)
         self._install_sigterm()
-        self.train_module.train()
+        self.engine.module.train()
         tokens_this_session = 0
         train_time = 0.0
         step = start_step
@@ -511,15 +503,11 @@ class LoRAFineTuneRecipe:
             for i, batch in enumerate(batches):
                 moved = {k: v.to(self.device.torch_device) for k, v in batch.items()}
                 sync = i == len(batches) - 1 or not self.world.distributed
-                with self._maybe_no_sync(sync), self.autocast():
-                    loss_sum, _ = self.train_module(**moved)
-                self._backward(loss_sum * self.world.world_size / global_labels)
+                with self.engine.no_sync(sync), self.autocast():
+                    loss_sum, _ = self.engine.module(**moved)
+                self.engine.backward(loss_sum * self.world.world_size / global_labels)
                 loss_total += loss_sum.detach().float()
-            if self.zero is not None:
-                grad_norm = self.zero.step()
-            else:
-                grad_norm = self._clip()
-                self.optimizer.step()
+            grad_norm = self.engine.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             dist_.all_reduce_sum(loss_total, self.world)
@@ -555,23 +543,6 @@ class LoRAFineTuneRecipe:
         pad = int(self.tokenizer.pad_token_id)
         return max(1, sum(count_label_tokens(collate([r], pad)) for r in rows))
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self.zero is not None:
-            self.zero.backward(loss)
-        else:
-            loss.backward()
-
-    def _maybe_no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
-        if sync or self.zero is not None or not hasattr(self.train_module, "no_sync"):
-            return contextlib.nullcontext()
-        return self.train_module.no_sync()  # type: ignore[operator]
-
-    def _clip(self) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.cfg.training.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-        return float(norm)
-
     def _log_step(self, done: int, loss: float, grad_norm: float, step_tokens: int, tokens: int,
                   train_time: float, start_step: int, console: ConsoleProgress) -> None:
         t = self.cfg.training
@@ -596,14 +567,9 @@ class LoRAFineTuneRecipe:
         state = {"train_tokens": self.train_tokens_before + tokens_this_session,
                  "world_size": self.world.world_size, "total_steps": self.total_steps,
                  "global_batch": self.global_batch, "settings": self.settings()}
-        if self.zero is not None:  # all ranks gather the partitions; rank 0 writes the same format as DDP
-            weights, optimizer_state = self.zero.full_state(step)
-            if self.world.is_main:
-                ckpt.write(self.run_dir, step, weights, optimizer_state, self.scheduler.state_dict(), state,
-                           keep=self.cfg.training.save_total_limit)
-        elif self.world.is_main:
-            ckpt.save(self.run_dir, step, self.model, self.optimizer, self.scheduler, state,
-                      keep=self.cfg.training.save_total_limit)
+        # Every rank enters (ZeRO gathers its partitions); rank 0 writes one world-independent format.
+        self.engine.save(self.run_dir, step, self.scheduler, state, self.cfg.training.save_total_limit,
+                         self.world.is_main)
         dist_.barrier(self.world)
 
     def _install_sigterm(self) -> None:
@@ -637,7 +603,7 @@ class LoRAFineTuneRecipe:
             "dtype": self.dtype,
             "world_size": self.world.world_size,
             "backend": self.backend,
-            "zero_stage": self.zero.stage if self.zero is not None else 0,
+            "zero_stage": self.engine.zero_stage,
             "model": self.cfg.model.name_or_path,
             "params": self.param_counts,
             **train_stats,
@@ -656,7 +622,7 @@ class LoRAFineTuneRecipe:
             summary["merged"] = str(
                 zero.save_merged_from_adapter(self.source, self.cfg.model, self.dtype, adapter, self.run_dir,
                                               self.tokenizer)
-                if self.zero is not None else save_merged(self.model, self.run_dir, self.tokenizer))
+                if self.engine.sharded else save_merged(self.model, self.run_dir, self.tokenizer))
         write_summary(self.run_dir, summary)
         self.claim.finish()  # the new run is finished: the run it replaced can go
         self.deliver()

@@ -439,8 +439,3 @@ def save_merged_from_adapter(source: Any, model_cfg: Any, dtype: str, adapter: P
 
     base = load_model(source, model_cfg, "cpu", dtype)
     return save_merged(PeftModel.from_pretrained(base, str(adapter)), run_dir, tokenizer)
-
-
-def gathered(run: ZeroRun | None) -> contextlib.AbstractContextManager:
-    """`run.gathered_trainable()` under DeepSpeed, nothing otherwise (for one `with` in the recipe)."""
-    return run.gathered_trainable() if run is not None else contextlib.nullcontext()
