@@ -91,7 +91,14 @@ local_torch_index() {
   fi
   wheel="$(basename "$wheel")"
   echo "<a href=\"../../wheels/$wheel#sha256=$(sha256sum "$dir/wheels/$wheel" | cut -d' ' -f1)\">$wheel</a>" > "$dir/simple/torch/index.html"
-  port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  # A fixed port where free, so the URL (a build argument) and with it Docker's layer cache stay the same.
+  port="$(python3 -c 'import socket, sys
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])' "${KUBELORA_TORCH_INDEX_PORT:-18765}")"
   python3 -m http.server --bind 127.0.0.1 --directory "$dir" "$port" >/dev/null 2>&1 &
   TORCH_SERVER_PID=$!
   echo "http://127.0.0.1:$port/simple"
@@ -105,7 +112,8 @@ inputs_hash() {  # Dockerfile + its .dockerignore + sources + constraints + buil
 
 build() {  # build NAME ARGS...: kubelora/NAME:$TAG unless its inputs are unchanged
   local name="$1" hash tag="kubelora/$1:$TAG" t0 log="$CACHE/logs/$1.log"; shift
-  hash="$(inputs_hash "$name" "$@")"
+  # The torch index URL is left out: the same torch version from another index is no change.
+  hash="$(inputs_hash "$name" "${@//TORCH_INDEX_URL=*/}")"
   if [ "$("$DOCKER" image inspect -f '{{index .Config.Labels "dev.kubelora.inputs"}}' "$tag" 2>/dev/null)" = "$hash" ]; then
     say "$tag up to date (inputs $hash)"; BUILT+=("$tag"); return
   fi
@@ -133,7 +141,6 @@ if wants operator || wants trainer-cpu; then
     fi
     torch_args=()
     [ -z "${TORCH_INDEX_URL:-}" ] || torch_args=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
-    # The index URL is left out of the inputs hash: the same torch version from another index is no change.
     build trainer-cpu --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "BASE_ID=$base_id" \
       --build-arg "INCLUDE_DEMO_MODEL=$DEMO" "${pip_args[@]}" "${torch_args[@]}"
   fi
