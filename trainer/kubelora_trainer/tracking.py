@@ -75,8 +75,10 @@ class MlflowTracker:
     """One MLflow run per trainer session; metrics keep the optimizer step."""
 
     def __init__(self, cfg: MlflowConfig, run_dir: Path) -> None:
-        from mlflow.tracking import MlflowClient
-
+        try:  # optional (the `mlflow` extra; not in the trainer images): the caller logs that it is off
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise
         self.client = MlflowClient(tracking_uri=cfg.tracking_uri)
         experiment = self.client.get_experiment_by_name(cfg.experiment)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(cfg.experiment)
