@@ -272,7 +272,8 @@ def _with_retries(fn: Callable[[], T], *, what: str, bucket: str, retries: int, 
             if attempt >= retries:
                 raise ArtifactUnavailable(
                     f"{what} failed after {attempt + 1} attempts: {_describe(exc, bucket)} (S3 unreachable; "
-                    f"nothing incomplete is published: {MANIFEST_FILE} is written last)"
+                    f"objects already uploaded may be visible, but without {MANIFEST_FILE}, written last, "
+                    "the artifact is not complete and readers must not use it)"
                 ) from exc
             delay = min(backoff_s * (2**attempt), 30.0)
             attempt += 1
