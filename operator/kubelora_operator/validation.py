@@ -178,14 +178,16 @@ def _check_pod_path(field: str, value: str | None, spec: LoRAFineTuneSpec, *, al
         if spec.image is not None:
             return []  # a custom image may ship the file; nothing to check
         where = f"the dataVolume is mounted at {mounted}" if mounted else "no dataVolume is mounted"
+        bundled = f"use {SAMPLE_SCHEME}NAME for bundled data, " if allow_sample else ""
         return [
             f"spec.{field}: {value!r} is not on a mounted volume ({where}); mount it with spec.dataVolume, "
-            f"use {SAMPLE_SCHEME}NAME for bundled data, or bring an image that contains it"
+            f"{bundled}or bring an image that contains it"
         ]
     if value.lower().endswith(_FILE_SUFFIXES):
+        bundled = f" or {SAMPLE_SCHEME}NAME for bundled data" if allow_sample else ""
         return [
             f"spec.{field}: relative file path {value!r} does not exist in the pod; give an absolute path on "
-            f"spec.dataVolume or {SAMPLE_SCHEME}NAME for bundled data"
+            f"spec.dataVolume{bundled}"
         ]
     return []  # a hub id
 

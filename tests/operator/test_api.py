@@ -116,6 +116,14 @@ def test_validate_spec_messages(over: dict[str, Any], needle: str) -> None:
     assert any(needle in p for p in found), found
 
 
+def test_a_model_path_off_any_volume_is_not_told_to_use_bundled_data() -> None:
+    """sample:// names bundled data files only: the model's message must not suggest it (issue 12)."""
+    (model,) = [p for p in problems(model={"nameOrPath": "/models/llama"}) if p.startswith("spec.model")]
+    assert "is not on a mounted volume" in model and "sample://" not in model, model
+    (data,) = [p for p in problems(data={"path": "/data/train.jsonl"}) if p.startswith("spec.data")]
+    assert "sample://NAME for bundled data" in data, data
+
+
 def test_valid_specs_have_no_problems() -> None:
     assert problems() == []
     assert problems(lora={"targetModules": ["q_proj", "v_proj"]}) == []
