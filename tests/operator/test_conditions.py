@@ -93,3 +93,21 @@ def test_vocabulary_is_camel_case_and_unique() -> None:
         values = [m.value for m in enum]
         assert len(values) == len(set(values))
         assert all(v[0].isupper() and v.isalnum() for v in values)
+
+
+def test_every_reason_is_documented_once_with_its_conditions() -> None:
+    """docs/watching.md's reason table is the user's reference: exactly the vocabulary, each reason once."""
+    from pathlib import Path
+
+    from kubelora_operator.conditions import ConditionReason, ConditionType
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "watching.md").read_text()
+    rows = [line.split("|")[1:3] for line in doc.splitlines() if line.startswith("| `")]
+    reasons = [
+        cell.strip().strip("`") for cell, _ in rows if cell.strip().strip("`") in ConditionReason._value2member_map_
+    ]
+    assert sorted(reasons) == sorted(r.value for r in ConditionReason)
+    types = {t.value for t in ConditionType}
+    for cell, conditions in rows:
+        if cell.strip().strip("`") in reasons:
+            assert {c.strip() for c in conditions.split(",")} <= types, (cell, conditions)
