@@ -1,15 +1,92 @@
-"""Command line of the operator: `python -m kubelora_operator SUBCOMMAND`.
+"""The operator's entry point: `python -m kubelora_operator SUBCOMMAND` (also `kubelora-operator`).
 
-Subcommands: `crd` prints the CustomResourceDefinition YAML (the committed
-`crds/lorafinetunes.kubelora.dev.yaml` is its output); `run` runs the kopf operator
-(operator_main.py); `rbac` prints the ClusterRoles and bindings it needs (rbac.py). argparse subcommands keep each entry point independent.
+Subcommands: `crd` prints the CustomResourceDefinition YAML (the chart's
+`crds/lorafinetunes.kubelora.dev.yaml` is its output); `run` runs the kopf operator;
+`rbac` prints the ClusterRoles and bindings it needs (rbac.py).
+
+Running the operator (`run`):
+
+* kopf's bookkeeping stays out of `status`: handler progress and the diff base are annotations with
+  the `kubelora.dev/` prefix. No handler needs a finalizer any more (the periodic passes run from
+  the cache, handlers/resync.py, not as kopf timers); kopf removes `kubelora.dev/finalizer` from
+  resources that an older version marked.
+* kopf's own Events about handler outcomes are switched off: the handlers post Events for real
+  transitions (Validated, NoMatchingNodes, WorkerFailed, ...), which is what users read.
+* Scope: `--namespace NS` (repeatable) or cluster-wide when none is given. Peering (one active
+  replica among several) only when a peering name is configured and `--standalone` is not given.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
+
+import kopf
+
+from .handlers import register
+from .handlers.cache import CachedKube
+from .kube import new_api_client
+from .plan import LABEL_NAME, LABEL_ROLE
+from .settings import OperatorSettings, load_settings
+
+PREFIX = "kubelora.dev"
+#: Threads running the sync handlers; the REST layer keeps as many pooled connections (kube.py).
+HANDLER_THREADS = 32
+FINALIZER = f"{PREFIX}/finalizer"
+
+
+def kopf_settings() -> kopf.OperatorSettings:
+    """kopf settings: annotations storage, own finalizer name (for the removal), no handler-log Events."""
+    ks = kopf.OperatorSettings()
+    ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX, key="last-handled-configuration")
+    ks.persistence.finalizer = FINALIZER
+    ks.posting.enabled = False
+    # Only worker pods are watched (server-side selector): the operator never streams every pod of
+    # the cluster, which matters cluster-wide.
+    ks.watching.label_selectors["v1", "pods"] = f"{LABEL_NAME},{LABEL_ROLE}=worker"
+    # Handlers are sync and block on API round trips (~17 per resource at creation): kopf's default
+    # pool (min(32, cpus + 4) threads = 6 on 2 CPUs) made 200 resources queue (docs/operator-benchmark.md).
+    ks.execution.max_workers = HANDLER_THREADS
+    ks.watching.server_timeout = 300
+    ks.watching.client_timeout = 330
+    ks.watching.connect_timeout = 30
+    ks.networking.request_timeout = 60
+    return ks
+
+
+def run_operator(
+    namespaces: Sequence[str] = (),
+    *,
+    standalone: bool | None = None,
+    peering_name: str | None = None,
+    liveness_endpoint: str | None = None,
+    verbose: bool = False,
+    settings: OperatorSettings | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code."""
+    settings = settings or load_settings()
+    kopf.configure(verbose=verbose)
+    logging.getLogger("kubelora_operator").setLevel(logging.DEBUG if verbose else logging.INFO)
+    registry = kopf.OperatorRegistry()
+    register(registry, settings, CachedKube(new_api_client(connections=HANDLER_THREADS)))
+    # A registry of our own gets none of kopf's default handlers: log in like kopf does by default.
+    kopf.on.login(registry=registry, id="login")(kopf.login_via_client)
+    peering = peering_name or settings.peering_name
+    if standalone is None:
+        standalone = peering is None
+    kopf.run(
+        registry=registry,
+        settings=kopf_settings(),
+        standalone=standalone,
+        peering_name=None if standalone else peering,
+        namespaces=list(namespaces),
+        clusterwide=not namespaces,
+        liveness_endpoint=liveness_endpoint,
+    )
+    return 0
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
@@ -30,8 +107,7 @@ def _cmd_rbac(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .operator_main import run_operator
-    from .settings import SettingsError, load_settings
+    from .settings import SettingsError
 
     try:
         settings = load_settings()

@@ -206,7 +206,7 @@ def test_operator_image_has_no_torch() -> None:
         "        if name.split('.')[0] in {'torch','transformers','peft','datasets','accelerate','deepspeed','boto3'}:\n"
         "            raise ImportError('blocked in the operator image: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import kubelora_operator.__main__, kubelora_operator.operator_main, kubelora_operator.handlers\n"
+        "import kubelora_operator.__main__, kubelora_operator.handlers\n"
         "from kubelora_operator.__main__ import build_parser\n"
         "build_parser().parse_args(['run', '--standalone'])\n"
     )
