@@ -8,7 +8,7 @@ Running the operator (`run`):
 
 * kopf's bookkeeping stays out of `status`: handler progress and the diff base are annotations with
   the `kubelora.dev/` prefix. No handler needs a finalizer any more (the periodic passes run from
-  the cache, handlers/resync.py, not as kopf timers); kopf removes `kubelora.dev/finalizer` from
+  the cache, controller/resync.py, not as kopf timers); kopf removes `kubelora.dev/finalizer` from
   resources that an older version marked.
 * kopf's own Events about handler outcomes are switched off: the handlers post Events for real
   transitions (Validated, NoMatchingNodes, WorkerFailed, ...), which is what users read.
@@ -25,8 +25,8 @@ from collections.abc import Sequence
 
 import kopf
 
-from .handlers import register
-from .handlers.cache import CachedKube
+from .controller import register
+from .controller.cache import CachedKube
 from .kube import new_api_client
 from .plan import LABEL_NAME, LABEL_ROLE
 from .settings import OperatorSettings, load_settings

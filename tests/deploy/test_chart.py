@@ -31,7 +31,7 @@ from .deploy_helpers import CHART, CRD_FILE, REPO, find, helm, kubectl_bin, one,
 FULL = "rel-kubelora"
 
 # --------------------------------------------------------------------------- what the operator calls
-# Derived from operator/kubelora_operator/kube.py (every REST call) and handlers/ (which of them run),
+# Derived from operator/kubelora_operator/kube.py (every REST call) and controller/ (which of them run),
 # plus kopf's own needs (watching LoRAFineTunes and worker pods, its finalizer/annotation patches, CRD
 # observation, peering). (apiGroup, resource, verb).
 NAMESPACED = {

@@ -206,7 +206,7 @@ def test_operator_image_has_no_torch() -> None:
         "        if name.split('.')[0] in {'torch','transformers','peft','datasets','accelerate','deepspeed','boto3'}:\n"
         "            raise ImportError('blocked in the operator image: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import kubelora_operator.__main__, kubelora_operator.handlers\n"
+        "import kubelora_operator.__main__, kubelora_operator.controller\n"
         "from kubelora_operator.__main__ import build_parser\n"
         "build_parser().parse_args(['run', '--standalone'])\n"
     )
@@ -357,7 +357,7 @@ def test_xpu_image_has_mpi_sshd_and_deepspeed() -> None:
 def test_operator_image_matches_the_chart() -> None:
     path = DOCKER / "operator.Dockerfile"
     text = path.read_text()
-    assert "openssh-client" in text  # ssh-keygen for mpirun key pairs (handlers/reconcile.py)
+    assert "openssh-client" in text  # ssh-keygen for mpirun key pairs (controller/reconcile.py)
     assert re.search(r"ARG BASE_IMAGE=python:3\.11-slim-bookworm\n", text)
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     exposed = {int(p) for ins, rest in instructions(path) if ins == "EXPOSE" for p in rest.split()}

@@ -1,4 +1,4 @@
-"""The operator's memory of the cluster (handlers/cache.py): pods found by owner without a LIST, a
+"""The operator's memory of the cluster (controller/cache.py): pods found by owner without a LIST, a
 settled resource reconciled without a request, newest body wins, one node list per burst."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from typing import Any
 
 from kopf._core.engines.indexing import OperatorIndexer
 from kubelora_operator.conditions import ConditionType as T
-from kubelora_operator.handlers.cache import CachedKube, index_worker_pod, workers_of
-from kubelora_operator.handlers.reconcile import ANN_ATTEMPT, ANN_DEVICE, ANN_STARTED_SPEC, reconcile
-from kubelora_operator.handlers.status import StatusUpdate
+from kubelora_operator.controller.cache import CachedKube, index_worker_pod, workers_of
+from kubelora_operator.controller.reconcile import ANN_ATTEMPT, ANN_DEVICE, ANN_STARTED_SPEC, reconcile
+from kubelora_operator.controller.status import StatusUpdate
 
 from . import SETTINGS, raw_spec
 from .test_handlers import FakeApiClient, _exc, pod

@@ -12,11 +12,11 @@ import kopf
 import pytest
 from kubelora_operator.conditions import ConditionReason as R
 from kubelora_operator.conditions import ConditionType as T
-from kubelora_operator.handlers import Runner
-from kubelora_operator.handlers.pods import first_failure, worker_state
-from kubelora_operator.handlers.progress import parse_prometheus, progress_from_metrics
-from kubelora_operator.handlers.reconcile import changed_fields, effective_spec
-from kubelora_operator.handlers.status import StatusUpdate
+from kubelora_operator.controller import Runner
+from kubelora_operator.controller.pods import first_failure, worker_state
+from kubelora_operator.controller.progress import parse_prometheus, progress_from_metrics
+from kubelora_operator.controller.reconcile import changed_fields, effective_spec
+from kubelora_operator.controller.status import StatusUpdate
 from kubelora_operator.kube import Kube, NotFound, PermanentApiError, TransientApiError
 from kubelora_trainer.contract import parse_success_message as parse_termination_message
 from kubelora_trainer.metrics import ProgressState
@@ -228,7 +228,7 @@ def test_trainer_success_message_round_trips_into_status_artifact() -> None:
 def test_a_run_shorter_than_one_scrape_ends_with_its_final_step_and_loss() -> None:
     """Issue 12: a run that finished before the first progress scrape used to end `step 0, percent 100` with
     an empty LOSS column; the trainer's final gauges now ride in the success message."""
-    from kubelora_operator.handlers.reconcile import _on_success
+    from kubelora_operator.controller.reconcile import _on_success
     from kubelora_trainer.cli import success_message
     from kubelora_trainer.metrics import ProgressState
 
@@ -294,7 +294,7 @@ REPORTED = {
 def _observe_with_worker_1_missing_from_the_cache(
     quorum_pods: list[dict], status: dict | None = None
 ) -> tuple[_RecordingKube, StatusUpdate]:
-    from kubelora_operator.handlers.reconcile import _observe
+    from kubelora_operator.controller.reconcile import _observe
 
     from . import resource
 

@@ -1,7 +1,7 @@
 """An idle resource costs (almost) no API requests: counted on the real control plane's audit log.
 
 Issue 15's target: at most 1 request per resource per minute once settled. Before the cache
-(handlers/cache.py) every resync pass sent a GET of the resource and a LIST of its pods: 4 requests
+(controller/cache.py) every resync pass sent a GET of the resource and a LIST of its pods: 4 requests
 in the two resync periods watched here, where the target allows none (2 x 4 s is under a minute).
 The operator runs under its own audited user (tests/operator/audit.py, as bench/operator_scale.py
 does), so every request it makes is counted, kopf's and the REST layer's alike.

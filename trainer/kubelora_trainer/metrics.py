@@ -54,7 +54,7 @@ class ProgressState:
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """prometheus_client's collector protocol: one gauge `kubelora_<key>` per value (the names the
-        operator reads, handlers/progress.py)."""
+        operator reads, controller/progress.py)."""
         for key, value in self.snapshot().items():
             yield GaugeMetricFamily(f"kubelora_{key}", f"kubelora trainer progress: {key}", value=float(value))
 

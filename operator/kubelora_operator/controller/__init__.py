@@ -1,4 +1,4 @@
-"""kopf handlers: thin triggers around `reconcile.reconcile` and the progress scrape.
+"""The controller: kopf handlers, thin triggers around `reconcile.reconcile` and the progress scrape.
 
 Triggers (all run the same level-based reconcile of one LoRAFineTune):
 
