@@ -6,7 +6,8 @@ schema (apiextensions.k8s.io/v1, valid from 1.16, so 1.20 and current servers al
 bridges the two:
 
 * `$ref`/`$defs` are inlined (Kubernetes does not resolve references);
-* `anyOf [X, null]` becomes X with `nullable: true`;
+* `anyOf [X, null]` becomes X with `nullable: true`, except for objects (a null is pruned like an unset
+  field, and v1.20's `kubectl explain` shows a nullable object without its fields);
 * `const` becomes a one-value `enum`; numeric `exclusiveMinimum: n` becomes `minimum: n` +
   `exclusiveMinimum: true` (the OpenAPI 3.0 spelling);
 * unions of different types (`list[str] | "all-linear"`) become an untyped node with
@@ -133,7 +134,9 @@ def to_structural(
                 out["description"] = node["description"]
             if defaults and node.get("default") is not None:
                 out["default"] = node["default"]
-        if nullable:
+        # An optional object is left non-nullable: Kubernetes prunes a null sent for it (same as unset),
+        # and v1.20 publishes a `nullable` object to `kubectl explain` with no type or fields.
+        if nullable and out.get("type") != "object":
             out["nullable"] = True
         return out
 

@@ -169,7 +169,7 @@ def _ensure_crd(cp: ControlPlane) -> None:
     def served() -> bool:
         got = cp.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}")
         return any(
-            c["type"] == "Established" and c["status"] == "True" for c in got.get("status", {}).get("conditions", [])
+            c["type"] == "Established" and c["status"] == "True" for c in (got.get("status") or {}).get("conditions") or []
         )
 
     cp.wait_for(served, timeout=30, what="LoRAFineTune CRD established")

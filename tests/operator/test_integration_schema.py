@@ -73,3 +73,37 @@ def test_a_worker_pod_with_every_override_is_admitted(control_plane: ControlPlan
     finally:
         cp.delete(f"/apis/node.k8s.io/v1/runtimeclasses/kata-{ns}")
         cp.delete_namespace(ns)
+
+
+def test_kubectl_explain_lists_the_fields_of_optional_objects(control_plane: ControlPlane) -> None:
+    """Issue 12: v1.20 published `nullable` objects to `kubectl explain` without their fields, so
+    `lft.spec.output.s3` listed nothing. The CRD now leaves objects non-nullable. (`lft.status` still
+    explains only its description on v1.20: it keeps x-kubernetes-preserve-unknown-fields for newer
+    operators' fields.)"""
+    import os
+    import subprocess
+
+    from tests.cluster.controlplane import find_tool
+
+    cp = control_plane
+    ensure_crd(cp)
+    kubectl = find_tool("kubectl")
+    assert kubectl is not None
+
+    def explain(path: str) -> str:
+        proc = subprocess.run(
+            [str(kubectl), "explain", path],
+            env={**os.environ, **cp.env()},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        return proc.stdout + proc.stderr
+
+    def lists(path: str, field: str) -> str | None:
+        text = explain(path)
+        return text if field in text and "FIELDS:" in text else None
+
+    for path, field in (("lft.spec.output.s3", "credentialsSecret"), ("lft.spec.dataVolume.pvc", "claimName")):
+        cp.wait_for(lambda p=path, f=field: lists(p, f), timeout=60, what=f"kubectl explain {path} lists {field}")
