@@ -135,5 +135,8 @@ def test_success_leaves_the_artifact_json_for_the_operator(tiny_model_dir: Path,
     assert _run(cfg, tmp_path, capsys)[0] == 0
     message = json.loads((tmp_path / "termination-log").read_text())
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert message == {"artifact": {"sha256": summary["adapter"]["sha256"],
-                                    "sizeBytes": summary["adapter"]["size_bytes"]}}
+    assert message["artifact"] == {"sha256": summary["adapter"]["sha256"],
+                                   "sizeBytes": summary["adapter"]["size_bytes"]}
+    # The final gauges ride along (a run shorter than one progress scrape still reports its step and loss).
+    assert message["metrics"]["kubelora_step"] == 1 and message["metrics"]["kubelora_total_steps"] == 1
+    assert "kubelora_train_loss" in message["metrics"]
