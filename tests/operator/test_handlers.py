@@ -107,7 +107,8 @@ def test_progress_from_the_trainers_own_exposition() -> None:
         "etaSeconds": 12,
         "percent": 35,
     }
-    assert parse_prometheus('x{a="1"} 3\n# c\ny 2\nz nope\n') == {"y": 2.0}
+    assert parse_prometheus('x{a="1"} 3\n# c\ny 2\n') == {"y": 2.0}
+    assert parse_prometheus("z nope\n") == {}  # not an exposition: no samples, not an exception
 
 
 def test_changed_fields_ignore_run_policy() -> None:

@@ -12,6 +12,8 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 #: Failed scrapes in a row after which the failure is reported (Event + Running condition message);
 #: fewer would report a pod that is just starting its metrics server.
 SCRAPE_FAILURES_TO_REPORT = 3
@@ -31,19 +33,16 @@ GAUGES: dict[str, tuple[str, bool]] = {
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
-    """Unlabelled samples of a Prometheus text exposition: name -> value (comments skipped)."""
+    """Unlabelled samples of a Prometheus text exposition: name -> value, parsed by prometheus_client
+    (the library the trainer exports with). An exposition it cannot parse gives no samples."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) < 2 or "{" in parts[0]:
-            continue
-        try:
-            out[parts[0]] = float(parts[1])
-        except ValueError:
-            continue
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if not sample.labels:
+                    out[sample.name] = float(sample.value)
+    except ValueError:
+        return {}
     return out
 
 
