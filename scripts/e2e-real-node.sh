@@ -2,7 +2,7 @@
 # The whole product in real containers on a real single-node cluster, checked from the outside
 # (issue 11; tests/realnode/e2e.py says what it starts and checks). Needs root.
 #
-#   sudo bash scripts/e2e-real-node.sh [--yes] [--timeout SECONDS] [--skip-build]
+#   sudo bash scripts/e2e-real-node.sh [--yes] [--timeout SECONDS] [--skip-build] [--tag T]
 #
 # It installs and starts a container engine (Debian's docker.io) and changes iptables, so it runs only
 # when asked: --yes, KUBELORA_E2E_REAL_NODE=1, or CI=true. Needs the cluster binaries

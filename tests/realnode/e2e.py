@@ -280,9 +280,8 @@ def check_in_containers(cl: Cluster, node: str) -> None:
     assert len(ids) >= 2, "the operator's sandbox + container are not running"  # pause + operator
 
 
-def e2e(cl: Cluster, checks: Checks, timeout: float) -> None:
+def e2e(cl: Cluster, checks: Checks, timeout: float, tag: str) -> None:
     values = chart_values()
-    tag = app_version()
     cl.cp.start()
     node = cl.node = RealNode(cl.cp, cl.address)
     node.start()
@@ -349,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--yes", action="store_true", help="run (also: CI=true or KUBELORA_E2E_REAL_NODE=1)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for Succeeded (default 900)")
     ap.add_argument("--skip-build", action="store_true", help="use the images already built")
+    ap.add_argument("--tag", default=app_version(), help="image tag to build and run (default: the appVersion)")
     args = ap.parse_args(argv)
     print(WARNING, flush=True)
     if os.geteuid() != 0:
@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.skip_build and not checks.failed:
         say("building images (cached by input hash)")
-        build = ["bash", str(SCRIPTS / "build-images.sh"), "--with-demo-model", "--only", "operator,trainer-cpu,pause"]
+        build = ["bash", str(SCRIPTS / "build-images.sh"), "--with-demo-model", "--tag", args.tag]
+        build += ["--only", "operator,trainer-cpu,pause"]
         checks.check("images built (scripts/build-images.sh --with-demo-model)", lambda: run(build))
     if checks.failed:
         print(checks.summary(), flush=True)
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kubelora-e2e-") as tmp:
         cl = Cluster(Path(tmp), address)
         try:
-            e2e(cl, checks, args.timeout)
+            e2e(cl, checks, args.timeout, args.tag)
         except Exception as e:  # noqa: BLE001 - reported as a failure, then torn down
             checks.fail("setup", f"{type(e).__name__}: {e}")
         finally:
