@@ -120,3 +120,23 @@ def test_outcome_order_and_records(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     subprocess.run([sys.executable, "-c", "from kubelora_trainer.contract import record_exit; record_exit(2, 'x')"],
                    env={**os.environ}, check=True)
     assert sorted(r.code for r in read_exit_records(tmp_path / "exits")) == [0, 2]
+
+
+def test_termination_message_reaches_the_mounted_file_in_an_unwritable_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a non-root pod `/dev` is not writable but the kubelet's `/dev/termination-log` is. Found on the
+    real node (tests/realnode/e2e.py): checking only the directory wrote nothing. Root may write any
+    directory, so the non-root view is given through os.access."""
+    from kubelora_trainer.contract import write_termination_message
+
+    log_dir = tmp_path / "dev"
+    log_dir.mkdir()
+    mounted = log_dir / "termination-log"
+    mounted.write_text("")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == log_dir else real_access(p, mode))
+    write_termination_message('{"artifact": {}}', mounted)
+    assert mounted.read_text() == '{"artifact": {}}'
+    write_termination_message("x", log_dir / "absent")  # neither a file nor a writable directory: nothing
+    assert not (log_dir / "absent").exists()
