@@ -75,10 +75,9 @@ class MlflowTracker:
     """One MLflow run per trainer session; metrics keep the optimizer step."""
 
     def __init__(self, cfg: MlflowConfig, run_dir: Path) -> None:
-        try:  # optional (the `mlflow` extra; not in the trainer images): the caller logs that it is off
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise
+        # Optional (the `mlflow` extra, not in the trainer images): `Trackers._start` turns it off on ImportError.
+        from mlflow.tracking import MlflowClient
+
         self.client = MlflowClient(tracking_uri=cfg.tracking_uri)
         experiment = self.client.get_experiment_by_name(cfg.experiment)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(cfg.experiment)
