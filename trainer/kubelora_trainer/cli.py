@@ -11,13 +11,14 @@ termination message itself.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import contract, jsonsafe
+from . import contract, jsonsafe, sources
 from .config import ConfigError, load_config
 from .contract import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, EXIT_RETRYABLE
 
@@ -58,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .metrics import ProgressState, serve_metrics
     from .recipe import LoRAFineTuneRecipe
 
-    cfg = load_config(args.config, args.set)
+    cfg = sources.localize(load_config(args.config, args.set))  # s3:// model/data: fetched once, cached
     progress = ProgressState()
     port = os.environ.get(contract.METRICS_PORT_ENV)
     recipe = LoRAFineTuneRecipe(cfg, progress)
@@ -166,6 +167,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Fetch s3:// sources into the cache and check local ones (the operator's `<name>-fetch` pod)."""
+    s3 = sources.S3Source(endpoint=args.endpoint, region=args.region, verify_tls=not args.no_verify_tls)
+    fetched = sources.fetch_all(args.sources, args.cache, s3)
+    for f in fetched:
+        print(jsonsafe.dumps(dataclasses.asdict(f)))
+    contract.record_exit(EXIT_OK, sources.success_message(fetched), TERMINATION_LOG)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubelora-train", description="LoRA fine-tuning of causal LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -197,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_args(merge)
     merge.add_argument("--output", required=True, help="directory that receives merged/")
     merge.set_defaults(func=cmd_merge)
+    fetch = sub.add_parser("fetch", help="fetch s3:// model/data sources into a cache once; check local ones")
+    fetch.add_argument("sources", nargs="+", metavar="SOURCE", help="s3://bucket/key or a local path")
+    fetch.add_argument("--cache", required=True, help="cache root (one verified directory per s3:// source)")
+    fetch.add_argument("--endpoint", help="S3-compatible endpoint URL (default: AWS S3)")
+    fetch.add_argument("--region", help="bucket region")
+    fetch.add_argument("--no-verify-tls", action="store_true", help="do not verify the endpoint's certificate")
+    fetch.set_defaults(func=cmd_fetch)
     return parser
 
 
@@ -232,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if isinstance(err, Preempted):
             return _fail(str(err), EXIT_PREEMPTED)
-        if isinstance(err, ArtifactUnavailable):  # the store's fault, not the input's: worth a restart
+        if isinstance(err, ArtifactUnavailable | sources.SourceUnavailable):  # the store's fault, not the input's: worth a restart
             return _fail(str(err), EXIT_RETRYABLE)
         if isinstance(err, _bad_input_errors()):
             return _fail(str(err), EXIT_BAD_INPUT)
