@@ -229,7 +229,7 @@ def test_trainer_success_message_round_trips_into_status_artifact() -> None:
 def test_a_run_shorter_than_one_scrape_ends_with_its_final_step_and_loss() -> None:
     """Issue 12: a run that finished before the first progress scrape used to end `step 0, percent 100` with
     an empty LOSS column; the trainer's final gauges now ride in the success message."""
-    from kubelora_operator.controller.reconcile import _on_success
+    from kubelora_operator.controller.attempt import Attempt, finish, observe
     from kubelora_trainer.cli import success_message
     from kubelora_trainer.metrics import ProgressState
 
@@ -240,7 +240,7 @@ def test_a_run_shorter_than_one_scrape_ends_with_its_final_step_and_loss() -> No
     message = success_message({"adapter": {"sha256": "ab" * 32, "size_bytes": 9}}, state.snapshot())
     w0 = worker_state(pod(0, phase="Succeeded", state={"terminated": {"exitCode": 0, "message": message}}))
     u = StatusUpdate({"metadata": {"name": "demo", "namespace": "team-a", "generation": 1}, "status": {}})
-    _on_success(_RecordingKube([]), u, resource(workers=1), [w0], w0)  # type: ignore[arg-type]
+    finish(Attempt(_RecordingKube([]), SETTINGS, u, resource(workers=1), None, 0), observe([w0], 0, 1))  # type: ignore[arg-type]
     progress = u.status["progress"]
     assert (progress["step"], progress["totalSteps"], progress["percent"]) == (12, 12, 100)
     assert (progress["trainLoss"], progress["evalLoss"]) == (0.75, 0.5)
@@ -295,7 +295,7 @@ REPORTED = {
 def _observe_with_worker_1_missing_from_the_cache(
     quorum_pods: list[dict], status: dict | None = None
 ) -> tuple[_RecordingKube, StatusUpdate]:
-    from kubelora_operator.controller.reconcile import _observe
+    from kubelora_operator.controller.attempt import Attempt, advance
 
     from . import resource
 
@@ -303,7 +303,7 @@ def _observe_with_worker_1_missing_from_the_cache(
     body = {"metadata": {"name": "demo", "namespace": "team-a", "generation": 3}, "status": status or REPORTED}
     u = StatusUpdate(body)
     cached = [worker_state(pod(0))]  # worker 0 runs; the cached list has not seen worker 1 yet
-    _observe(kube, SETTINGS, u, resource(workers=2), "cpu", 0, cached)  # type: ignore[arg-type]
+    advance(Attempt(kube, SETTINGS, u, resource(workers=2), "cpu", 0), cached)  # type: ignore[arg-type]
     return kube, u
 
 

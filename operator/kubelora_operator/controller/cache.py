@@ -20,7 +20,7 @@ already streamed to the operator by kopf's watches; this module keeps the part t
     tolerated a node seen a moment late; a burst of 1,000 starts used to list every node 1,000 times).
 
 What stays a quorum read: the one destructive decision taken on an absence (a worker missing while
-its peers run restarts the attempt) re-lists the pods from etcd first (`reconcile._observe`), and
+its peers run restarts the attempt) re-lists the pods from etcd first (`attempt.advance`), and
 run-directory ownership lists the resources from etcd (run_dirs.py). Everything else the reconcile
 does on a cached view is idempotent (deterministic names + AlreadyExists, uid preconditions).
 """
