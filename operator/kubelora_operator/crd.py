@@ -6,8 +6,9 @@ schema (apiextensions.k8s.io/v1, valid from 1.16, so 1.20 and current servers al
 bridges the two:
 
 * `$ref`/`$defs` are inlined (Kubernetes does not resolve references);
-* `anyOf [X, null]` becomes X with `nullable: true`, except for objects (a null is pruned like an unset
-  field, and v1.20's `kubectl explain` shows a nullable object without its fields);
+* `anyOf [X, null]` becomes X, `nullable: true` only where null differs from absent (a scalar whose
+  default is not None, `maxGradNorm: null`): elsewhere the server prunes a null like an unset field,
+  and v1.20's `kubectl explain` shows a nullable node without its type or fields;
 * `const` becomes a one-value `enum`; numeric `exclusiveMinimum: n` becomes `minimum: n` +
   `exclusiveMinimum: true` (the OpenAPI 3.0 spelling);
 * unions of different types (`list[str] | "all-linear"`) become an untyped node with
@@ -20,8 +21,15 @@ bridges the two:
   empty model (`lora`, `training`, `resources`, ...) gets `default: {}` when it holds defaults, because
   the server applies nested defaults only where the parent object exists. Status carries none: it is
   what the operator observed, not input;
+* `status` is fully structural, with no `x-kubernetes-preserve-unknown-fields`: v1.20 publishes a
+  preserving node to `kubectl explain` without its fields (`lft.status.progress` printed only the
+  status description). Nothing else writes status: kopf keeps its progress and diff base in
+  annotations (`__main__.kopf_settings`) and the handlers return None, which kopf would otherwise
+  store under `status.<handler id>`; the operator writes only declared keys (tests/operator/test_crd.py
+  checks the keys it builds). A key a newer operator adds arrives with that operator's CRD;
 * `title`, `examples` and `additionalProperties: false` are dropped: unknown spec keys are pruned by the
-  server (kubectl's validation reports them).
+  server (its field validation reports them on current servers; `pruned_fields` names them from
+  kubectl's last-applied annotation where nothing else does).
 
 Output is YAML with sorted keys, so regenerating is byte-for-byte stable.
 """
@@ -101,6 +109,19 @@ def _union(branches: list[dict[str, Any]]) -> dict[str, Any]:
     return {PRESERVE: True}
 
 
+def _null_is_a_value(raw: dict[str, Any], converted: dict[str, Any]) -> bool:
+    """Whether `X | None` keeps `nullable: true`: only where null means something else than absent, i.e.
+    a scalar field whose default is not None (`maxGradNorm: null` disables clipping, absent clips at 1.0).
+
+    Everywhere else null and absent mean the same, and a non-nullable field is the better shape: the
+    server prunes a null sent for it (then applies its default), and v1.20 publishes a `nullable` node
+    to `kubectl explain` with no type (`<>`) and, for an object, no fields.
+    """
+    if converted.get("type") == "object":
+        return False
+    return "default" not in raw or raw["default"] is not None
+
+
 def _section_default(raw: dict[str, Any], converted: dict[str, Any]) -> bool:
     """An optional object property defaulted by a factory (no `default` in the JSON Schema), not nullable,
     with nothing required and defaults inside: absent means `{}`, and `default: {}` lets the server
@@ -134,9 +155,7 @@ def to_structural(
                 out["description"] = node["description"]
             if defaults and node.get("default") is not None:
                 out["default"] = node["default"]
-        # An optional object is left non-nullable: Kubernetes prunes a null sent for it (same as unset),
-        # and v1.20 publishes a `nullable` object to `kubectl explain` with no type or fields.
-        if nullable and out.get("type") != "object":
+        if nullable and _null_is_a_value(node, out):
             out["nullable"] = True
         return out
 
@@ -203,7 +222,6 @@ def openapi_schema() -> dict[str, Any]:
     """The `openAPIV3Schema` of the resource."""
     spec = model_schema(LoRAFineTuneSpec, defaults=True)
     status = model_schema(LoRAFineTuneStatus)
-    status[PRESERVE] = True  # room for fields written by newer operators or tooling
     return {
         "type": "object",
         "description": (

@@ -176,7 +176,9 @@ def test_conversions_of_tricky_fields() -> None:
         "default": 2e-4,
     }
     assert lookup(spec, "distributed.deepspeedStage")["enum"] == [0, 2, 3]
-    assert lookup(spec, "training.maxSteps")["nullable"] is True
+    # null is pruned like absent where the default is None; kept where it means "off" (maxGradNorm: null).
+    assert "nullable" not in lookup(spec, "training.maxSteps") and "nullable" not in lookup(spec, "image")
+    assert lookup(spec, "training.maxGradNorm")["nullable"] is True
     tolerations = lookup(spec, "placement.tolerations")
     assert tolerations["items"] == {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
     affinity = lookup(spec, "placement.affinity")
@@ -193,7 +195,10 @@ def test_conversions_of_tricky_fields() -> None:
 def test_status_schema_and_printer_columns() -> None:
     root = schema()
     status = root["properties"]["status"]
-    assert status["x-kubernetes-preserve-unknown-fields"] is True
+    # Fully structural (v1.20's kubectl explain lists no fields below a preserving node), no nulls.
+    assert "x-kubernetes-preserve-unknown-fields" not in json.dumps(status)
+    assert "nullable" not in json.dumps(status)
+    assert lookup(status, "progress.trainLoss")["type"] == "number"
     cond = lookup(status, "conditions")["items"]
     assert set(cond["properties"]) >= {
         "type",
@@ -209,6 +214,53 @@ def test_status_schema_and_printer_columns() -> None:
         if col["jsonPath"].startswith((".spec", ".status")):
             node = lookup(root, col["jsonPath"])
             assert node["type"] == col["type"], col
+
+
+def _written_status_keys() -> set[str]:
+    """Top-level status keys the operator's code writes (`status["k"] = `, `.setdefault("k"`, `.update(k=`)."""
+    keys: set[str] = set()
+    for path in (REPO / "operator" / "kubelora_operator").rglob("*.py"):
+        text = path.read_text()
+        keys |= set(re.findall(r'status\["(\w+)"\]\s*=', text))
+        keys |= set(re.findall(r'status\.setdefault\("(\w+)"', text))
+        for args in re.findall(r"status\.update\(([^)]*)\)", text):
+            keys |= set(re.findall(r"(\w+)=", args))
+    return keys
+
+
+def test_every_status_key_the_operator_writes_is_declared() -> None:
+    """The status schema keeps no unknown fields, so a key the operator writes without declaring it
+    would be pruned by the server without a word: each key it builds must be in the schema."""
+    from kubelora_operator.conditions import ConditionReason, ConditionType, set_condition
+    from kubelora_operator.controller.progress import GAUGES, progress_from_metrics
+    from kubelora_operator.placement import PlacementDecision
+    from kubelora_trainer.contract import parse_success_message
+
+    status = lookup(schema(), "status")
+    written = _written_status_keys()
+    assert {"conditions", "phase", "observedGeneration", "startTime", "completionTime", "placement"} <= written
+    assert written <= set(status["properties"]), written - set(status["properties"])
+    progress = progress_from_metrics({gauge: 1.0 for gauge in GAUGES} | {"kubelora_total_steps": 4.0})
+    assert set(progress) | {"percent", "etaSeconds"} <= set(lookup(status, "progress")["properties"])
+    (cond,) = set_condition([], ConditionType.RUNNING, True, ConditionReason.WORKERS_RUNNING, "m", 3, "t")
+    assert set(cond) <= set(status["properties"]["conditions"]["items"]["properties"]), cond
+    decision = PlacementDecision("cpu", "why", ConditionReason.PODS_CREATED, node_pool="pool")
+    assert set(decision.to_status()) <= set(lookup(status, "placement")["properties"])
+    message = json.dumps({"artifact": {"uri": "s3://b/p", "sha256": "ab", "sizeBytes": 3}})
+    assert set(parse_success_message(message) or {"missing": 1}) <= set(lookup(status, "artifact")["properties"])
+
+
+def test_nullable_only_where_null_is_a_value() -> None:
+    """`X | None = None`: a null is pruned like absent (no `nullable`, so v1.20's explain shows the type);
+    `X | None = 1.0` keeps `nullable` (null means off); a required `X | None` too; objects never."""
+    opt = {"anyOf": [{"type": "integer"}, {"type": "null"}]}
+    assert to_structural({**opt, "default": None}, defaults=True) == {"type": "integer"}
+    assert to_structural({**opt, "default": 3}, defaults=True) == {"type": "integer", "nullable": True, "default": 3}
+    assert to_structural(opt) == {"type": "integer", "nullable": True}
+    obj = {"anyOf": [{"type": "object", "properties": {"a": {"type": "string"}}}, {"type": "null"}], "default": None}
+    assert "nullable" not in to_structural(obj)
+    nullable = re.findall(r"\n(\s+)nullable: true", COMMITTED.read_text())
+    assert 0 < len(nullable) <= 8, "only the few null-means-off fields are nullable"
 
 
 def test_converter_edge_cases() -> None:

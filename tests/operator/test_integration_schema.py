@@ -4,18 +4,27 @@ Defaults: before, the CRD carried none, so `kubectl get -o yaml` and `kubectl ex
 r 8, exact-match on. Now the server accepts the CRD with its defaults and fills them into a created
 object (absent sections included, through their `default: {}`), and leaves "unset means follow the
 operator" fields unset. Pod overrides: a worker pod shaped by every `spec.pod` field is a pod the
-server admits.
+server admits. Explain: v1.20 lists typed fields of nested spec and status objects (no `nullable` or
+preserving nodes in their way). Status is kept whole as the operator writes it. Typos: an unknown spec
+key applied without validation is pruned, and `pruned_spec_fields` names it.
 """
 
 from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import subprocess
+from typing import Any
 
 import pytest
 from kubelora_operator.api import parse_spec
 from kubelora_operator.settings import OperatorSettings
 
-from tests.cluster.controlplane import ControlPlane
+from tests.cluster.controlplane import ControlPlane, find_tool
 
-from .cluster_helpers import create_lft, ensure_crd, uid
+from .cluster_helpers import LFT_API, create_lft, ensure_crd, get_lft, now, uid
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 
@@ -75,35 +84,119 @@ def test_a_worker_pod_with_every_override_is_admitted(control_plane: ControlPlan
         cp.delete_namespace(ns)
 
 
-def test_kubectl_explain_lists_the_fields_of_optional_objects(control_plane: ControlPlane) -> None:
-    """Issue 12: v1.20 published `nullable` objects to `kubectl explain` without their fields, so
-    `lft.spec.output.s3` listed nothing. The CRD now leaves objects non-nullable. (`lft.status` still
-    explains only its description on v1.20: it keeps x-kubernetes-preserve-unknown-fields for newer
-    operators' fields.)"""
-    import os
-    import subprocess
+def _kubectl(cp: ControlPlane, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    kubectl = find_tool("kubectl")
+    assert kubectl is not None
+    return subprocess.run(
+        [str(kubectl), *args],
+        env={**os.environ, **cp.env()},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
-    from tests.cluster.controlplane import find_tool
+
+#: (path, field, type): what `kubectl explain PATH` must list. Issue 12: on v1.20 a `nullable` node is
+#: published without its type (`<>`) and, for an object, without fields (`lft.spec.output.s3`); a node
+#: with x-kubernetes-preserve-unknown-fields without fields (all of `lft.status`).
+EXPLAINED = [
+    ("lft.spec.output.s3", "credentialsSecret", "Object"),
+    ("lft.spec.dataVolume.pvc", "claimName", "string"),
+    ("lft.spec", "image", "string"),
+    ("lft.spec.training", "maxSteps", "integer"),
+    ("lft.status", "progress", "Object"),
+    ("lft.status", "observedGeneration", "integer"),
+    ("lft.status.progress", "trainLoss", "number"),
+    ("lft.status.progress", "percent", "integer"),
+    ("lft.status.conditions", "reason", "string"),
+    ("lft.status.placement", "device", "string"),
+    ("lft.status.artifact", "sha256", "string"),
+    ("lft.status.workers", "ready", "integer"),
+]
+
+
+def test_kubectl_explain_lists_typed_fields_of_nested_spec_and_status(control_plane: ControlPlane) -> None:
+    cp = control_plane
+    ensure_crd(cp)
+
+    def listing(path: str) -> str | None:
+        text = (proc := _kubectl(cp, "explain", path)).stdout + proc.stderr
+        return text if "FIELDS:" in text else None  # the server publishes the schema a little later
+
+    for path in sorted({p for p, _, _ in EXPLAINED}):
+        text = cp.wait_for(functools.partial(listing, path), timeout=60, what=f"kubectl explain {path} lists fields")
+        for field, kind in ((f, k) for p, f, k in EXPLAINED if p == path):
+            assert re.search(rf"^\s+{field}\s+<{kind}>", text, re.M), f"{path}: no {field} <{kind}> in\n{text}"
+
+
+def test_status_the_operator_writes_is_kept_whole(control_plane: ControlPlane) -> None:
+    """Status keeps no unknown fields now: a status as the operator builds it (its own functions) is
+    stored whole, and what no schema declares (kopf's `status.kopf`, which this operator never writes)
+    is pruned."""
+    from kubelora_operator.conditions import ConditionReason, ConditionType, set_condition
+    from kubelora_operator.controller.progress import GAUGES, progress_from_metrics
+    from kubelora_operator.placement import PlacementDecision
 
     cp = control_plane
     ensure_crd(cp)
-    kubectl = find_tool("kubectl")
-    assert kubectl is not None
+    ns = f"status-{uid()}"
+    cp.create_namespace(ns)
+    try:
+        create_lft(cp, ns, "s", {"data": {"path": "sample://train.jsonl"}, "output": {"pvc": {"claimName": "r"}}})
+        status = {
+            "conditions": set_condition([], ConditionType.RUNNING, True, ConditionReason.WORKERS_RUNNING, "ok", 1, now()),
+            "phase": "Running",
+            "observedGeneration": 1,
+            "startTime": now(),
+            "placement": PlacementDecision("cpu", "AMX nodes", ConditionReason.PODS_CREATED, node_pool="amx").to_status(),
+            "progress": progress_from_metrics({g: 2.5 for g in GAUGES} | {"kubelora_total_steps": 10.0}),
+            "artifact": {"uri": "s3://b/p/adapter", "sha256": "ab" * 32, "sizeBytes": 123},
+            "restarts": 1,
+            "workers": {"ready": 2, "total": 2},
+        }  # fmt: skip
+        path = f"{LFT_API}/namespaces/{ns}/lorafinetunes/s/status"
+        got = cp.merge_patch(path, {"status": {**status, "kopf": {"progress": {"x": 1}}}})["status"]
+        assert got == status
+    finally:
+        cp.delete_namespace(ns)
 
-    def explain(path: str) -> str:
-        proc = subprocess.run(
-            [str(kubectl), "explain", path],
-            env={**os.environ, **cp.env()},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        return proc.stdout + proc.stderr
 
-    def lists(path: str, field: str) -> str | None:
-        text = explain(path)
-        return text if field in text and "FIELDS:" in text else None
+def test_a_typo_applied_through_the_apiserver_is_pruned_and_named(control_plane: ControlPlane) -> None:
+    """Issue 12: `kubectl apply` without validation (all that 1.20 offers for it) stores the spec
+    without the unknown key; `pruned_spec_fields` names it from the last-applied annotation."""
+    from kubelora_operator.pruned_fields import LAST_APPLIED, pruned_spec_fields
 
-    for path, field in (("lft.spec.output.s3", "credentialsSecret"), ("lft.spec.dataVolume.pvc", "claimName")):
-        cp.wait_for(lambda p=path, f=field: lists(p, f), timeout=60, what=f"kubectl explain {path} lists {field}")
+    cp = control_plane
+    ensure_crd(cp)
+    ns = f"typo-{uid()}"
+    cp.create_namespace(ns)
+    try:
+        manifest: dict[str, Any] = {
+            "apiVersion": "kubelora.dev/v1alpha1",
+            "kind": "LoRAFineTune",
+            "metadata": {"name": "typo", "namespace": ns},
+            "spec": {
+                "data": {"path": "sample://train.jsonl"},
+                "output": {"pvc": {"claimName": "runs"}},
+                "lora": {"rank": 32, "alpha": 8},
+                "trainig": {"epochs": 3},
+            },
+        }
+        proc = _kubectl(cp, "apply", "--validate=false", "-f", "-", stdin=json.dumps(manifest))
+        assert proc.returncode == 0, proc.stderr
+        stored = get_lft(cp, ns, "typo")
+        assert LAST_APPLIED in stored["metadata"]["annotations"]
+        assert "rank" not in stored["spec"]["lora"] and "trainig" not in stored["spec"]
+        assert stored["spec"]["lora"]["r"] == 8 and stored["spec"]["lora"]["alpha"] == 8  # the default is used
+        assert pruned_spec_fields(stored) == ["spec.lora.rank", "spec.trainig"]
+        # Fixed and applied again: nothing is reported any more.
+        manifest["spec"] = {**manifest["spec"], "lora": {"r": 32, "alpha": 8}, "training": {"epochs": 3}}
+        del manifest["spec"]["trainig"]
+        proc = _kubectl(cp, "apply", "--validate=false", "-f", "-", stdin=json.dumps(manifest))
+        assert proc.returncode == 0, proc.stderr
+        fixed = get_lft(cp, ns, "typo")
+        assert fixed["spec"]["lora"]["r"] == 32 and pruned_spec_fields(fixed) == []
+    finally:
+        cp.delete_namespace(ns)
