@@ -23,8 +23,10 @@ from kubelora_trainer.config import (
     LoraSettings,
     ModelConfig,
     OutputConfig,
+    S3Source,
     S3Target,
     StrictModel,
+    TrackingConfig,
     TrainerConfig,
     TrainingConfig,
 )
@@ -304,6 +306,26 @@ class SecretsSpec(StrictModel):
     )
 
 
+class S3SourceSpec(S3Source):
+    """The S3-compatible server of the `s3://` model and data sources; credentials from a Secret."""
+
+    credentials_secret: S3CredentialsSecret | None = _reuse(S3Output, "credentials_secret")
+
+
+class SourcesSpec(StrictModel):
+    """Where `s3://` and `pvc://` model and data sources come from and are fetched to (docs/sources.md)."""
+
+    s3: S3SourceSpec | None = Field(None, description="Server of the `s3://` sources. Absent: AWS S3 itself.")
+    cache_pvc: ClaimRef | None = Field(
+        None,
+        description=(
+            "A model-cache PVC: `s3://` sources are fetched into it once (by the `<name>-fetch` pod) and reused "
+            "by later runs and restarts while the source is unchanged. Absent: a per-run directory on the run "
+            "dir's claim (output.pvc or output.s3.workdirPvc). Several workers need ReadWriteMany."
+        ),
+    )
+
+
 # --------------------------------------------------------------------------- spec
 
 
@@ -315,13 +337,19 @@ class LoRAFineTuneSpec(StrictModel):
         ...,
         description=(
             "Instruction data and its prompt template. `path` is a path inside the pod (on `dataVolume`), "
-            "a hub dataset id, or `sample://NAME` for a file bundled with the trainer image."
+            "a hub dataset id, `s3://bucket/key`, `pvc://CLAIM/PATH`, or `sample://NAME` for a file bundled "
+            "with the trainer image."
         ),
     )
     lora: LoraSettings = _reuse(TrainerConfig, "lora")
     training: TrainingConfig = _reuse(TrainerConfig, "training")
     evaluation: EvaluationConfig = _reuse(TrainerConfig, "evaluation")
     data_volume: DataVolumeSpec | None = Field(None, description="Volume holding the training data.")
+    sources: SourcesSpec = Field(
+        default_factory=lambda: SourcesSpec.model_validate({}),
+        description="`s3://` and `pvc://` model/data sources: server, credentials, model cache.",
+    )
+    tracking: TrackingConfig = _reuse(TrainerConfig, "tracking")
     device: Literal["auto", "xpu", "cpu"] = Field(
         "auto",
         description=(
@@ -402,6 +430,7 @@ class LoRAFineTuneSpec(StrictModel):
             distributed=DistributedConfig.model_validate(
                 self.distributed.model_dump(include=set(DistributedConfig.model_fields))
             ),
+            tracking=self.tracking.model_copy(deep=True),
             output=OutputConfig(
                 dir=run_dir,
                 overwrite=self.output.overwrite,

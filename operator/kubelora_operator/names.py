@@ -15,4 +15,8 @@ OUTPUT_DIR = "/output"
 TMP_DIR = "/tmp"
 CACHE_DIR = "/cache"
 SHM_DIR = "/dev/shm"
-RESERVED_MOUNT_PATHS = (CONFIG_DIR, SSH_DIR, OUTPUT_DIR, TMP_DIR, CACHE_DIR, SHM_DIR)
+#: The fetched `s3://` sources (fetch.py): the model-cache PVC or the run's per-run source directory.
+SOURCES_DIR = "/sources"
+#: `pvc://CLAIM/PATH` sources: each claim mounted read-only at SOURCE_PVCS_DIR/CLAIM.
+SOURCE_PVCS_DIR = "/source-pvcs"
+RESERVED_MOUNT_PATHS = (CONFIG_DIR, SSH_DIR, OUTPUT_DIR, TMP_DIR, CACHE_DIR, SHM_DIR, SOURCES_DIR, SOURCE_PVCS_DIR)

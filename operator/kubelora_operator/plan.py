@@ -31,6 +31,7 @@ from kubelora_trainer.config import TrainerConfig, dump_config
 from kubelora_trainer.contract import RUN_ID_ENV
 
 from .api import API_VERSION, KIND, ClaimRef, LoRAFineTuneResource
+from .fetch import localize_config, source_volumes
 from .names import CACHE_DIR, CONFIG_DIR, OUTPUT_DIR, SHM_DIR, SSH_DIR, TMP_DIR
 from .placement import PlacementDecision
 from .pod_overrides import PodVolume
@@ -141,8 +142,9 @@ class Plan:
 
 
 def render_config(resource: LoRAFineTuneResource, device: str) -> TrainerConfig:
-    """The trainer config for the pods (run dir /output; S3 target without credentials)."""
-    return resource.spec.to_trainer_config(device=device, run_dir=OUTPUT_DIR)
+    """The trainer config for the pods (run dir /output; S3 target without credentials; s3:// and pvc://
+    sources replaced by their paths in the pods, fetch.py)."""
+    return localize_config(resource.spec.to_trainer_config(device=device, run_dir=OUTPUT_DIR), resource.spec)
 
 
 def _volumes(
@@ -188,6 +190,9 @@ def _volumes(
         elif dv.config_map is not None:
             volumes.append({"name": "data", "configMap": {"name": dv.config_map.name}})
             mounts.append({"name": "data", "mountPath": dv.config_map.mount_path, "readOnly": True})
+    sources = source_volumes(resource)
+    volumes += sources.volumes
+    mounts += sources.worker_mounts
     if ssh_secret is not None:
         # 0440 root:fsGroup: readable by the trainer user; ssh/sshd accept keys not owned by the caller.
         volumes.append({"name": "ssh", "secret": {"secretName": ssh_secret, "defaultMode": 0o440}})
@@ -222,6 +227,29 @@ def extra_volume(volume: PodVolume) -> dict[str, Any]:
 def image_pull_secrets(names: list[str], settings: OperatorSettings) -> list[dict[str, str]]:
     """The pod's imagePullSecrets: the operator's (platform registry) first, then the resource's, once each."""
     return [{"name": n} for n in dict.fromkeys([*settings.image_pull_secrets, *names])]
+
+
+def pod_security_context(settings: OperatorSettings) -> dict[str, Any]:
+    """The restricted pod security context of every pod the operator creates (non-root, RuntimeDefault)."""
+    uid = settings.run_as_user
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    """The restricted container security context: no privileges, no capabilities, read-only root."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
 
 
 def _pod(
@@ -259,14 +287,7 @@ def _pod(
     ]
     if spec.distributed.launcher == "mpirun":
         ports.append({"name": "ssh", "containerPort": settings.ssh_port, "protocol": "TCP"})
-    uid = settings.run_as_user
-    pod_security: dict[str, Any] = {
-        "runAsNonRoot": True,
-        "runAsUser": uid,
-        "runAsGroup": uid,
-        "fsGroup": uid,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    pod_security = pod_security_context(settings)
     if device == "xpu" and settings.gpu_supplemental_groups:
         pod_security["supplementalGroups"] = list(settings.gpu_supplemental_groups)
     container = {
@@ -282,13 +303,7 @@ def _pod(
         "resources": {"requests": dict(placement.requests), "limits": dict(placement.limits)},
         "volumeMounts": [dict(m) for m in mounts],
         "workingDir": TMP_DIR,
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": container_security_context(),
     }
     pod_spec: dict[str, Any] = {
         "hostname": name,

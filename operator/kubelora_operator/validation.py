@@ -7,6 +7,7 @@ depends on nothing of the operator's runtime.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,10 +15,12 @@ from typing import Any, Literal
 
 from kubelora_trainer import contract
 from kubelora_trainer.config import SAMPLE_SCHEME
+from kubelora_trainer.sources import PVC_SCHEME, S3_SCHEME
 from pydantic import ValidationError
 
-from .api import ENV_NAME_PATTERN, LoRAFineTuneSpec, SpecError, format_errors, parse_spec
+from .api import ENV_NAME_PATTERN, LoRAFineTuneSpec, S3CredentialsSecret, SpecError, format_errors, parse_spec
 from .conditions import ConditionReason
+from .fetch import parse_pvc_uri, source_values
 from .names import RESERVED_MOUNT_PATHS
 from .settings import OperatorSettings
 
@@ -93,13 +96,7 @@ def references(spec: LoRAFineTuneSpec) -> list[Reference]:
             refs.append(
                 Reference("PersistentVolumeClaim", out.s3.workdir_pvc.claim_name, "output.s3.workdirPvc.claimName")
             )
-        cred = out.s3.credentials_secret
-        if cred is not None:
-            field = "output.s3.credentialsSecret"
-            refs.append(Reference("Secret", cred.name, field, cred.access_key_id_key))
-            refs.append(Reference("Secret", cred.name, field, cred.secret_access_key_key))
-            if cred.session_token_key:
-                refs.append(Reference("Secret", cred.name, field, cred.session_token_key))
+        refs += _s3_secret_references(out.s3.credentials_secret, "output.s3.credentialsSecret")
     if spec.data_volume is not None:
         if spec.data_volume.pvc is not None:
             refs.append(Reference("PersistentVolumeClaim", spec.data_volume.pvc.claim_name, "dataVolume.pvc.claimName"))
@@ -122,9 +119,30 @@ def references(spec: LoRAFineTuneSpec) -> list[Reference]:
     hub = spec.secrets.hub_token_secret
     if hub is not None:
         refs.append(Reference("Secret", hub.name, "secrets.hubTokenSecret", hub.key))
+    refs += _source_references(spec)
     if spec.distributed.launcher == "mpirun" and spec.distributed.ssh_secret:
         refs.append(Reference("Secret", spec.distributed.ssh_secret, "distributed.sshSecret", "ssh-privatekey"))
         refs.append(Reference("Secret", spec.distributed.ssh_secret, "distributed.sshSecret", "ssh-publickey"))
+    return refs
+
+
+def _s3_secret_references(cred: S3CredentialsSecret | None, field: str) -> list[Reference]:
+    if cred is None:
+        return []
+    keys = [cred.access_key_id_key, cred.secret_access_key_key] + ([cred.session_token_key] if cred.session_token_key else [])
+    return [Reference("Secret", cred.name, field, key) for key in keys]
+
+
+def _source_references(spec: LoRAFineTuneSpec) -> list[Reference]:
+    """The sources' credentials Secret, the model-cache PVC and each pvc:// claim."""
+    cred = spec.sources.s3.credentials_secret if spec.sources.s3 is not None else None
+    refs = _s3_secret_references(cred, "sources.s3.credentialsSecret")
+    if spec.sources.cache_pvc is not None:
+        refs.append(Reference("PersistentVolumeClaim", spec.sources.cache_pvc.claim_name, "sources.cachePvc.claimName"))
+    for field, value in source_values(spec):
+        if value.startswith(PVC_SCHEME):
+            with contextlib.suppress(ValueError):  # a malformed one is reported by source_problems
+                refs.append(Reference("PersistentVolumeClaim", parse_pvc_uri(value)[0], field))
     return refs
 
 
@@ -159,8 +177,8 @@ def _user_mounts(spec: LoRAFineTuneSpec) -> list[str]:
 
 def _check_pod_path(field: str, value: str | None, spec: LoRAFineTuneSpec, *, allow_sample: bool) -> list[str]:
     """A path the trainer opens in the pod must be reachable there."""
-    if not value:
-        return []
+    if not value or value.startswith((S3_SCHEME, PVC_SCHEME)):
+        return []  # checked by source_problems, fetched or checked by the fetch pod
     if value.startswith(SAMPLE_SCHEME):
         name = value[len(SAMPLE_SCHEME) :]
         if not allow_sample:
@@ -190,6 +208,31 @@ def _check_pod_path(field: str, value: str | None, spec: LoRAFineTuneSpec, *, al
             f"spec.dataVolume{bundled}"
         ]
     return []  # a hub id
+
+
+def source_problems(spec: LoRAFineTuneSpec) -> list[str]:
+    """`pvc://` sources must name a claim and a path; `s3://` sources need a claim to be fetched into once."""
+    problems = []
+    s3 = []
+    for field, value in source_values(spec):
+        if value.startswith(PVC_SCHEME):
+            try:
+                parse_pvc_uri(value)
+            except ValueError as err:
+                problems.append(f"spec.{field}: {err}")
+        elif value.startswith(S3_SCHEME):
+            if not value[len(S3_SCHEME) :].partition("/")[0]:
+                problems.append(f"spec.{field}: {value!r} names no bucket; expected s3://bucket/key")
+            s3.append(field)
+    out = spec.output
+    run_claim = out.pvc is not None or (out.s3 is not None and out.s3.workdir_pvc is not None)
+    if s3 and spec.sources.cache_pvc is None and not run_claim:
+        problems.append(
+            f"spec.{s3[0]}: an s3:// source is fetched once for all workers into a claim: set "
+            "spec.sources.cachePvc (a model cache reused across runs), or give the run dir a claim "
+            "(output.pvc or output.s3.workdirPvc)"
+        )
+    return problems
 
 
 def validate_spec(spec: LoRAFineTuneSpec, settings: OperatorSettings) -> list[str]:
@@ -248,6 +291,7 @@ def validate_spec(spec: LoRAFineTuneSpec, settings: OperatorSettings) -> list[st
         if not env_name.match(key):
             problems.append(f"spec.distributed.cclEnv: {key!r} is not a valid environment variable name")
 
+    problems += source_problems(spec)
     problems += _check_pod_path("data.path", spec.data.path, spec, allow_sample=True)
     problems += _check_pod_path("data.evalPath", spec.data.eval_path, spec, allow_sample=True)
     problems += _check_pod_path("distributed.deepspeedConfig", dist.deepspeed_config, spec, allow_sample=False)

@@ -34,7 +34,7 @@ from typing import Any
 
 from kubelora_trainer.contract import LAUNCH_MODULE, METRICS_PORT_ENV, TRAINER_MODULE
 
-from .api import LoRAFineTuneSpec
+from .api import LoRAFineTuneSpec, S3CredentialsSecret
 from .k8s_types import parse_quantity
 from .names import CACHE_DIR, CONFIG_DIR, CONFIG_FILE, SSH_DIR, TMP_DIR
 from .settings import OperatorSettings
@@ -195,23 +195,32 @@ def mpi_env(settings: OperatorSettings) -> dict[str, str]:
     }
 
 
+def _secret_ref(var: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def s3_secret_env(cred: S3CredentialsSecret | None) -> list[dict[str, Any]]:
+    """AWS_* variables from an S3 credentials Secret (output.s3 for workers, sources.s3 for the fetch pod)."""
+    if cred is None:
+        return []
+    out = [
+        _secret_ref("AWS_ACCESS_KEY_ID", cred.name, cred.access_key_id_key),
+        _secret_ref("AWS_SECRET_ACCESS_KEY", cred.name, cred.secret_access_key_key),
+    ]
+    if cred.session_token_key:
+        out.append(_secret_ref("AWS_SESSION_TOKEN", cred.name, cred.session_token_key))
+    return out
+
+
 def secret_env(spec: LoRAFineTuneSpec) -> list[dict[str, Any]]:
     """Credentials, only ever as secretKeyRef (never values in manifests, ConfigMaps or status)."""
     out: list[dict[str, Any]] = []
-
-    def ref(var: str, secret: str, key: str) -> None:
-        out.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
-
     hub = spec.secrets.hub_token_secret
     if hub is not None:
-        ref("HF_TOKEN", hub.name, hub.key)
+        out.append(_secret_ref("HF_TOKEN", hub.name, hub.key))
     s3 = spec.output.s3
-    if s3 is not None and s3.credentials_secret is not None:
-        cred = s3.credentials_secret
-        ref("AWS_ACCESS_KEY_ID", cred.name, cred.access_key_id_key)
-        ref("AWS_SECRET_ACCESS_KEY", cred.name, cred.secret_access_key_key)
-        if cred.session_token_key:
-            ref("AWS_SESSION_TOKEN", cred.name, cred.session_token_key)
+    if s3 is not None:
+        out += s3_secret_env(s3.credentials_secret)
     return out
 
 
