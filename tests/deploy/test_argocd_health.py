@@ -112,89 +112,114 @@ VALID = (T.VALIDATED, True, R.SPEC_VALID, "spec and references are valid")
 SCHEDULED = (T.SCHEDULED, True, R.PODS_SCHEDULED, "2/2 worker pods bound to nodes")
 
 
-def test_missing_status_is_progressing(health) -> None:  # noqa: ANN001
-    assert health(lft())[0] == "Progressing"
-    body = lft()
-    body["status"] = {}
-    assert health(body)[0] == "Progressing"
-    body["status"] = {"conditions": []}
-    assert health(body)[0] == "Progressing"
+def bare(status: dict[str, Any]) -> dict[str, Any]:
+    """A resource whose status is exactly `status` (what a freshly created one may carry)."""
+    return {**lft(), "status": status}
 
 
-def test_running_is_progressing_with_progress(health) -> None:  # noqa: ANN001
-    body = lft(
-        VALID,
-        SCHEDULED,
-        (T.RUNNING, True, R.WORKERS_RUNNING, "2 workers running (attempt 0)"),
-        progress={"step": 90, "totalSteps": 200, "percent": 45, "trainLoss": 1.2345678, "etaSeconds": 300},
-    )
-    status, message = health(body)
-    assert status == "Progressing"
-    assert message.startswith("Running: 45%") and "step 90/200" in message and "loss 1.235" in message
+RUNNING = (T.RUNNING, True, R.WORKERS_RUNNING, "2 workers running (attempt 0)")
+PROGRESS = {"step": 90, "totalSteps": 200, "percent": 45, "trainLoss": 1.2345678, "etaSeconds": 300}
+ARTIFACT = {"uri": "s3://b/p", "sha256": "ab" * 32, "sizeBytes": 123}
+P = pytest.param
 
-
-def test_starting_and_restarting_are_progressing(health) -> None:  # noqa: ANN001
-    status, message = health(lft(VALID, (T.SCHEDULED, False, R.PODS_PENDING, "0/2 worker pods bound")))
-    assert status == "Progressing" and "PodsPending" in message
-    status, message = health(
-        lft(VALID, SCHEDULED, (T.RUNNING, False, R.RESTARTING, "worker 1 failed (exit 1); restart 1/3"))
-    )
-    assert status == "Progressing" and message.startswith("Restarting")
-
-
-def test_succeeded_is_healthy(health) -> None:  # noqa: ANN001
-    body = lft(
-        VALID,
-        SCHEDULED,
-        (T.RUNNING, False, R.TRAINING_COMPLETE, "all workers finished"),
-        (T.SUCCEEDED, True, R.TRAINING_COMPLETE, "adapter delivered"),
-        artifact={"uri": "s3://b/p", "sha256": "ab" * 32, "sizeBytes": 123},
-    )
-    assert health(body) == ("Healthy", "Succeeded: adapter at s3://b/p")
-
-
-@pytest.mark.parametrize(
-    "reason", [R.WORKER_FAILED, R.BACKOFF_LIMIT_EXCEEDED, R.DEADLINE_EXCEEDED, R.API_ERROR], ids=lambda r: r.value
-)
-def test_failed_is_degraded(health, reason: R) -> None:  # noqa: ANN001
-    body = lft(VALID, SCHEDULED, (T.FAILED, True, reason, "worker 0 exited 1: CUDA? no, CCL error"))
-    status, message = health(body)
-    assert status == "Degraded" and reason.value in message and "CCL error" in message
-
-
-def test_invalid_is_degraded(health) -> None:  # noqa: ANN001
-    body = lft((T.VALIDATED, False, R.SECRET_NOT_FOUND, "spec.output.s3.credentialsSecret: Secret 's3' not found"))
-    status, message = health(body)
-    assert status == "Degraded" and "SecretNotFound" in message
-
-
-def test_no_matching_nodes_is_degraded(health) -> None:  # noqa: ANN001
-    body = lft(VALID, (T.SCHEDULED, False, R.NO_MATCHING_NODES, "no matching nodes: xpu: asked for 4 GPUs"))
-    status, message = health(body)
-    assert status == "Degraded" and "asked for 4 GPUs" in message
-
-
-def test_suspended(health) -> None:  # noqa: ANN001
-    body = lft(
-        VALID,
-        SCHEDULED,
-        (T.RUNNING, False, R.SUSPENDED_BY_USER, "suspended"),
-        (T.SUSPENDED, True, R.SUSPENDED_BY_USER, "spec.suspend is true: worker pods deleted"),
-    )
-    assert health(body)[0] == "Suspended"
+#: (resource, Argo CD health status, its message: exactly this string, or a list of texts: the first
+#: starts it, the others are in it)
+CASES = [
+    P(lft(), "Progressing", [], id="no-status"),
+    P(bare({}), "Progressing", [], id="empty-status"),
+    P(bare({"conditions": []}), "Progressing", [], id="no-conditions"),
+    P(
+        lft(VALID, SCHEDULED, RUNNING, progress=PROGRESS),
+        "Progressing",
+        ["Running: 45%", "step 90/200", "loss 1.235"],
+        id="running-with-progress",
+    ),
+    P(
+        lft(VALID, (T.SCHEDULED, False, R.PODS_PENDING, "0/2 worker pods bound")),
+        "Progressing",
+        ["", "PodsPending"],
+        id="starting",
+    ),
+    P(
+        lft(VALID, SCHEDULED, (T.RUNNING, False, R.RESTARTING, "worker 1 failed (exit 1); restart 1/3")),
+        "Progressing",
+        ["Restarting"],
+        id="restarting",
+    ),
+    P(
+        lft(
+            VALID,
+            SCHEDULED,
+            (T.RUNNING, False, R.TRAINING_COMPLETE, "all workers finished"),
+            (T.SUCCEEDED, True, R.TRAINING_COMPLETE, "adapter delivered"),
+            artifact=ARTIFACT,
+        ),
+        "Healthy",
+        "Succeeded: adapter at s3://b/p",
+        id="succeeded",
+    ),
+    *[
+        P(
+            lft(VALID, SCHEDULED, (T.FAILED, True, reason, "worker 0 exited 1: CUDA? no, CCL error")),
+            "Degraded",
+            ["", reason.value, "CCL error"],
+            id=f"failed-{reason.value}",
+        )
+        for reason in (R.WORKER_FAILED, R.BACKOFF_LIMIT_EXCEEDED, R.DEADLINE_EXCEEDED, R.API_ERROR)
+    ],
+    P(
+        lft((T.VALIDATED, False, R.SECRET_NOT_FOUND, "spec.output.s3.credentialsSecret: Secret 's3' not found")),
+        "Degraded",
+        ["", "SecretNotFound"],
+        id="invalid",
+    ),
+    P(
+        lft(VALID, (T.SCHEDULED, False, R.NO_MATCHING_NODES, "no matching nodes: xpu: asked for 4 GPUs")),
+        "Degraded",
+        ["", "asked for 4 GPUs"],
+        id="no-matching-nodes",
+    ),
+    P(
+        lft(
+            VALID,
+            SCHEDULED,
+            (T.RUNNING, False, R.SUSPENDED_BY_USER, "suspended"),
+            (T.SUSPENDED, True, R.SUSPENDED_BY_USER, "spec.suspend is true: worker pods deleted"),
+        ),
+        "Suspended",
+        [],
+        id="suspended",
+    ),
     # Resumed: Suspended=False, no longer reported as suspended.
-    body = lft(VALID, (T.SUSPENDED, False, R.RESUMED, "resumed from the newest checkpoint"))
-    assert health(body)[0] == "Progressing"
+    P(
+        lft(VALID, (T.SUSPENDED, False, R.RESUMED, "resumed from the newest checkpoint")),
+        "Progressing",
+        [],
+        id="resumed",
+    ),
+    # A finished run stays Healthy/Degraded whatever else its conditions say (e.g. a later spec edit).
+    P(
+        lft(
+            VALID,
+            (T.SUCCEEDED, True, R.TRAINING_COMPLETE, "done"),
+            (T.SPEC_CHANGE_REFUSED, True, R.SPEC_CHANGED_AFTER_START, "spec.lora.r changed after start"),
+        ),
+        "Healthy",
+        [],
+        id="terminal-state-wins",
+    ),
+]
 
 
-def test_terminal_states_win(health) -> None:  # noqa: ANN001
-    """A finished run stays Healthy/Degraded whatever else its conditions say (e.g. a later spec edit)."""
-    body = lft(
-        VALID,
-        (T.SUCCEEDED, True, R.TRAINING_COMPLETE, "done"),
-        (T.SPEC_CHANGE_REFUSED, True, R.SPEC_CHANGED_AFTER_START, "spec.lora.r changed after start"),
-    )
-    assert health(body)[0] == "Healthy"
+@pytest.mark.parametrize(("resource", "status", "texts"), CASES)
+def test_health(health, resource: dict[str, Any], status: str, texts: str | list[str]) -> None:  # noqa: ANN001
+    got, message = health(resource)
+    assert got == status
+    if isinstance(texts, str):
+        assert message == texts
+    elif texts:
+        assert message.startswith(texts[0]), message
+        assert all(t in message for t in texts[1:]), message
 
 
 def test_gitops_doc_embeds_the_same_script() -> None:

@@ -7,6 +7,7 @@ and the real API server accepts the whole file (`kubectl apply --dry-run=server`
 from __future__ import annotations
 
 import contextlib
+import functools
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ from kubelora_operator.api import (
     LoRAFineTuneResource,
     parse_spec,
 )
-from kubelora_operator.placement import NodeFacts, decide_placement
-from kubelora_operator.plan import plan
+from kubelora_operator.placement import NodeFacts, PlacementDecision, decide_placement
+from kubelora_operator.plan import Plan, plan
 from kubelora_operator.settings import OperatorSettings
 from kubelora_operator.validation import check_resource, pvc_problems, references
 
@@ -62,28 +63,32 @@ def test_matches_the_crd_schema(path: Path) -> None:
         assert not errors, f"{path.name}: {errors}"
 
 
-def test_the_schema_validator_catches_mistakes() -> None:
-    """The structural validator used above is not vacuous."""
+DELETE = object()
+#: (path into the example, the value put there (DELETE: the key removed), a text one error must hold)
+MISTAKES = [
+    pytest.param(("spec", "workrs"), 2, "unknown field", id="unknown-field"),
+    pytest.param(("spec", "workers"), 0, "below minimum", id="below-minimum"),
+    pytest.param(("spec", "device"), "gpu", "not one of", id="not-in-enum"),
+    pytest.param(("spec", "workers"), "2", "must be of type integer", id="wrong-type"),
+    pytest.param(("spec", "output"), DELETE, "output", id="missing-required"),
+    pytest.param(("spec", "lora", "alpha"), 0, "below minimum", id="exclusive-minimum"),
+]
+
+
+@pytest.mark.parametrize(("where", "value", "error"), MISTAKES)
+def test_the_schema_validator_catches_mistakes(where: tuple[str, ...], value: Any, error: str) -> None:
+    """The structural validator used above is not vacuous: the example passes, each mistake in it fails."""
     schema = crd_schema()
-    good = lfts(EXAMPLES / "cpu-amx-whitepaper.yaml")[0]
-    good = {k: v for k, v in good.items() if k != "metadata"}
+    good = {k: v for k, v in lfts(EXAMPLES / "cpu-amx-whitepaper.yaml")[0].items() if k != "metadata"}
     assert validate_structural(good, schema) == []
-    bad_cases = [
-        ("spec", "workrs", 2),  # unknown field
-        ("spec", "workers", 0),  # below minimum
-        ("spec", "device", "gpu"),  # not in enum
-        ("spec", "workers", "2"),  # wrong type
-    ]
-    for section, key, value in bad_cases:
-        obj = yaml.safe_load(yaml.safe_dump(good))
-        obj[section][key] = value
-        assert validate_structural(obj, schema), (key, value)
     obj = yaml.safe_load(yaml.safe_dump(good))
-    del obj["spec"]["output"]
-    assert any("output" in e for e in validate_structural(obj, schema))
-    obj = yaml.safe_load(yaml.safe_dump(good))
-    obj["spec"]["lora"]["alpha"] = 0  # exclusiveMinimum
-    assert validate_structural(obj, schema)
+    parent = functools.reduce(lambda node, key: node[key], where[:-1], obj)
+    if value is DELETE:
+        del parent[where[-1]]
+    else:
+        parent[where[-1]] = value
+    errors = validate_structural(obj, schema)
+    assert any(error in e for e in errors), errors
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -131,34 +136,59 @@ def _cluster() -> list[NodeFacts]:
     ]
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
-def test_places_and_plans(path: Path) -> None:
+def _placed_and_planned(path: Path) -> tuple[Plan, PlacementDecision, OperatorSettings]:
     settings = OperatorSettings()
     (lft,) = lfts(path)
     resource = LoRAFineTuneResource(lft["metadata"]["name"], "ml", "uid-1", 1, parse_spec(lft["spec"]))
     decision = decide_placement(resource.spec, _cluster(), settings)
     assert decision.ok, decision.reason
-    p = plan(resource, decision, settings)
-    assert len(p.pods) == resource.spec.workers
+    return plan(resource, decision, settings), decision, settings
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_places_and_plans(path: Path) -> None:
+    p, decision, settings = _placed_and_planned(path)
+    spec = parse_spec(lfts(path)[0]["spec"])
+    assert len(p.pods) == spec.workers
     for pod in p.pods:
         container = pod["spec"]["containers"][0]
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         if decision.device == "xpu":
-            assert container["resources"]["limits"][settings.gpu_resource] == str(resource.spec.resources.gpus)
-    name = path.name
-    if name == "xpu-multinode-zero3.yaml":
-        assert p.trainer_config.distributed.deepspeed_stage == 3
-        assert p.pods[1]["spec"]["containers"][0]["command"][2].count("torchrun") == 1
-    if name == "cpu-amx-whitepaper.yaml":
-        lora = p.trainer_config.lora
-        assert (lora.r, lora.alpha, lora.target_modules, lora.init) == (8, 16, "all-linear", "olora")
-        assert p.trainer_config.data.packing is True and decision.device == "cpu"
-    if name == "xpu-qlora.yaml":
-        assert p.trainer_config.model.quantization == "nf4" and decision.device == "xpu"
-    if name == "s3-output.yaml":
-        env = {e["name"]: e for e in p.pods[0]["spec"]["containers"][0]["env"]}
-        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "kubelora-s3"
-        assert "REPLACE" not in yaml.safe_dump(p.config_map)  # credentials never in the ConfigMap
+            assert container["resources"]["limits"][settings.gpu_resource] == str(spec.resources.gpus)
+
+
+def _env(p: Plan, name: str) -> dict[str, Any]:
+    env: dict[str, Any] = {e["name"]: e for e in p.pods[0]["spec"]["containers"][0]["env"]}[name]
+    return env
+
+
+#: (example, what of its plan (p) and placement (d), the value): each example does what its name says.
+PLANNED = [
+    ("xpu-multinode-zero3.yaml", lambda p, d: p.trainer_config.distributed.deepspeed_stage, 3),
+    ("xpu-multinode-zero3.yaml", lambda p, d: p.pods[1]["spec"]["containers"][0]["command"][2].count("torchrun"), 1),
+    (
+        "cpu-amx-whitepaper.yaml",
+        lambda p, d: (p.trainer_config.lora.r, p.trainer_config.lora.alpha, p.trainer_config.lora.target_modules),
+        (8, 16, "all-linear"),
+    ),
+    ("cpu-amx-whitepaper.yaml", lambda p, d: p.trainer_config.lora.init, "olora"),
+    ("cpu-amx-whitepaper.yaml", lambda p, d: p.trainer_config.data.packing, True),
+    ("cpu-amx-whitepaper.yaml", lambda p, d: d.device, "cpu"),
+    ("xpu-qlora.yaml", lambda p, d: p.trainer_config.model.quantization, "nf4"),
+    ("xpu-qlora.yaml", lambda p, d: d.device, "xpu"),
+    (
+        "s3-output.yaml",
+        lambda p, d: _env(p, "AWS_SECRET_ACCESS_KEY")["valueFrom"]["secretKeyRef"]["name"],
+        "kubelora-s3",
+    ),
+    ("s3-output.yaml", lambda p, d: "REPLACE" in yaml.safe_dump(p.config_map), False),  # no credentials in it
+]
+
+
+@pytest.mark.parametrize(("name", "read", "expected"), PLANNED, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(PLANNED)])
+def test_example_plans_what_its_name_says(name: str, read: Any, expected: Any) -> None:
+    p, decision, _ = _placed_and_planned(EXAMPLES / name)
+    assert read(p, decision) == expected
 
 
 def _ensure_crd(cp: ControlPlane) -> None:
@@ -169,7 +199,8 @@ def _ensure_crd(cp: ControlPlane) -> None:
     def served() -> bool:
         got = cp.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}")
         return any(
-            c["type"] == "Established" and c["status"] == "True" for c in (got.get("status") or {}).get("conditions") or []
+            c["type"] == "Established" and c["status"] == "True"
+            for c in (got.get("status") or {}).get("conditions") or []
         )
 
     cp.wait_for(served, timeout=30, what="LoRAFineTune CRD established")

@@ -9,7 +9,6 @@ finalizer removal. Any 403 in the operator's log fails the test.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from kubelora_operator.rbac import manifests
 
 from tests.cluster.controlplane import ApiError, ControlPlane
 from tests.cluster.log_checks import denials
+from tests.cluster.service_accounts import service_account_kubeconfig, service_account_token
 
 from .cluster_helpers import (
     FakeKubelet,
@@ -63,38 +63,11 @@ def restricted(control_plane: ControlPlane, tmp_path: Path) -> Iterator[tuple[st
         f"/api/v1/namespaces/{ns}/serviceaccounts",
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "kubelora-operator"}},
     )
-    sa = cp.wait_for(
-        lambda: (s := cp.get(f"/api/v1/namespaces/{ns}/serviceaccounts/kubelora-operator")).get("secrets") and s,
-        timeout=30,
-        what="operator service account token",
-    )
-    secret = cp.get(f"/api/v1/namespaces/{ns}/secrets/{sa['secrets'][0]['name']}")
-    token = base64.b64decode(secret["data"]["token"]).decode()
+    token = service_account_token(cp, ns, "kubelora-operator", timeout=30)
     objs = manifests("kubelora-operator", ns, [ns], name=f"kubelora-operator-{ns}")
     for obj in objs:
         cp.create(_path(obj), obj)
-    assert control_plane.ca_file is not None
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [
-                    {
-                        "name": "c",
-                        "cluster": {
-                            "server": cp.server,
-                            "certificate-authority-data": base64.b64encode(cp.ca_file.read_bytes()).decode(),
-                        },
-                    }
-                ],
-                "users": [{"name": "operator", "user": {"token": token}}],
-                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "operator", "namespace": ns}}],
-                "current-context": "c",
-            }
-        )
-    )
+    kubeconfig = service_account_kubeconfig(cp, token, ns, tmp_path / "kubeconfig")
     op = OperatorProcess(cp, ns, tmp_path, KUBECONFIG=str(kubeconfig)).start()
     kubelet = FakeKubelet(cp, ns)
     try:
