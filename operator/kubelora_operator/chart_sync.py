@@ -1,10 +1,9 @@
 """The chart's copies of operator facts, generated from the one place each fact lives.
 
-Why: the settings (settings.py) and the RBAC rules (rbac.py) used to be kept by hand in three places
-each (code, chart, docs), held together only by tests. Now the chart's `values.schema.json` settings
-subtree and `rbac-rules.yaml` (read by the RBAC templates with `.Files.Get`) are written from the
-models by `python -m kubelora_operator.chart_sync`; `--check` (run by the tests) fails when a
-committed file differs from what the code would write.
+Why: the settings (settings.py) and the RBAC rules (rbac.py) each live in one place, and a copy kept
+by hand drifts. The chart's `values.schema.json` settings subtree and `rbac-rules.yaml` (read by the
+RBAC templates with `.Files.Get`) are written from the models by `python -m kubelora_operator.chart_sync`;
+`--check` (run by the tests) fails when a committed file differs from what the code would write.
 """
 
 from __future__ import annotations

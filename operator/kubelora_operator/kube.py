@@ -210,8 +210,8 @@ class Kube:
         """Pods matching `selector`.
 
         `from_cache=True` reads the apiserver's watch cache (`resourceVersion=0`): no etcd read, and the
-        cost no longer grows with every pod of the namespace (docs/operator-benchmark.md measured the
-        quorum list at 170-217 ms p50 with 400 pods, versus 25 ms for a GET). The answer may be a
+        cost does not grow with every pod of the namespace as a quorum list's does (figures:
+        docs/benchmarks.md, "Figures behind design choices"). The answer may be a
         moment old: it can miss a pod just created or still show one just deleted, never show a state
         that did not happen. Callers use it to observe and confirm with a quorum read (the default)
         before acting on an absence.

@@ -6,8 +6,8 @@ temporary name and renamed into place, with `state.json` written last inside it,
 process killed at any moment leaves either a complete checkpoint or none.
 
 Each checkpoint records the settings it was trained with (`settings_record`): `resume: auto`
-continues only with the same ones (issue 9, item 6), and `SaveCadence` writes one every
-`saveSteps` steps and every `saveMinutes` minutes of training (item 4).
+continues only with the same ones, and `SaveCadence` writes one every `saveSteps` steps and every
+`saveMinutes` minutes of training.
 
 Why no RNG state is stored: the recipe reseeds every optimizer step from (seed, step, rank),
 so dropout and data order after a resume equal those of an uninterrupted run without

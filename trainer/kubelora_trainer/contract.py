@@ -68,8 +68,8 @@ def one_line(text: str) -> str:
 def write_termination_message(text: str, path: Path | None = None) -> None:
     """Write the termination message into the file the kubelet mounted, or create it where its directory
     is writable; neither: not in a pod, nothing to write. The existing file is checked on its own because
-    a non-root container cannot write `/dev`, only the mounted `/dev/termination-log` in it (measured on
-    a real node: checking the directory alone lost every message, so status.artifact had no sha256)."""
+    a non-root container cannot write `/dev`, only the mounted `/dev/termination-log` in it (checking the
+    directory alone loses every message on a real node: docs/benchmarks.md, "Figures behind design choices")."""
     target = path or termination_log_path()
     writable_file = target.is_file() and os.access(target, os.W_OK)
     if writable_file or (target.parent.is_dir() and os.access(target.parent, os.W_OK)):

@@ -2,11 +2,11 @@
 
 Why: peft computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``: two full-size
 elementwise passes (scale, add) per adapted layer forward, one more in backward, and autograd
-computes ``lora_B``'s gradient as ``grad^T @ h`` on a transposed view, a skinny GEMM that ran
-at 5 GFLOP/s here. This forward does the same arithmetic as one in-place ``addmm_`` on the base
-output (scaling folded into ``alpha``) with a contiguous ``B^T``, whose gradient autograd then
-takes as ``h^T @ grad`` (4x faster on SmolLM2's 1536-wide MLP). Measured: -4% CPU time per
-training step on SmolLM2-135M fp32; same parameters, same adapter files.
+computes ``lora_B``'s gradient as ``grad^T @ h`` on a transposed view, a skinny GEMM that runs
+far below the CPU's GEMM speed. This forward does the same arithmetic as one in-place ``addmm_`` on
+the base output (scaling folded into ``alpha``) with a contiguous ``B^T``, whose gradient autograd
+then takes as ``h^T @ grad``, a fast shape (figures: docs/benchmarks.md). Same parameters, same
+adapter files.
 
 It is an instance-level replacement of ``forward`` on ``peft.tuners.lora.layer.Linear`` modules
 and steps aside (calls peft's own forward) for anything it does not cover: merged or disabled

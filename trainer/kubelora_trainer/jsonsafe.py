@@ -1,8 +1,8 @@
 """JSON that every parser reads: non-finite floats become null.
 
 Why: Python's json writes NaN and Infinity as bare words, which are not JSON; an eval loss over no
-rows (NaN) made summary.json unreadable for jq, Go and JavaScript (issue 9, item 8), and a diverged
-run's NaN train loss did the same to metrics.jsonl. A value that is not a number is written as
+rows (NaN) would make summary.json unreadable for jq, Go and JavaScript, and a diverged run's NaN
+train loss would do the same to metrics.jsonl. A value that is not a number is written as
 null ("no figure"), and `allow_nan=False` makes any path that skips this helper fail loudly in
 tests instead of writing invalid JSON.
 """

@@ -2,8 +2,8 @@
 
 Why this exists: a run directory holds one run's work (checkpoints, adapter, summary) and the
 operator mounts the same claim for every attempt of a resource. Without an owner, a re-created
-resource (new UID, new spec, new S3 URI) re-delivered the old resource's adapter as its own, and
-two resources pointed at one subPath trained into each other's checkpoints (issue 9, items 2-3).
+resource (new UID, new spec, new S3 URI) would re-deliver the old resource's adapter as its own, and
+two resources pointed at one subPath would train into each other's checkpoints.
 
 The rules (rank 0 enforces them: it is the only rank that writes the run dir):
 

@@ -1,11 +1,12 @@
 """The per-record size bound: records over ``data.maxRecordBytes`` are left out and counted.
 
-Why a bound at all: rendering and tokenizing a record costs about 160 bytes of memory per byte of
-text (token strings, offsets and Python int lists), so one 300 MB line took a pod past 10 GB before
-anything said why. A record longer than a few times what ``cutoffLen`` tokens can hold is mostly
-cut away anyway. JSONL lines over the bound are skipped while streaming, without being held whole or
-parsed; records of other formats are measured after parsing, before any rendering or tokenizing.
-Every skipped record is counted with where it was, for the run log and summary.json.
+Why a bound at all: rendering and tokenizing a record costs two orders of magnitude more memory than
+its text (token strings, offsets and Python int lists; figures: docs/benchmarks.md), so one huge line
+can take a pod past its memory limit before anything says why. A record longer than a few times what
+``cutoffLen`` tokens can hold is mostly cut away anyway. JSONL lines over the bound are skipped while
+streaming, without being held whole or parsed; records of other formats are measured after parsing,
+before any rendering or tokenizing. Every skipped record is counted with where it was, for the run log
+and summary.json.
 """
 
 from __future__ import annotations
