@@ -3,7 +3,8 @@
 What is checked: a finished run dir arrives complete with the manifest written last; a crash
 mid-upload leaves no manifest and a re-upload completes idempotently; another run's finished
 artifact is never overwritten; bad credentials and missing buckets fail with one clear line that
-never contains the secret; transient outages are ridden out by retries.
+never contains the secret; blips are retried by botocore (standard mode), outages by re-running
+the step (artifacts.py says why both).
 """
 
 from __future__ import annotations
@@ -514,3 +515,74 @@ def test_transient_classification():
                 raise S3UploadFailedError(f"Failed to upload: {e}")  # noqa: B904 - as boto3 does
         except S3UploadFailedError as wrapped:
             assert is_transient(wrapped) is expected
+
+
+# --------------------------------------------------------------------------- retries: botocore's, then the step's
+
+
+def test_clients_use_botocores_retry_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubelora_trainer.artifacts import REQUEST_ATTEMPTS, _make_client
+
+    tgt = S3Target(uri="s3://b/p", endpoint="http://127.0.0.1:1")
+    monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
+    assert _make_client(tgt).meta.config.retries == {"mode": "standard", "total_max_attempts": REQUEST_ATTEMPTS}
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    assert _make_client(tgt).meta.config.retries["mode"] == "adaptive"
+    monkeypatch.setenv("AWS_RETRY_MODE", "legacy")  # retries fewer errors, no jitter: not taken
+    assert _make_client(tgt).meta.config.retries["mode"] == "standard"
+
+
+def test_botocore_retries_each_request_then_the_step_is_run_again(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead endpoint: botocore makes REQUEST_ATTEMPTS attempts of the request (each retry logged),
+    then the step is re-run `retries` times, and one ArtifactUnavailable line names the count."""
+    from kubelora_trainer.artifacts import REQUEST_ATTEMPTS, ArtifactUnavailable, _make_client, _with_retries
+
+    from tests.s3server import free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
+    client = _make_client(S3Target(uri="s3://b/p", endpoint=f"http://127.0.0.1:{free_port()}"))
+    calls: list[int] = []
+
+    def step() -> Any:
+        calls.append(1)
+        return client.head_bucket(Bucket="b")
+
+    caplog.set_level(logging.WARNING, logger="kubelora_trainer.artifacts")
+    with pytest.raises(ArtifactUnavailable, match="probing failed after 2 attempts: EndpointConnectionError"):
+        _with_retries(step, what="probing", bucket="b", retries=1, backoff_s=0.01)
+    assert len(calls) == 2
+    by_botocore = [m for m in caplog.messages if "botocore retries it" in m]
+    assert len(by_botocore) == 2 * (REQUEST_ATTEMPTS - 1), caplog.messages
+    assert "attempt 1/3" in by_botocore[0] and "HeadBucket" in by_botocore[0]
+    assert sum("step retry 1/1" in m for m in caplog.messages) == 1
+
+
+def test_throttling_responses_are_retried_by_botocore(
+    s3_server: S3Server, s3_bucket: str, aws_env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 503 SlowDown answer (what S3 sends when throttling) is retried by botocore and logged; the
+    request then goes through to the real server. The first answer is injected in botocore's own
+    `before-send` hook, which takes a returned response instead of sending."""
+    from botocore.awsrequest import AWSResponse
+    from kubelora_trainer.artifacts import _make_client
+
+    class Raw:
+        def stream(self, **_: Any) -> Any:
+            yield b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
+
+    aws_env(s3_server)
+    client = _make_client(target(s3_server, s3_bucket, "throttle"))
+    answers = [503]
+
+    def throttle(request: Any, **_: Any) -> AWSResponse | None:
+        return AWSResponse(request.url, answers.pop(), {}, Raw()) if answers else None
+
+    client.meta.events.register("before-send.s3.PutObject", throttle)
+    caplog.set_level(logging.WARNING, logger="kubelora_trainer.artifacts")
+    resp = client.put_object(Bucket=s3_bucket, Key="throttle/x", Body=b"x")
+    assert resp["ResponseMetadata"]["RetryAttempts"] == 1
+    assert s3_server.client().get_object(Bucket=s3_bucket, Key="throttle/x")["Body"].read() == b"x"
+    assert any("(SlowDown (HTTP 503)), attempt 1/3; botocore retries it" in m for m in caplog.messages), caplog.messages

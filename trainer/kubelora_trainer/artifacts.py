@@ -21,11 +21,22 @@ Why it is built like this:
   refused with ArtifactError before anything is uploaded.
   The manifest is put with a conditional write (If-None-Match / If-Match) so two uploaders racing
   for the same prefix cannot both win.
-* Transient failures (connection errors, timeouts, 5xx, throttling) are retried per object with
-  exponential backoff; anything else (bad credentials, missing bucket, access denied) fails at once
-  with one line that names the bucket and the cause, never the credentials. Transient failures that
-  outlast the retries raise ArtifactUnavailable (the CLI exits 1, not 2: the operator restarts the
-  job, and a restart that finds the finished run in its run dir only uploads it).
+* Transient failures (connection errors, timeouts, 5xx, throttling) are retried twice over.
+  botocore retries each request (multipart parts included) in its `standard` retry mode
+  (`AWS_RETRY_MODE=adaptive` adds client-side rate limiting), which knows throttling, Retry-After
+  and a retry quota; every retry is logged. On top of that `_with_retries` re-runs a whole
+  idempotent step (check and upload of one object, reading or conditionally writing the manifest)
+  `retries` times, `backoff_s` doubling up to 30 s. Why a loop of our own is kept: botocore's
+  retries are made for blips, not outages. Its backoff for non-throttling errors is 50 ms * 2^i with
+  jitter (botocore 1.44), neither base nor cap configurable, so its attempts are spent within a
+  second or two, while a store that restarts or a network that drops is gone for seconds to tens
+  of seconds (tests/trainer/test_artifacts_s3.py restarts SeaweedFS mid-upload; botocore's
+  attempts alone end before it is back). The step loop also covers a response body that breaks
+  mid-read, after botocore's request cycle has returned. Anything else (bad credentials, missing
+  bucket, access denied) fails at once with one line that names the bucket and the cause, never
+  the credentials. Transient failures that outlast both raise ArtifactUnavailable (the CLI exits
+  1, not 2: the operator restarts the job, and a restart that finds the finished run in its run
+  dir only uploads it).
 * Credentials come only from boto3's own chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the
   environment, or a profile / web identity); this module never reads, logs or prints them.
 
@@ -58,6 +69,10 @@ SUMMARY_FILE = "summary.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: Top-level run files uploaded when present (besides adapter/ and merged/).
 EXTRA_FILES = ("summary.json", "config.yaml", "metrics.jsonl", "metrics.csv", "loss.png", "samples.md")
+#: Attempts botocore makes of each request (its retries: blips); `_with_retries` re-runs whole steps.
+REQUEST_ATTEMPTS = 3
+#: botocore's retry modes: `standard` (the default here), `adaptive` (standard plus client-side rate limiting).
+RETRY_MODES = ("standard", "adaptive")
 #: Objects at or above this size go up as multipart uploads, in parts of MULTIPART_CHUNKSIZE.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 64 * 1024 * 1024
@@ -168,16 +183,47 @@ def kubelora_version() -> str:
         return "unknown"
 
 
+def _retry_mode() -> str:
+    """`AWS_RETRY_MODE` (the AWS SDKs' own variable) when it names a mode that retries; else `standard`
+    (botocore's default, `legacy`, retries fewer errors and backs off without jitter)."""
+    mode = os.environ.get("AWS_RETRY_MODE", "").strip().lower()
+    return mode if mode in RETRY_MODES else "standard"
+
+
+def _log_retry(total: int) -> Callable[..., None]:
+    """A `needs-retry` hook that only logs: botocore decides whether and when to retry; this says why."""
+
+    def hook(response: Any = None, caught_exception: BaseException | None = None, attempts: int = 0, **kw: Any) -> None:
+        if attempts >= total:
+            return  # the last attempt: the step's error says it
+        if caught_exception is not None:
+            if not is_transient(caught_exception):
+                return
+            cause = _describe(caught_exception, "")
+        elif response is not None:
+            http, parsed = response
+            code = str((parsed.get("Error") or {}).get("Code") or "")
+            if http.status_code < 400 or not _transient_code(code, http.status_code):
+                return
+            cause = f"{code or 'error'} (HTTP {http.status_code})"
+        else:
+            return
+        op = getattr(kw.get("operation"), "name", "request")
+        log.warning("S3 %s: transient error (%s), attempt %d/%d; botocore retries it", op, cause, attempts, total)
+
+    return hook
+
+
 def _make_client(target: S3Target) -> Any:
-    """An S3 client whose credentials come from boto3's chain only. botocore's own retries are off:
-    `_with_retries` owns retrying so that the attempt count and backoff are ours and testable."""
+    """An S3 client whose credentials come from boto3's chain only; botocore retries each request
+    (REQUEST_ATTEMPTS attempts in all, mode from `_retry_mode`) and logs every retry."""
     try:
         import boto3
         from botocore.config import Config
     except ImportError as e:  # pragma: no cover - depends on the image
         raise ArtifactError("S3 output needs boto3: install kubelora[s3]") from e
     config = Config(
-        retries={"max_attempts": 1, "mode": "standard"},
+        retries={"mode": _retry_mode(), "total_max_attempts": REQUEST_ATTEMPTS},
         connect_timeout=10,
         read_timeout=120,
         # S3-compatible servers (MinIO, SeaweedFS, Ceph) want path-style addressing.
@@ -185,13 +231,15 @@ def _make_client(target: S3Target) -> Any:
         signature_version="s3v4",
     )
     session = boto3.session.Session()
-    return session.client(
+    client = session.client(
         "s3",
         endpoint_url=target.endpoint or None,
         region_name=target.region or ("us-east-1" if target.endpoint else None),
         verify=target.verify_tls,
         config=config,
     )
+    client.meta.events.register("needs-retry.s3", _log_retry(REQUEST_ATTEMPTS))
+    return client
 
 
 def _client_error_parts(exc: BaseException) -> tuple[str, int, str] | None:
@@ -217,6 +265,10 @@ def _root_cause(exc: BaseException) -> BaseException:
     return cur
 
 
+def _transient_code(code: str, status: int) -> bool:
+    return status >= 500 or status == 429 or code in _THROTTLING_CODES
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: connection trouble, timeouts, 5xx, throttling. Not: auth, 4xx, local I/O."""
     from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -227,8 +279,7 @@ def is_transient(exc: BaseException) -> bool:
         return True
     parts = _client_error_parts(exc)
     if parts is not None:
-        code, status, _ = parts
-        return status >= 500 or status == 429 or code in _THROTTLING_CODES
+        return _transient_code(parts[0], parts[1])
     # urllib3/socket errors that escaped botocore's wrapping
     return isinstance(exc, (ConnectionError, TimeoutError))
 
@@ -258,7 +309,9 @@ def _describe(exc: BaseException, bucket: str) -> str:
 
 
 def _with_retries(fn: Callable[[], T], *, what: str, bucket: str, retries: int, backoff_s: float) -> T:
-    """Call `fn`; retry transient failures `retries` times with exponential backoff (capped at 30 s)."""
+    """Run one idempotent step `fn`; when it fails transiently (botocore's own request retries spent,
+    or a body broken mid-read), run it again, `retries` times, `backoff_s` doubling (capped at 30 s).
+    The module docstring says why this loop exists beside botocore's."""
     attempt = 0
     while True:
         try:
@@ -278,8 +331,9 @@ def _with_retries(fn: Callable[[], T], *, what: str, bucket: str, retries: int, 
             delay = min(backoff_s * (2**attempt), 30.0)
             attempt += 1
             log.warning(
-                "%s: transient error (%s); retry %d/%d in %.1fs", what, _describe(exc, bucket), attempt, retries, delay
-            )
+                "%s: transient error (%s); step retry %d/%d in %.1fs",
+                what, _describe(exc, bucket), attempt, retries, delay,
+            )  # fmt: skip
             time.sleep(delay)
 
 
