@@ -55,6 +55,8 @@ class ConditionReason(str, Enum):
     WORKERS_STARTING = "WorkersStarting"
     WORKERS_RUNNING = "WorkersRunning"
     RESTARTING = "Restarting"
+    FETCHING_SOURCES = "FetchingSources"
+    SOURCES_FETCHED = "SourcesFetched"
     # Succeeded / Failed
     TRAINING_COMPLETE = "TrainingComplete"
     WORKER_FAILED = "WorkerFailed"
@@ -62,6 +64,7 @@ class ConditionReason(str, Enum):
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     NODES_NOT_AVAILABLE = "NodesNotAvailable"
     API_ERROR = "ApiError"
+    SOURCE_UNAVAILABLE = "SourceUnavailable"
     # Suspended
     SUSPENDED_BY_USER = "SuspendedByUser"
     RESUMED = "Resumed"

@@ -186,6 +186,11 @@ def fetch_pod(resource: LoRAFineTuneResource, settings: OperatorSettings, device
     pull_secrets = image_pull_secrets(spec.image_pull_secrets, settings)
     if pull_secrets:
         pod_spec["imagePullSecrets"] = pull_secrets
+    # The workers' node pool, as far as the user pinned it (a ReadWriteOnce cache is then on one node).
+    if spec.placement.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.placement.node_selector)
+    if spec.placement.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.placement.tolerations]
     if spec.pod.service_account_name or settings.service_account:
         pod_spec["serviceAccountName"] = spec.pod.service_account_name or settings.service_account
     metadata = {
