@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import yaml
@@ -100,16 +100,23 @@ def _helm_env(cp: ControlPlane, tmp_path: Path) -> dict[str, str]:
     }
 
 
+class Release(NamedTuple):
+    name: str
+    namespace: str
+    full: str  # the chart's fullname: Deployment, ServiceAccount, ClusterRole, ...
+    env: dict[str, str]  # helm's environment (kubeconfig, private cache and config dirs)
+
+
 @contextlib.contextmanager
-def _release(cp: ControlPlane, values: dict[str, Any], tmp_path: Path) -> Iterator[tuple[str, str, str]]:
-    """helm install in a fresh namespace; yields (release, namespace, ServiceAccount); uninstalls after."""
+def _release(cp: ControlPlane, values: dict[str, Any], tmp_path: Path) -> Iterator[Release]:
+    """helm install in a fresh namespace; uninstalls (whatever is left) and deletes the namespace after."""
     ns = f"kl-{uuid.uuid4().hex[:8]}"
     release = f"kl{uuid.uuid4().hex[:6]}"
     cp.create_namespace(ns)
     env = _helm_env(cp, tmp_path)
     try:
         helm("install", release, str(CHART), "-n", ns, *set_args(values), env=env)
-        yield release, ns, f"{release}-kubelora"
+        yield Release(release, ns, f"{release}-kubelora", env)
     finally:
         helm("uninstall", release, "-n", ns, env=env, check=False)
         with contextlib.suppress(ApiError):
@@ -120,13 +127,8 @@ def _release(cp: ControlPlane, values: dict[str, Any], tmp_path: Path) -> Iterat
 @pytest.mark.timeout(180)
 def test_install_upgrade_uninstall(control_plane: ControlPlane, tmp_path: Path) -> None:
     cp = control_plane
-    env = _helm_env(cp, tmp_path)
-    ns = f"kl-{uuid.uuid4().hex[:8]}"
-    release = f"kl{uuid.uuid4().hex[:6]}"
-    full = f"{release}-kubelora"
-    cp.create_namespace(ns)
-    try:
-        helm("install", release, str(CHART), "-n", ns, env=env)
+    with _release(cp, {}, tmp_path) as rel:
+        release, ns, full, env = rel
         # The CRDs are served (the chart's crds/ or an earlier install: helm skips existing CRDs).
         for crd in ("lorafinetunes.kubelora.dev", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"):
             cp.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}")
@@ -176,10 +178,6 @@ def test_install_upgrade_uninstall(control_plane: ControlPlane, tmp_path: Path) 
             assert err.value.status == 404
         # CRDs stay (Helm never deletes crds/): LoRAFineTunes survive an uninstall.
         cp.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/lorafinetunes.kubelora.dev")
-    finally:
-        helm("uninstall", release, "-n", ns, env=env, check=False)
-        with contextlib.suppress(ApiError):
-            cp.delete_namespace(ns)
 
 
 #: Cluster-wide mode, peering on: (verb, group, resource, where: "other" = a namespace, None = cluster).
@@ -206,7 +204,8 @@ def test_cluster_wide_service_account_rights(control_plane: ControlPlane, tmp_pa
     other = f"kl-other-{uuid.uuid4().hex[:6]}"
     cp.create_namespace(other, wait_service_account=False)
     try:
-        with _release(cp, {"replicaCount": 2}, tmp_path) as (_release_name, ns, sa):
+        with _release(cp, {"replicaCount": 2}, tmp_path) as rel:
+            ns, sa = rel.namespace, rel.full
             for group, resource, verb in sorted(NAMESPACED):
                 assert _allowed(cp, ns, sa, verb, group, resource, other), (verb, group, resource)
             for group, resource, verb in sorted(CLUSTER | CLUSTER_PEERING):
@@ -235,7 +234,8 @@ def test_namespaced_service_account_runs_the_operator(control_plane: ControlPlan
     cp.create_namespace(other, wait_service_account=False)
     proc: subprocess.Popen[bytes] | None = None
     try:
-        with _release(cp, {"watchNamespaces": [watched]}, tmp_path) as (_rel, ns, sa):
+        with _release(cp, {"watchNamespaces": [watched]}, tmp_path) as rel:
+            ns, sa = rel.namespace, rel.full
             for group, resource, verb in sorted(NAMESPACED):
                 assert _allowed(cp, ns, sa, verb, group, resource, watched), (verb, group, resource)
                 assert not _allowed(cp, ns, sa, verb, group, resource, other), (verb, group, resource, other)

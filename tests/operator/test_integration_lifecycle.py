@@ -3,6 +3,10 @@
 One operator (`python -m kubelora_operator run --standalone --namespace NS`) serves this module's
 namespace; every test uses its own resource names and its own fake node pool. The test plays the
 kubelet (pod status patches) and FakeKubelet confirms deletions.
+
+Why one module over 400 lines: the scenarios of one resource's life share that one module-scoped
+operator, so the suite starts it once; other integration modules (restart, metrics, rbac, schema)
+hold what needs an operator of its own.
 """
 
 from __future__ import annotations
@@ -64,6 +68,14 @@ def _gpu_pool(cp: ControlPlane, n: int = 2, gpus: int = 2) -> tuple[str, list[st
     for name in names:
         add_gpu_node(cp, name, pool, gpus=gpus)
     return pool, names
+
+
+def _two_bound_workers(env: Env, prefix: str, **spec: Any) -> tuple[str, list[dict[str, Any]]]:
+    """A 2-worker xpu resource `<prefix>-<pool>` in a fresh 2-node pool; (name, pods) once both are bound."""
+    pool, _ = _gpu_pool(env.cp)
+    name = f"{prefix}-{pool}"
+    create_lft(env.cp, env.ns, name, lft_spec(pool, device="xpu", workers=2, **spec))
+    return name, wait_pods(env.cp, env.ns, name, 2, _bound)
 
 
 def _env(pod: dict[str, Any]) -> dict[str, Any]:
@@ -242,10 +254,7 @@ def test_running_progress_and_success(env: Env) -> None:
     from kubelora_trainer.metrics import ProgressState, serve_metrics
 
     cp, ns = env.cp, env.ns
-    pool, _ = _gpu_pool(cp)
-    name = f"run-{pool}"
-    create_lft(cp, ns, name, lft_spec(pool, device="xpu", workers=2))
-    ps = wait_pods(cp, ns, name, 2, _bound)
+    name, ps = _two_bound_workers(env, "run")
     state = ProgressState()
     server = serve_metrics(state, METRICS_PORT, host="127.0.0.1")
     try:
@@ -315,10 +324,7 @@ def test_bad_input_exit_2_fails_without_retry(env: Env) -> None:
 
 def test_worker_failure_restarts_then_backoff_limit(env: Env) -> None:
     cp, ns = env.cp, env.ns
-    pool, _ = _gpu_pool(cp)
-    name = f"fail-{pool}"
-    create_lft(cp, ns, name, lft_spec(pool, device="xpu", workers=2, backoffLimit=1))
-    ps = wait_pods(cp, ns, name, 2, _bound)
+    name, ps = _two_bound_workers(env, "fail", backoffLimit=1)
     for p in ps:
         run_pod(cp, ns, p["metadata"]["name"])
     wait_condition(cp, ns, name, "Running", "True")
@@ -346,10 +352,7 @@ def test_worker_failure_restarts_then_backoff_limit(env: Env) -> None:
 
 def test_suspend_and_resume(env: Env) -> None:
     cp, ns = env.cp, env.ns
-    pool, _ = _gpu_pool(cp)
-    name = f"susp-{pool}"
-    create_lft(cp, ns, name, lft_spec(pool, device="xpu", workers=2))
-    ps = wait_pods(cp, ns, name, 2, _bound)
+    name, ps = _two_bound_workers(env, "susp")
     for p in ps:
         run_pod(cp, ns, p["metadata"]["name"])
     wait_condition(cp, ns, name, "Running", "True")
@@ -419,10 +422,7 @@ def test_active_deadline_and_ttl(env: Env) -> None:
 
 def test_deletion_garbage_collects_children(env: Env) -> None:
     cp, ns = env.cp, env.ns
-    pool, _ = _gpu_pool(cp)
-    name = f"del-{pool}"
-    create_lft(cp, ns, name, lft_spec(pool, device="xpu", workers=2))
-    ps = wait_pods(cp, ns, name, 2, _bound)
+    name, ps = _two_bound_workers(env, "del")
     run_pod(cp, ns, ps[0]["metadata"]["name"])
     cp.delete(f"{LFT_API}/namespaces/{ns}/lorafinetunes/{name}")
 
@@ -441,15 +441,10 @@ def test_deletion_garbage_collects_children(env: Env) -> None:
 
 def test_mpirun_ssh_secret_and_sshd_workers_stopped_on_success(env: Env) -> None:
     cp, ns = env.cp, env.ns
-    pool, _ = _gpu_pool(cp)
-    name = f"mpi-{pool}"
-    created = create_lft(
-        cp, ns, name, lft_spec(pool, device="xpu", workers=2, distributed={"launcher": "mpirun", "backend": "ccl"})
-    )
-    ps = wait_pods(cp, ns, name, 2, _bound)
+    name, ps = _two_bound_workers(env, "mpi", distributed={"launcher": "mpirun", "backend": "ccl"})
     secret = cp.get(f"/api/v1/namespaces/{ns}/secrets/{name}-ssh")
     assert secret["type"] == "kubernetes.io/ssh-auth" and {"ssh-privatekey", "ssh-publickey"} <= set(secret["data"])
-    assert secret["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == get_lft(cp, ns, name)["metadata"]["uid"]
     vols = {v["name"]: v for v in ps[0]["spec"]["volumes"]}
     assert vols["ssh"]["secret"]["secretName"] == f"{name}-ssh"
     for p in ps:
