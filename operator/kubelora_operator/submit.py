@@ -2,7 +2,7 @@
 
 Why a pure function: the same YAML a laptop run uses (`kubelora-train run CONFIG.yaml`) becomes the
 resource without anything declared twice. The trainer sections (model, data, lora, training,
-evaluation, distributed, device, output's overwrite/merge/plot/s3) are copied as they are; the
+evaluation, distributed, tracking, device, output's overwrite/merge/plot/s3, sources.s3) are copied as they are; the
 `cluster:` section holds the LoRAFineTune spec fields a laptop has no use for (workers, resources,
 output.pvc, output.s3.credentialsSecret, dataVolume, ...) plus `name` and `namespace`, and is merged
 over them. The result is validated with the operator's own spec models (`api.parse_spec`).
@@ -17,7 +17,7 @@ from typing import Any
 from .api import API_VERSION, KIND, SpecError, parse_spec
 
 #: Trainer config sections that are LoRAFineTune spec fields of the same name and shape.
-SPEC_SECTIONS = ("model", "data", "lora", "training", "evaluation", "distributed")
+SPEC_SECTIONS = ("model", "data", "lora", "training", "evaluation", "distributed", "tracking")
 #: Trainer `output` fields that the spec's `output` carries as well (the run dir is the operator's).
 OUTPUT_FIELDS = ("overwrite", "merge", "plot", "s3")
 
@@ -49,8 +49,6 @@ def resource_from_config(raw: dict[str, Any], *, name: str, namespace: str | Non
         raise SubmitError("device: cuda is for laptop runs; a LoRAFineTune runs on auto, xpu or cpu")
     if raw.get("ipex"):
         raise SubmitError("ipex: true is not offered through the operator (IPEX is retired upstream)")
-    if ((raw.get("tracking") or {}).get("mlflow")) is not None:
-        raise SubmitError("tracking.mlflow is not carried by the LoRAFineTune resource yet; remove it to submit")
     cluster = dict(raw.get("cluster") or {})
     if not isinstance(raw.get("cluster") or {}, dict):
         raise SubmitError("cluster: must be a mapping of LoRAFineTune spec fields")
@@ -60,6 +58,9 @@ def resource_from_config(raw: dict[str, Any], *, name: str, namespace: str | Non
     spec: dict[str, Any] = {k: copy.deepcopy(raw[k]) for k in SPEC_SECTIONS if k in raw}
     if raw.get("device"):
         spec["device"] = raw["device"]
+    if isinstance(raw.get("sources"), dict):  # the server of s3:// sources; the cache is the cluster's
+        sources = {k: copy.deepcopy(v) for k, v in raw["sources"].items() if k not in ("cacheDir", "cache_dir")}
+        spec["sources"] = sources
     output = raw.get("output") or {}
     spec["output"] = {k: copy.deepcopy(output[k]) for k in OUTPUT_FIELDS if k in output}
     spec = _merge(spec, cluster)

@@ -32,7 +32,7 @@ def test_quickstart_with_cluster_fields_becomes_a_valid_resource() -> None:
     ("change", "message"),
     [
         ({"device": "cuda"}, "device: cuda"),
-        ({"tracking": {"mlflow": {"trackingUri": "x"}}}, "tracking.mlflow"),
+        ({"tracking": {"mlflow": {"trackingUri": ""}}}, "spec.tracking.mlflow.trackingUri"),
         ({"cluster": {}}, "set exactly one of pvc or s3"),
         ({"cluster": {"workers": 0, "output": {"pvc": {"claimName": "c"}}}}, "spec.workers"),
     ],
@@ -42,6 +42,17 @@ def test_bad_config_is_one_specific_line(change: dict, message: str) -> None:
     with pytest.raises(SubmitError, match=message.replace(".", r"\.")) as err:
         resource_from_config(raw, name="qs")
     assert "\n" not in str(err.value)
+
+
+def test_tracking_and_s3_sources_are_carried() -> None:
+    raw = quickstart(output={"pvc": {"claimName": "c"}}, sources={"s3": {"credentialsSecret": {"name": "s"}}})
+    raw["model"] = {"nameOrPath": "s3://models/m"}
+    raw["tracking"] = {"mlflow": {"trackingUri": "http://mlflow:5000"}}
+    raw["sources"] = {"s3": {"endpoint": "http://s3:8333"}, "cacheDir": "/home/me/.cache/src"}
+    spec = parse_spec(resource_from_config(raw, name="qs")["spec"])
+    assert spec.tracking.mlflow is not None and spec.tracking.mlflow.tracking_uri == "http://mlflow:5000"
+    assert spec.sources.s3 is not None and spec.sources.s3.endpoint == "http://s3:8333"
+    assert spec.sources.s3.credentials_secret is not None and spec.model.name_or_path == "s3://models/m"
 
 
 def test_default_name_is_dns_1123() -> None:
