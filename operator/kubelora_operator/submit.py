@@ -26,12 +26,12 @@ class SubmitError(ValueError):
     """The config cannot become a resource: one line for the CLI (exit 2)."""
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """`over` merged into `base`, mappings recursively (the cluster section wins)."""
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged into a copy of `base`, mappings recursively, anything else replaced (`over` wins)."""
     out = copy.deepcopy(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -63,7 +63,7 @@ def resource_from_config(raw: dict[str, Any], *, name: str, namespace: str | Non
         spec["sources"] = sources
     output = raw.get("output") or {}
     spec["output"] = {k: copy.deepcopy(output[k]) for k in OUTPUT_FIELDS if k in output}
-    spec = _merge(spec, cluster)
+    spec = deep_merge(spec, cluster)  # the cluster section wins
     try:
         parse_spec(spec)
     except SpecError as err:

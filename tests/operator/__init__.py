@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from kubelora_operator.api import LoRAFineTuneResource, parse_spec
 from kubelora_operator.placement import NodeFacts
 from kubelora_operator.settings import OperatorSettings
+from kubelora_operator.submit import deep_merge
 
 SETTINGS = OperatorSettings()
 AMX_LABEL = {"feature.node.kubernetes.io/cpu-cpuid.AMXBF16": "true"}
@@ -19,20 +19,9 @@ BASE_SPEC: dict[str, Any] = {
 }
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge `over` into a copy of `base` (dicts merge, everything else replaces)."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def raw_spec(**over: Any) -> dict[str, Any]:
     """A valid raw spec (camelCase, as stored by the API server) with overrides."""
-    return merge(BASE_SPEC, over)
+    return deep_merge(BASE_SPEC, over)
 
 
 def resource(name: str = "demo", namespace: str = "team-a", **over: Any) -> LoRAFineTuneResource:
