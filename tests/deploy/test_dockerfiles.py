@@ -12,13 +12,11 @@
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.metadata as md
 import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -26,10 +24,20 @@ import yaml
 from packaging.requirements import Requirement
 
 from .deploy_helpers import CHART, REPO
+from .dockerfile import (
+    args_of,
+    dockerignore,
+    env_of,
+    exposed,
+    ignored,
+    installed_extras,
+    instructions,
+    pyproject,
+    pyproject_extras,
+)
 from .import_scan import closure, norm, required_imports
 
 DOCKER = REPO / "docker"
-PYPROJECT = REPO / "pyproject.toml"
 
 
 class Image(NamedTuple):
@@ -49,70 +57,6 @@ IMAGES = {
     ),
 }
 TRAINERS = ["trainer-cpu.Dockerfile", "trainer-xpu.Dockerfile"]
-
-
-def instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comment lines dropped, as Docker does."""
-    out: list[tuple[str, str]] = []
-    buf = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            buf += line[:-1] + " "
-            continue
-        buf += line
-        word, _, rest = buf.partition(" ")
-        out.append((word.upper(), rest.strip()))
-        buf = ""
-    assert not buf, f"{path.name}: dangling line continuation"
-    return out
-
-
-def args_of(path: Path) -> dict[str, str]:
-    args = {}
-    for ins, rest in instructions(path):
-        if ins == "ARG":
-            name, _, default = rest.partition("=")
-            args[name] = default
-    return args
-
-
-def env_of(path: Path) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for ins, rest in instructions(path):
-        if ins == "ENV":
-            for tok in shlex.split(rest):
-                key, _, value = tok.partition("=")
-                env[key] = value
-    return env
-
-
-def pyproject() -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # pragma: no cover - python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    project: dict[str, Any] = tomllib.loads(PYPROJECT.read_text())["project"]
-    return project
-
-
-def pyproject_extras() -> dict[str, list[str]]:
-    extras: dict[str, list[str]] = pyproject()["optional-dependencies"]
-    return extras
-
-
-def exposed(path: Path) -> set[int]:
-    return {int(p) for ins, rest in instructions(path) if ins == "EXPOSE" for p in rest.split()}
-
-
-def installed_extras(path: Path) -> set[str]:
-    """The extras of every `pip install ".[a,b]"` / `"kubelora[a,b]"` in the Dockerfile."""
-    text = " ".join(rest for ins, rest in instructions(path) if ins == "RUN")
-    found = re.findall(r"""["']?(?:\.|kubelora)\[([a-z0-9_,-]+)\]["']?""", text)
-    assert found, f"{path.name} installs no kubelora extras"
-    return {e for group in found for e in group.split(",")}
 
 
 @pytest.mark.parametrize("name", sorted(IMAGES))
@@ -194,30 +138,9 @@ def test_entrypoint_module_imports(name: str) -> None:
         assert err.value.code == 0
 
 
-def _dockerignore(name: str) -> list[str]:
-    path = DOCKER / f"{name}.dockerignore"
-    assert path.exists(), f"{path.name} missing (context is the repository root)"
-    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-
-
-def _ignored(rel: str, patterns: list[str]) -> bool:
-    ignored = False
-    for pat in patterns:
-        neg = pat.startswith("!")
-        p = pat[1:] if neg else pat
-        p = p.rstrip("/")
-        if (
-            fnmatch.fnmatch(rel, p)
-            or rel.startswith(p + "/")
-            or (p.startswith("**/") and fnmatch.fnmatch(rel.split("/")[-1], p[3:]))
-        ):
-            ignored = not neg
-    return ignored
-
-
 @pytest.mark.parametrize("name", sorted(IMAGES))
 def test_copy_sources_exist_in_context(name: str) -> None:
-    patterns = _dockerignore(name)
+    patterns = dockerignore(DOCKER / name)
     copies = [rest for ins, rest in instructions(DOCKER / name) if ins in ("COPY", "ADD")]
     assert copies
     for rest in copies:
@@ -227,7 +150,7 @@ def test_copy_sources_exist_in_context(name: str) -> None:
         for src in parts[:-1]:
             path = REPO / src
             assert path.exists(), f"{name}: COPY source {src} does not exist"
-            assert not _ignored(src.rstrip("/"), patterns), f"{name}: COPY source {src} is excluded by .dockerignore"
+            assert not ignored(src.rstrip("/"), patterns), f"{name}: COPY source {src} is excluded by .dockerignore"
     # The package needs its README (pyproject `readme`) and both source trees.
     sources = {s.rstrip("/") for rest in copies if "--from=" not in rest for s in shlex.split(rest)[:-1]}
     assert {"pyproject.toml", "README.md", "operator", "trainer"} <= sources
