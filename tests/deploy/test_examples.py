@@ -6,7 +6,6 @@ and the real API server accepts the whole file (`kubectl apply --dry-run=server`
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import subprocess
 from pathlib import Path
@@ -25,9 +24,10 @@ from kubelora_operator.plan import Plan, plan
 from kubelora_operator.settings import OperatorSettings
 from kubelora_operator.validation import check_resource, pvc_problems, references
 
-from tests.cluster.controlplane import ApiError, ControlPlane
+from tests.cluster.controlplane import ControlPlane
+from tests.operator.cluster_helpers import ensure_crd
 
-from .deploy_helpers import CRD_FILE, EXAMPLES, crd_schema, kubectl_bin, validate_structural
+from .deploy_helpers import EXAMPLES, crd_schema, kubectl_bin, validate_structural
 
 FILES = sorted(EXAMPLES.glob("*.yaml"))
 EXPECTED = {
@@ -191,28 +191,12 @@ def test_example_plans_what_its_name_says(name: str, read: Any, expected: Any) -
     assert read(p, decision) == expected
 
 
-def _ensure_crd(cp: ControlPlane) -> None:
-    crd = yaml.safe_load(CRD_FILE.read_text())
-    with contextlib.suppress(ApiError):
-        cp.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
-
-    def served() -> bool:
-        got = cp.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}")
-        return any(
-            c["type"] == "Established" and c["status"] == "True"
-            for c in (got.get("status") or {}).get("conditions") or []
-        )
-
-    cp.wait_for(served, timeout=30, what="LoRAFineTune CRD established")
-    cp.wait_for(lambda: cp.get("/apis/kubelora.dev/v1alpha1"), timeout=30, what="kubelora.dev/v1alpha1 served")
-
-
 @pytest.mark.cluster
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
 def test_server_dry_run_accepts(
     control_plane: ControlPlane, cluster_namespace: str, path: Path, tmp_path: Path
 ) -> None:
-    _ensure_crd(control_plane)
+    ensure_crd(control_plane)
     proc = subprocess.run(
         [kubectl_bin(), "apply", "--dry-run=server", "-n", cluster_namespace, "-f", str(path), "-o", "yaml"],
         env={"KUBECONFIG": str(control_plane.kubeconfig), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
