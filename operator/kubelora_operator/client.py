@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from kubelora_trainer.artifacts import ADAPTER_DIR, ADAPTER_WEIGHTS, MANIFEST_FILE, _Location, _make_client, sha256_file
+from kubelora_trainer.artifacts import ADAPTER_DIR, ADAPTER_WEIGHTS, MANIFEST_FILE, _Location, sha256_file
 from kubelora_trainer.config import S3Target
+from kubelora_trainer.s3_client import make_client
 
 from .api import GROUP, PLURAL, VERSION
 
@@ -152,7 +153,7 @@ def fetch_s3(target: S3Target, adapter_sha256: str, dest: Path, include_merged: 
     if dest.exists() and any(dest.iterdir()):
         raise ClientError(f"{dest} is not empty")
     loc = _Location.parse(target.uri)
-    client = _make_client(target)
+    client = make_client(target)
     try:
         body = client.get_object(Bucket=loc.bucket, Key=loc.key(MANIFEST_FILE))["Body"].read()
     except Exception as err:

@@ -23,11 +23,11 @@ from kubelora_trainer.artifacts import (
     ArtifactError,
     ArtifactInfo,
     check_target,
-    is_transient,
     run_identity,
     upload_run,
 )
 from kubelora_trainer.config import S3Target
+from kubelora_trainer.s3_client import is_transient
 
 from tests import s3server
 from tests.s3server import S3Server
@@ -521,15 +521,15 @@ def test_transient_classification():
 
 
 def test_clients_use_botocores_retry_modes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kubelora_trainer.artifacts import REQUEST_ATTEMPTS, _make_client
+    from kubelora_trainer.s3_client import REQUEST_ATTEMPTS, make_client
 
     tgt = S3Target(uri="s3://b/p", endpoint="http://127.0.0.1:1")
     monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
-    assert _make_client(tgt).meta.config.retries == {"mode": "standard", "total_max_attempts": REQUEST_ATTEMPTS}
+    assert make_client(tgt).meta.config.retries == {"mode": "standard", "total_max_attempts": REQUEST_ATTEMPTS}
     monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
-    assert _make_client(tgt).meta.config.retries["mode"] == "adaptive"
+    assert make_client(tgt).meta.config.retries["mode"] == "adaptive"
     monkeypatch.setenv("AWS_RETRY_MODE", "legacy")  # retries fewer errors, no jitter: not taken
-    assert _make_client(tgt).meta.config.retries["mode"] == "standard"
+    assert make_client(tgt).meta.config.retries["mode"] == "standard"
 
 
 def test_botocore_retries_each_request_then_the_step_is_run_again(
@@ -537,20 +537,21 @@ def test_botocore_retries_each_request_then_the_step_is_run_again(
 ) -> None:
     """A dead endpoint: botocore makes REQUEST_ATTEMPTS attempts of the request (each retry logged),
     then the step is re-run `retries` times, and one ArtifactUnavailable line names the count."""
-    from kubelora_trainer.artifacts import REQUEST_ATTEMPTS, ArtifactUnavailable, _make_client, _with_retries
+    from kubelora_trainer.artifacts import ArtifactUnavailable, _with_retries
+    from kubelora_trainer.s3_client import REQUEST_ATTEMPTS, make_client
 
     from tests.s3server import free_port
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
-    client = _make_client(S3Target(uri="s3://b/p", endpoint=f"http://127.0.0.1:{free_port()}"))
+    client = make_client(S3Target(uri="s3://b/p", endpoint=f"http://127.0.0.1:{free_port()}"))
     calls: list[int] = []
 
     def step() -> Any:
         calls.append(1)
         return client.head_bucket(Bucket="b")
 
-    caplog.set_level(logging.WARNING, logger="kubelora_trainer.artifacts")
+    caplog.set_level(logging.WARNING, logger="kubelora_trainer")
     with pytest.raises(ArtifactUnavailable, match="probing failed after 2 attempts: EndpointConnectionError"):
         _with_retries(step, what="probing", bucket="b", retries=1, backoff_s=0.01)
     assert len(calls) == 2
@@ -567,21 +568,21 @@ def test_throttling_responses_are_retried_by_botocore(
     request then goes through to the real server. The first answer is injected in botocore's own
     `before-send` hook, which takes a returned response instead of sending."""
     from botocore.awsrequest import AWSResponse
-    from kubelora_trainer.artifacts import _make_client
+    from kubelora_trainer.s3_client import make_client
 
     class Raw:
         def stream(self, **_: Any) -> Any:
             yield b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
 
     aws_env(s3_server)
-    client = _make_client(target(s3_server, s3_bucket, "throttle"))
+    client = make_client(target(s3_server, s3_bucket, "throttle"))
     answers = [503]
 
     def throttle(request: Any, **_: Any) -> AWSResponse | None:
         return AWSResponse(request.url, answers.pop(), {}, Raw()) if answers else None
 
     client.meta.events.register("before-send.s3.PutObject", throttle)
-    caplog.set_level(logging.WARNING, logger="kubelora_trainer.artifacts")
+    caplog.set_level(logging.WARNING, logger="kubelora_trainer.s3_client")
     resp = client.put_object(Bucket=s3_bucket, Key="throttle/x", Body=b"x")
     assert resp["ResponseMetadata"]["RetryAttempts"] == 1
     assert s3_server.client().get_object(Bucket=s3_bucket, Key="throttle/x")["Body"].read() == b"x"

@@ -24,7 +24,7 @@ Why it is built like this:
 * Transient failures (connection errors, timeouts, 5xx, throttling) are retried twice over.
   botocore retries each request (multipart parts included) in its `standard` retry mode
   (`AWS_RETRY_MODE=adaptive` adds client-side rate limiting), which knows throttling, Retry-After
-  and a retry quota; every retry is logged. On top of that `_with_retries` re-runs a whole
+  and a retry quota; every retry is logged (s3_client.py). On top of that `_with_retries` re-runs a whole
   idempotent step (check and upload of one object, reading or conditionally writing the manifest)
   `retries` times, `backoff_s` doubling up to 30 s. Why a loop of our own is kept: botocore's
   retries are made for blips, not outages. Its backoff for non-throttling errors is 50 ms * 2^i with
@@ -41,6 +41,8 @@ Why it is built like this:
   environment, or a profile / web identity); this module never reads, logs or prints them.
 
 boto3 is an optional dependency (extra `s3`); it is imported only when an upload is asked for.
+Over 400 lines on purpose: the protocol above (refusal, idempotent re-upload, manifest last and
+conditional) is one sequence, easier to check for its invariants when read in one place.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .config import S3Target
+from .s3_client import client_error_parts, describe, is_not_found, is_transient, make_client
 
 log = logging.getLogger(__name__)
 
@@ -69,43 +72,9 @@ SUMMARY_FILE = "summary.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: Top-level run files uploaded when present (besides adapter/ and merged/).
 EXTRA_FILES = ("summary.json", "config.yaml", "metrics.jsonl", "metrics.csv", "loss.png", "samples.md")
-#: Attempts botocore makes of each request (its retries: blips); `_with_retries` re-runs whole steps.
-REQUEST_ATTEMPTS = 3
-#: botocore's retry modes: `standard` (the default here), `adaptive` (standard plus client-side rate limiting).
-RETRY_MODES = ("standard", "adaptive")
 #: Objects at or above this size go up as multipart uploads, in parts of MULTIPART_CHUNKSIZE.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 64 * 1024 * 1024
-
-_THROTTLING_CODES = frozenset(
-    {
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestThrottledException",
-        "SlowDown",
-        "TooManyRequestsException",
-        "RequestLimitExceeded",
-        "BandwidthLimitExceeded",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "PriorRequestNotComplete",
-        "InternalError",
-        "ServiceUnavailable",
-    }
-)
-_CREDENTIAL_CODES = frozenset(
-    {
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "InvalidToken",
-        "ExpiredToken",
-        "TokenRefreshRequired",
-        "InvalidClientTokenId",
-        "AuthorizationHeaderMalformed",
-    }
-)
-_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 
 T = TypeVar("T")
 
@@ -183,131 +152,6 @@ def kubelora_version() -> str:
         return "unknown"
 
 
-def _retry_mode() -> str:
-    """`AWS_RETRY_MODE` (the AWS SDKs' own variable) when it names a mode that retries; else `standard`
-    (botocore's default, `legacy`, retries fewer errors and backs off without jitter)."""
-    mode = os.environ.get("AWS_RETRY_MODE", "").strip().lower()
-    return mode if mode in RETRY_MODES else "standard"
-
-
-def _log_retry(total: int) -> Callable[..., None]:
-    """A `needs-retry` hook that only logs: botocore decides whether and when to retry; this says why."""
-
-    def hook(response: Any = None, caught_exception: BaseException | None = None, attempts: int = 0, **kw: Any) -> None:
-        if attempts >= total:
-            return  # the last attempt: the step's error says it
-        if caught_exception is not None:
-            if not is_transient(caught_exception):
-                return
-            cause = _describe(caught_exception, "")
-        elif response is not None:
-            http, parsed = response
-            code = str((parsed.get("Error") or {}).get("Code") or "")
-            if http.status_code < 400 or not _transient_code(code, http.status_code):
-                return
-            cause = f"{code or 'error'} (HTTP {http.status_code})"
-        else:
-            return
-        op = getattr(kw.get("operation"), "name", "request")
-        log.warning("S3 %s: transient error (%s), attempt %d/%d; botocore retries it", op, cause, attempts, total)
-
-    return hook
-
-
-def _make_client(target: S3Target) -> Any:
-    """An S3 client whose credentials come from boto3's chain only; botocore retries each request
-    (REQUEST_ATTEMPTS attempts in all, mode from `_retry_mode`) and logs every retry."""
-    try:
-        import boto3
-        from botocore.config import Config
-    except ImportError as e:  # pragma: no cover - depends on the image
-        raise ArtifactError("S3 output needs boto3: install kubelora[s3]") from e
-    config = Config(
-        retries={"mode": _retry_mode(), "total_max_attempts": REQUEST_ATTEMPTS},
-        connect_timeout=10,
-        read_timeout=120,
-        # S3-compatible servers (MinIO, SeaweedFS, Ceph) want path-style addressing.
-        s3={"addressing_style": "path" if target.endpoint else "auto"},
-        signature_version="s3v4",
-    )
-    session = boto3.session.Session()
-    client = session.client(
-        "s3",
-        endpoint_url=target.endpoint or None,
-        region_name=target.region or ("us-east-1" if target.endpoint else None),
-        verify=target.verify_tls,
-        config=config,
-    )
-    client.meta.events.register("needs-retry.s3", _log_retry(REQUEST_ATTEMPTS))
-    return client
-
-
-def _client_error_parts(exc: BaseException) -> tuple[str, int, str] | None:
-    """(code, http status, message) of a botocore ClientError, else None."""
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return None
-    err = response.get("Error") or {}
-    status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
-    return str(err.get("Code") or status or "Unknown"), status, str(err.get("Message") or "").strip()
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """boto3's upload_file turns a ClientError into S3UploadFailedError (a plain string); the
-    original is its __context__. Walk down to the first exception that tells us more."""
-    seen = 0
-    cur: BaseException = exc
-    while type(cur).__name__ == "S3UploadFailedError" and seen < 5:
-        nxt = cur.__cause__ or cur.__context__
-        if nxt is None:
-            break
-        cur, seen = nxt, seen + 1
-    return cur
-
-
-def _transient_code(code: str, status: int) -> bool:
-    return status >= 500 or status == 429 or code in _THROTTLING_CODES
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: connection trouble, timeouts, 5xx, throttling. Not: auth, 4xx, local I/O."""
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import HTTPClientError
-
-    exc = _root_cause(exc)
-    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
-        return True
-    parts = _client_error_parts(exc)
-    if parts is not None:
-        return _transient_code(parts[0], parts[1])
-    # urllib3/socket errors that escaped botocore's wrapping
-    return isinstance(exc, (ConnectionError, TimeoutError))
-
-
-def _describe(exc: BaseException, bucket: str) -> str:
-    """One line naming the cause; never includes credentials (botocore messages do not carry them)."""
-    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
-
-    exc = _root_cause(exc)
-    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or another boto3 credential source)"
-    parts = _client_error_parts(exc)
-    if parts is not None:
-        code, status, message = parts
-        if code in _CREDENTIAL_CODES:
-            return (
-                f"S3 rejected the credentials ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
-                "and the endpoint"
-            )
-        if code == "NoSuchBucket" or (status == 404 and code in ("404", "NotFound")):
-            return f"bucket {bucket!r} does not exist"
-        if code in ("AccessDenied", "403", "Forbidden"):
-            return f"access denied to bucket {bucket!r} ({code}{': ' + message if message else ''})"
-        return f"{code}{' (HTTP ' + str(status) + ')' if status else ''}{': ' + message if message else ''}"
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _with_retries(fn: Callable[[], T], *, what: str, bucket: str, retries: int, backoff_s: float) -> T:
     """Run one idempotent step `fn`; when it fails transiently (botocore's own request retries spent,
     or a body broken mid-read), run it again, `retries` times, `backoff_s` doubling (capped at 30 s).
@@ -321,10 +165,10 @@ def _with_retries(fn: Callable[[], T], *, what: str, bucket: str, retries: int, 
         except Exception as exc:
             if not is_transient(exc):
                 tries = f" after {attempt + 1} attempts" if attempt else ""
-                raise ArtifactError(f"{what} failed{tries}: {_describe(exc, bucket)}") from exc
+                raise ArtifactError(f"{what} failed{tries}: {describe(exc, bucket)}") from exc
             if attempt >= retries:
                 raise ArtifactUnavailable(
-                    f"{what} failed after {attempt + 1} attempts: {_describe(exc, bucket)} (S3 unreachable; "
+                    f"{what} failed after {attempt + 1} attempts: {describe(exc, bucket)} (S3 unreachable; "
                     f"objects already uploaded may be visible, but without {MANIFEST_FILE}, written last, "
                     "the artifact is not complete and readers must not use it)"
                 ) from exc
@@ -332,7 +176,7 @@ def _with_retries(fn: Callable[[], T], *, what: str, bucket: str, retries: int, 
             attempt += 1
             log.warning(
                 "%s: transient error (%s); step retry %d/%d in %.1fs",
-                what, _describe(exc, bucket), attempt, retries, delay,
+                what, describe(exc, bucket), attempt, retries, delay,
             )  # fmt: skip
             time.sleep(delay)
 
@@ -361,11 +205,6 @@ def _test_hold() -> None:
     while time.monotonic() < deadline and hold.read_text() == "holding":
         time.sleep(0.05)
     log.warning("%s: upload released", TEST_UPLOAD_HOLD_ENV)
-
-
-def _is_not_found(exc: BaseException) -> bool:
-    parts = _client_error_parts(exc)
-    return parts is not None and (parts[0] in _NOT_FOUND_CODES or parts[1] == 404) and parts[0] != "NoSuchBucket"
 
 
 # --------------------------------------------------------------------------- local side
@@ -418,7 +257,7 @@ def _read_manifest(client: Any, loc: _Location, *, retries: int, backoff_s: floa
         try:
             resp = client.get_object(Bucket=loc.bucket, Key=loc.key(MANIFEST_FILE))
         except Exception as exc:
-            if _is_not_found(exc):
+            if is_not_found(exc):
                 return None, None
             raise
         body = resp["Body"].read()
@@ -447,7 +286,7 @@ def _remote_matches(client: Any, loc: _Location, f: _LocalFile) -> bool:
     try:
         head = client.head_object(Bucket=loc.bucket, Key=loc.key(f.rel))
     except Exception as exc:
-        if _is_not_found(exc):
+        if is_not_found(exc):
             return False
         raise
     return int(head.get("ContentLength", -1)) == f.size and (head.get("Metadata") or {}).get("sha256") == f.sha256
@@ -471,7 +310,7 @@ def check_target(target: S3Target, *, run_id: str | None = None, retries: int = 
     object is put and deleted under the prefix). With `run_id`, also refuse a prefix already finished by another run.
     Raises ArtifactError with one line; returns None when the target is usable."""
     loc = _Location.parse(target.uri)
-    client = _make_client(target)
+    client = make_client(target)
     # A PUT rather than HeadBucket: HEAD error responses have no body, so a 403 there cannot tell
     # bad credentials from missing permissions; the PUT's error code names the cause (NoSuchBucket,
     # AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch).
@@ -486,7 +325,7 @@ def check_target(target: S3Target, *, run_id: str | None = None, retries: int = 
     try:
         client.delete_object(Bucket=loc.bucket, Key=probe)
     except Exception as exc:  # uploads never delete: a leftover probe is untidy, not fatal
-        log.warning("could not delete probe object s3://%s/%s: %s", loc.bucket, probe, _describe(exc, loc.bucket))
+        log.warning("could not delete probe object s3://%s/%s: %s", loc.bucket, probe, describe(exc, loc.bucket))
     if run_id is not None:
         manifest, _ = _read_manifest(client, loc, retries=retries, backoff_s=backoff_s)
         if manifest is not None:
@@ -518,7 +357,7 @@ def upload_run(
     files = _collect(run_dir, include_merged)
     weights = next(f for f in files if f.rel == f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}")
     rid = run_id or run_identity(run_dir, weights.sha256)
-    client = _make_client(target)
+    client = make_client(target)
 
     listing = [{"path": f.rel, "size_bytes": f.size, "sha256": f.sha256} for f in files]
     existing, etag = _read_manifest(client, loc, retries=retries, backoff_s=backoff_s)
@@ -598,7 +437,7 @@ def upload_run(
                 Bucket=loc.bucket, Key=loc.key(MANIFEST_FILE), Body=body, ContentType="application/json", **cond
             )
         except Exception as exc:
-            parts = _client_error_parts(exc)
+            parts = client_error_parts(exc)
             if parts is None or parts[0] not in ("PreconditionFailed", "NotImplemented") and parts[1] != 412:
                 raise
             now, _ = _read_manifest(client, loc, retries=retries, backoff_s=backoff_s)

@@ -122,11 +122,11 @@ def check_local(path: str) -> Fetched:
 
 
 def _client(uri: str, s3: S3Source | None) -> Any:
-    from .artifacts import _make_client
+    from .s3_client import make_client
 
     s3 = s3 or S3Source()
     target = S3Target(uri=uri, endpoint=s3.endpoint, region=s3.region, verify_tls=s3.verify_tls)
-    return _make_client(target)
+    return make_client(target)
 
 
 def _call(fn: Any, what: str, bucket: str) -> Any:
