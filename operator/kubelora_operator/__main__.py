@@ -25,15 +25,18 @@ from collections.abc import Sequence
 
 import kopf
 
-from .controller import register
+from .controller import API_THREADS, register
 from .controller.cache import CachedKube
 from .kube import new_api_client
 from .plan import LABEL_NAME, LABEL_ROLE
 from .settings import OperatorSettings, load_settings
 
 PREFIX = "kubelora.dev"
-#: Threads running the sync handlers; the REST layer keeps as many pooled connections (kube.py).
-HANDLER_THREADS = 32
+#: Threads for kopf's own sync activities (login, startup, cleanup): the handlers are async and the
+#: reconciles run on the controller's pools (controller/deferred.py).
+KOPF_THREADS = 4
+#: Seconds an object's kopf worker task stays after its last event (kopf's default: 5).
+KOPF_WORKER_IDLE_SECONDS = 1.0
 FINALIZER = f"{PREFIX}/finalizer"
 
 
@@ -47,9 +50,11 @@ def kopf_settings() -> kopf.OperatorSettings:
     # Only worker pods are watched (server-side selector): the operator never streams every pod of
     # the cluster, which matters cluster-wide.
     ks.watching.label_selectors["v1", "pods"] = f"{LABEL_NAME},{LABEL_ROLE}=worker"
-    # Handlers are sync and block on API round trips (~17 per resource at creation): kopf's default
-    # pool (min(32, cpus + 4) threads = 6 on 2 CPUs) made 200 resources queue (docs/operator-benchmark.md).
-    ks.execution.max_workers = HANDLER_THREADS
+    ks.execution.max_workers = KOPF_THREADS
+    # Every object that had an event keeps a worker task (with its queue) this long: during a burst of
+    # creations that is every pod and resource at once; the handlers return at once, so a short wait
+    # costs only a new task for the object's next event.
+    ks.queueing.idle_timeout = KOPF_WORKER_IDLE_SECONDS
     ks.watching.server_timeout = 300
     ks.watching.client_timeout = 330
     ks.watching.connect_timeout = 30
@@ -71,7 +76,7 @@ def run_operator(
     kopf.configure(verbose=verbose)
     logging.getLogger("kubelora_operator").setLevel(logging.DEBUG if verbose else logging.INFO)
     registry = kopf.OperatorRegistry()
-    register(registry, settings, CachedKube(new_api_client(connections=HANDLER_THREADS)))
+    register(registry, settings, CachedKube(new_api_client(connections=API_THREADS)))
     # A registry of our own gets none of kopf's default handlers: log in like kopf does by default.
     kopf.on.login(registry=registry, id="login")(kopf.login_via_client)
     peering = peering_name or settings.peering_name

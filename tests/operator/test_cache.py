@@ -110,6 +110,17 @@ def test_own_writes_are_remembered_when_newer_and_deleted_resources_forgotten() 
     assert [c[0] for c in api.calls] == ["PATCH", "PATCH", "GET"]
 
 
+def test_the_echo_of_our_own_patch_is_recognised_and_nothing_else() -> None:
+    answer = {**settled_body(rv="12"), "status": {"phase": "Pending"}}
+    kube = CachedKube(FakeApiClient(answer), backoff=0)
+    assert not kube.observe_lft(None, settled_body(rv="10"))  # the initial listing: never an echo
+    kube.patch_lft_status("team-a", "demo", {"phase": "Pending"})
+    assert not kube.observe_lft("MODIFIED", settled_body(rv="11"))  # someone else's change before ours
+    assert kube.observe_lft("MODIFIED", answer)  # rv 12: what our patch returned
+    assert not kube.observe_lft("MODIFIED", answer)  # once only
+    assert not kube.observe_lft("MODIFIED", settled_body(rv="13"))  # a user's edit after ours
+
+
 def test_one_node_list_serves_a_burst_of_placements() -> None:
     now = [0.0]
     api = FakeApiClient({"items": [{"metadata": {"name": "a"}}]}, {"items": []})

@@ -351,3 +351,42 @@ def test_pod_events_reconcile_only_when_the_workers_state_changed() -> None:
     for _ in range(2):  # a reconcile that failed is not remembered: the same event triggers again
         with pytest.raises(kopf.TemporaryError):
             runner.pod_event("ns", "demo", "MODIFIED", pod(0))
+
+
+def test_events_queue_reconciles_and_pod_events_of_one_resource_arriving_together_cost_one() -> None:
+    import threading
+    import time
+
+    runs: list[str] = []
+    done = threading.Event()
+
+    def fn(*a: Any) -> None:
+        runs.append(a[3])
+        if len(runs) >= 2:
+            done.set()
+
+    runner = Runner(kube=None, settings=SETTINGS, fn=fn)  # type: ignore[arg-type]
+    runner.start_queues(pod_delay=0.3)
+    try:
+        bound = [pod(i, phase="Pending", state={"waiting": {"reason": "ContainerCreating"}}) for i in range(2)]
+        for i, p in enumerate(bound):
+            p["metadata"]["uid"] = f"u{i}"
+            assert runner.pod_event("ns", "demo", "MODIFIED", p)
+        other = pod(0)
+        other["metadata"]["uid"] = "o0"
+        assert runner.pod_event("ns", "other", "ADDED", other)
+        assert runs == []  # nothing ran in kopf's thread
+        assert done.wait(5)
+        time.sleep(0.5)
+        assert sorted(runs) == ["demo", "other"]  # both workers of demo: one reconcile
+        assert not runner.pod_event("ns", "demo", "MODIFIED", bound[1])  # acted on: remembered
+        assert runner.pending() == 0
+        runner.resource_event("ns", "demo")  # the resource's own events: queued too, run without delay
+        for _ in range(50):
+            if len(runs) >= 3:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert sorted(runs) == ["demo", "demo", "other"]
+    finally:
+        runner.stop_queues()

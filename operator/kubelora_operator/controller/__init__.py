@@ -4,31 +4,33 @@ Triggers (all run the same level-based reconcile of one LoRAFineTune):
 
 * `@kopf.on.event` of the resource (its initial listing, ADDED, MODIFIED): level-based, so it needs
   none of kopf's create/update/resume bookkeeping, which cost two annotation patches per resource;
-* `@kopf.on.event` of its worker pods (label `kubelora.dev/name`), so pod phases reach status at once;
+  the echo of the operator's own patch is skipped (the pass that wrote it saw that state);
+* `@kopf.on.event` of its worker pods (label `kubelora.dev/name`), so pod phases reach status;
 * a resync pass every `resyncSeconds` (resync.py, from the cache): NoMatchingNodes and missing
   references are re-evaluated (a node or Secret added later unblocks the run),
   activeDeadlineSeconds/ttlSecondsAfterFinished are checked, missed events are caught up;
 * a progress pass every `progressSeconds` over the Running ones: rank 0's metrics -> `status.progress`.
 
+The two event handlers are async and only queue the reconcile by resource (deferred.py): an event
+never waits in kopf for a thread, with its body; pod events wait `POD_EVENT_DELAY` so that the pods
+of one resource that change together cost one reconcile.
+
 What the reconcile reads comes from memory (cache.py): a kopf index of the worker pods by owner and
 the LoRAFineTune bodies from the watch (`@kopf.on.event`, plus the operator's own patch responses).
 A resync of a settled resource therefore sends no request at all.
 
-Why pod events are filtered: every pod event used to run a full reconcile (GET the resource, LIST its
-pods), also for the many updates that change nothing the reconcile reads (the kubelet's condition
-timestamps, readiness probes). With 200 resources those no-op
-reconciles queued up and real changes were acted on 35-60 s late (docs/operator-benchmark.md). The
-Runner remembers each worker pod's reduced state (`WorkerState`: phase, node, exit code, ...) and
-triggers only when it changed or the pod went away; the resync pass still catches anything missed.
+Why pod events are filtered: many pod updates change nothing the reconcile reads (the kubelet's
+condition timestamps, readiness probes). The Runner remembers each worker pod's reduced state
+(`WorkerState`: phase, node, exit code, ...) and triggers only when it changed or the pod went away;
+the resync pass still catches anything missed.
 
-Why `Runner` coalesces: kopf runs sync handlers in threads, and the triggers above fire concurrently
-for the same resource (a pod event during a create). Two reconciles of one resource at once could
-both start a restart; instead, a trigger that finds a reconcile of its resource running only marks
-it dirty, and the running one does one more pass. Nothing waits on a lock, so threads are never held.
+Why `Runner` coalesces: the triggers above run on several threads (the queues' pools, the resync
+pass) and can fire for the same resource at once. Two reconciles of one resource at once could both
+start a restart; instead, a trigger that finds a reconcile of its resource running only marks it
+dirty, and the running one does one more pass. Nothing waits on a lock, so threads are never held.
 
-Errors: transient API errors become `kopf.TemporaryError` (logged: kopf does not retry event handlers;
-the next event or resync pass runs the reconcile again); permanent ones are recorded by the reconcile
-as Failed/ApiError.
+Errors: transient API errors become `kopf.TemporaryError` (logged by the queues: the next event or
+resync pass runs the reconcile again); permanent ones are recorded by the reconcile as Failed/ApiError.
 """
 
 from __future__ import annotations
@@ -45,15 +47,27 @@ from ..kube import Conflict, Kube, TransientApiError
 from ..plan import LABEL_NAME, LABEL_ROLE
 from ..settings import OperatorSettings
 from ..wiring import worker_name
+from .attempt import CREATE_THREADS
 from .cache import WORKER_INDEX, CachedKube, index_worker_pod
+from .deferred import Deferred
 from .pods import WorkerState, worker_state
 from .progress import EVENT_METRICS_UNREACHABLE, SCRAPE_FAILURES_TO_REPORT, scrape
 from .reconcile import reconcile
-from .resync import Periodic
+from .resync import PASS_THREADS, Periodic
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
+
+#: Seconds a reconcile triggered by worker pod events waits, so that the pods of one resource that
+#: change together (created, bound, started) cost one reconcile and one status patch (deferred.py).
+POD_EVENT_DELAY = 1.0
+#: Threads running those reconciles.
+POD_EVENT_THREADS = 8
+#: Threads running the reconciles of the resources' own events (creates, spec changes).
+RECONCILE_THREADS = 32
+#: Threads that call the API server at once at most: the REST layer pools as many connections.
+API_THREADS = RECONCILE_THREADS + POD_EVENT_THREADS + CREATE_THREADS + PASS_THREADS
 
 
 class Runner:
@@ -69,7 +83,32 @@ class Runner:
         self._running: set[Key] = set()
         self._dirty: set[Key] = set()
         self._pod_states: dict[str, WorkerState] = {}  # pod uid -> state last acted on
+        self._seen_states: dict[Key, dict[str, WorkerState]] = {}  # deferred: states not acted on yet
+        self._resources: Deferred | None = None
+        self._pods: Deferred | None = None
         self._scrape_failures: dict[Key, int] = {}  # consecutive failed scrapes per resource
+
+    def start_queues(self, pod_delay: float = POD_EVENT_DELAY) -> None:
+        """From now on, `resource_event` and `pod_event` queue their reconcile (deferred.py) instead
+        of running it in the caller's thread; pod events wait `pod_delay` seconds."""
+        self._resources = Deferred(self._queued_reconcile, 0.0, RECONCILE_THREADS, "kubelora-reconcile")
+        self._pods = Deferred(self._pod_reconcile, pod_delay, POD_EVENT_THREADS, "kubelora-pod-events")
+
+    def stop_queues(self) -> None:
+        for queue in (self._resources, self._pods):
+            if queue is not None:
+                queue.stop()
+
+    def pending(self) -> int:
+        """Reconciles queued and not started yet."""
+        return sum(q.pending() for q in (self._resources, self._pods) if q is not None)
+
+    def resource_event(self, namespace: str, name: str) -> None:
+        """Reconcile after an event of the resource itself: queued, or at once without queues."""
+        if self._resources is None:
+            self.trigger(namespace, name)
+        else:
+            self._resources.schedule((namespace, name))
 
     def pod_event(self, namespace: str, owner: str, event_type: str | None, pod: Any) -> bool:
         """Reconcile `owner` if this worker pod event changed what the reconcile reads; True if it ran.
@@ -78,19 +117,47 @@ class Runner:
         (TemporaryError) is not skipped when it comes again.
         """
         uid = str((pod.get("metadata") or {}).get("uid") or "")
+        key = (namespace, owner)
         if event_type == "DELETED":
             with self._lock:
                 self._pod_states.pop(uid, None)
-            self.trigger(namespace, owner)
+                self._seen_states.get(key, {}).pop(uid, None)
+            self._reconcile_for_pods(key, {})
             return True
         state = worker_state(pod)
         with self._lock:
             if uid and self._pod_states.get(uid) == state:
                 return False
-        self.trigger(namespace, owner)
-        if uid:
+        self._reconcile_for_pods(key, {uid: state} if uid else {})
+        return True
+
+    def _reconcile_for_pods(self, key: Key, states: dict[str, WorkerState]) -> None:
+        """Reconcile now (no queues) or queue it; the states count as acted on once it ran."""
+        if self._pods is None:
+            self.trigger(*key)
             with self._lock:
-                self._pod_states[uid] = state
+                self._pod_states.update(states)
+            return
+        with self._lock:
+            self._seen_states.setdefault(key, {}).update(states)
+        self._pods.schedule(key)
+
+    def _pod_reconcile(self, key: Key) -> None:
+        with self._lock:
+            states = self._seen_states.pop(key, {})
+        if self._queued_reconcile(key):
+            with self._lock:
+                self._pod_states.update(states)
+        # else not remembered: the same pod state triggers again
+
+    def _queued_reconcile(self, key: Key) -> bool:
+        """A queued reconcile; True when it ran (a transient error is logged: kopf does not retry
+        events, the next event or resync pass runs it again)."""
+        try:
+            self.trigger(*key)
+        except kopf.TemporaryError as err:
+            log.warning("%s/%s: %s", key[0], key[1], err)
+            return False
         return True
 
     def trigger(self, namespace: str, name: str, retry: int = 0) -> None:
@@ -207,35 +274,31 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: 
         if kube.pod_index is None:
             kube.pod_index = kw[WORKER_INDEX]
 
-    # Every event of the resource, our own status patches included (their reconcile finds nothing to
-    # do and sends nothing): the body goes to the cache first, so the reconcile reads at least it.
+    # Handlers are async and only queue (deferred.py): kopf's backlog never holds an event for long,
+    # and no event waits for a thread. The body goes to the cache first, so the reconcile reads at
+    # least it; the echo of the operator's own patch needs no reconcile (the pass that wrote it saw it).
     @kopf.on.event(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
-    def lft_event(namespace: str | None, name: str, type: str | None, body: Any, **kw: Any) -> None:  # noqa: A002
+    async def lft_event(namespace: str | None, name: str, type: str | None, body: Any, **kw: Any) -> None:  # noqa: A002
         attach(kw)
-        kube.observe_lft(type, body)
-        if type == "DELETED":
+        if kube.observe_lft(type, body) or type == "DELETED":
             return
-        try:
-            runner.trigger(_namespace(namespace), name)
-        except kopf.TemporaryError as err:  # events are not retried by kopf; the resync pass catches up
-            log.warning("%s/%s: %s", namespace, name, err)
+        runner.resource_event(_namespace(namespace), name)
 
     periodic = Periodic(runner, kube, settings.resync_seconds, settings.progress_seconds)
 
     @kopf.on.startup(id="periodic", registry=registry)
     def start_periodic(**_: Any) -> None:
+        runner.start_queues()
         periodic.start()
 
     @kopf.on.cleanup(id="periodic", registry=registry)
     def stop_periodic(**_: Any) -> None:
         periodic.stop()
+        runner.stop_queues()
 
     @kopf.on.event("", "v1", "pods", id="worker-pods", labels=pod_labels, registry=registry)
-    def worker_pod(namespace: str | None, labels: Any, type: str | None, body: Any, **kw: Any) -> None:  # noqa: A002
+    async def worker_pod(namespace: str | None, labels: Any, type: str | None, body: Any, **kw: Any) -> None:  # noqa: A002
         attach(kw)
-        try:
-            runner.pod_event(_namespace(namespace), labels[LABEL_NAME], type, body)
-        except kopf.TemporaryError as err:  # events are not retried by kopf; the resync pass catches up
-            log.warning("%s/%s: %s", namespace, labels[LABEL_NAME], err)
+        runner.pod_event(_namespace(namespace), labels[LABEL_NAME], type, body)
 
     return runner

@@ -19,7 +19,9 @@ is one more function of that shape, called from `_step`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -39,6 +41,19 @@ from .pods import WorkerState, first_failure, worker_state
 from .progress import progress_from_metrics
 from .started import ANN_ATTEMPT
 from .status import StatusUpdate
+
+#: Threads creating the ConfigMaps and Services beside the pods (`create`), shared by all reconciles.
+CREATE_THREADS = 16
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _creator() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(CREATE_THREADS, thread_name_prefix="kubelora-create")
+        return _pool
 
 
 @dataclass
@@ -255,13 +270,17 @@ def create(a: Attempt, missing: Sequence[int]) -> PlacementDecision | None:
     if p.ssh_secret_to_create and p.ssh_secret_name and kube.read_secret(resource.namespace, p.ssh_secret_name) is None:
         private, public = ssh_keypair(f"kubelora-{resource.namespace}-{resource.name}")
         kube.create_if_absent(ssh_secret(resource, private, public))
-    kube.create_if_absent(p.config_map)
-    kube.create_if_absent(p.service)
+    # The ConfigMap and Service are created beside the pods rather than before them (a pod waits for
+    # its volume and its peers' DNS names anyway): two round trips fewer before the first pod. The
+    # pods stay in index order, one after the other (`_never_created` relies on it).
+    beside = [_creator().submit(kube.create_if_absent, obj) for obj in (p.config_map, p.service)]
     wanted = set(missing)
     created = 0
     for pod in p.pods:
         if int(pod["metadata"]["labels"][LABEL_WORKER_INDEX]) in wanted and kube.create_if_absent(pod):
             created += 1
+    for f in beside:
+        f.result()  # its API errors are this pass's errors
     if created:
         u.event(
             "Normal",

@@ -92,6 +92,7 @@ class CachedKube(Kube):
         super().__init__(*args, **kw)
         self._lock = threading.Lock()
         self._bodies: dict[Key, dict[str, Any]] = {}
+        self._own_writes: dict[Key, int] = {}  # resourceVersion returned by our latest patch
         self.pod_index: Mapping[Key, Iterable[WorkerState]] | None = None
         self._clock = clock
         self._nodes: tuple[float, list[dict[str, Any]]] | None = None
@@ -103,15 +104,24 @@ class CachedKube(Kube):
 
     # ----- the LoRAFineTune bodies ----------------------------------------------------------------
 
-    def observe_lft(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        """A watch event of a LoRAFineTune (kopf): remember the body, forget it when deleted."""
+    def observe_lft(self, event_type: str | None, body: Mapping[str, Any]) -> bool:
+        """A watch event of a LoRAFineTune (kopf): remember the body, forget it when deleted.
+
+        True when the event is the echo of this process's own latest patch of the resource (the same
+        resourceVersion as the patch's response): the reconcile that wrote it has seen that state,
+        so another one would find nothing to do."""
         meta = body.get("metadata") or {}
         key = (meta.get("namespace") or "", meta.get("name") or "")
+        rv = _rv(body)
         with self._lock:
+            own = event_type == "MODIFIED" and rv >= 0 and self._own_writes.get(key) == rv
+            if own or event_type == "DELETED":
+                self._own_writes.pop(key, None)
             if event_type == "DELETED":
                 self._bodies.pop(key, None)
-            elif _rv(body) >= _rv(self._bodies.get(key)):
+            elif rv >= _rv(self._bodies.get(key)):
                 self._bodies[key] = _slim(body)
+        return own
 
     def bodies(self) -> list[dict[str, Any]]:
         """Every known resource's newest body (a snapshot: the periodic passes walk it)."""
@@ -125,6 +135,7 @@ class CachedKube(Kube):
         meta = body.get("metadata") or {}
         key = (meta.get("namespace") or "", meta.get("name") or "")
         with self._lock:
+            self._own_writes[key] = _rv(body)
             if key in self._bodies and _rv(body) > _rv(self._bodies.get(key)):
                 self._bodies[key] = _slim(body)
 
