@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Multi-device benchmark: the trainer CLI on 1 device and on N devices (DDP, ZeRO-3), one invocation.
+"""Multi-device benchmark: the trainer CLI on 1 device and on N devices (DDP, ZeRO-3, FSDP2), one invocation.
 
 Why a separate script from ``trainer_throughput.py``: the question here is not "how fast against the
 Hugging Face recipes" but "does an N-device job train the same model as a 1-device job with N times
@@ -12,10 +12,12 @@ device memory each rank's summary recorded.
 Usage (on a machine with N GPUs; the model is built here, random weights, the shape of Llama-3.2-1B)::
 
     python bench/multi_device.py --tokenizer DIR --devices 2 --steps 30 --rows 16 --seq 1024 \
-        --contenders single,ddp,zero3 --out bench/results/multi-device.json
+        --contenders single,single-share,ddp,zero3,fsdp --out bench/results/multi-device.json
 
 ``--tokenizer`` is a saved Hugging Face tokenizer directory (any; the bundled SmolLM2's works).
 The throughput figure is the steady rate over the steps after ``--skip`` (first steps warm up kernels).
+The sharded contenders (zero3, fsdp) also get their throughput and rank 0's peak device memory as
+ratios to the ddp contender of the same invocation (the targets of issue 10 are stated that way).
 """
 
 from __future__ import annotations
@@ -74,8 +76,12 @@ def build_data(path: Path, n: int, words: int, seed: int) -> Path:
     return path
 
 
+#: Contender -> the trainer's `distributed` settings that select its engine.
+ENGINES: dict[str, dict[str, Any]] = {"ddp": {}, "zero3": {"deepspeedStage": 3}, "fsdp": {"fsdp": True}}
+
+
 def config(model: Path, data: Path, run_dir: Path, args: argparse.Namespace, per_rank_rows: int,
-           zero: int) -> dict[str, Any]:
+           engine: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": {"nameOrPath": str(model), "dtype": "bf16"},
         "data": {"path": str(data), "cutoffLen": args.seq, "packing": True},
@@ -84,18 +90,18 @@ def config(model: Path, data: Path, run_dir: Path, args: argparse.Namespace, per
                      "warmupSteps": 2, "loggingSteps": 1, "seed": 7, "saveSteps": 10_000,
                      "evalSteps": None},
         "evaluation": {"before": False, "exactMatch": False},
-        "distributed": {"deepspeedStage": zero},
+        "distributed": dict(engine),
         "output": {"dir": str(run_dir), "plot": False},
         "device": args.device,
     }
 
 
-def run_one(name: str, nproc: int, zero: int, model: Path, data: Path, work: Path,
+def run_one(name: str, nproc: int, engine: dict[str, Any], model: Path, data: Path, work: Path,
             args: argparse.Namespace, rows: int) -> dict[str, Any]:
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg_path = work / f"{name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(config(model, data, run_dir, args, rows // nproc, zero)))
+    cfg_path.write_text(yaml.safe_dump(config(model, data, run_dir, args, rows // nproc, engine)))
     if nproc == 1:
         cmd = [sys.executable, "-m", "kubelora_trainer.cli", "run", str(cfg_path)]
     else:
@@ -103,7 +109,7 @@ def run_one(name: str, nproc: int, zero: int, model: Path, data: Path, work: Pat
                "-m", "kubelora_trainer.cli", "run", str(cfg_path)]
     t0 = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    result: dict[str, Any] = {"name": name, "nproc": nproc, "zero_stage": zero, "rc": done.returncode,
+    result: dict[str, Any] = {"name": name, "nproc": nproc, "engine": engine, "rc": done.returncode,
                               "wall_s": round(time.monotonic() - t0, 1)}
     if done.returncode != 0:
         result["stderr_tail"] = done.stderr[-3000:]
@@ -142,18 +148,23 @@ def main() -> int:
     data = build_data(args.work / "data.jsonl", n=args.rows * (args.steps + 2), words=args.seq // 2 - 30, seed=1)
     # `single-share`: one device with one rank's share of the rows, the ideal per-device rate of the
     # N-device runs (their scaling efficiency is tokens/s / (N x this)); its loss curve is not comparable.
-    plan = {"single": (1, 0, args.rows), "single-share": (1, 0, args.rows // args.devices),
-            "ddp": (args.devices, 0, args.rows), "zero3": (args.devices, 3, args.rows)}
+    plan = {"single": (1, {}, args.rows), "single-share": (1, {}, args.rows // args.devices),
+            **{name: (args.devices, engine, args.rows) for name, engine in ENGINES.items()}}
     results = []
     for name in args.contenders.split(","):
-        nproc, zero, rows = plan[name]
-        r = run_one(name, nproc, zero, model, data, args.work, args, rows)
+        nproc, engine, rows = plan[name]
+        r = run_one(name, nproc, engine, model, data, args.work, args, rows)
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
         results.append(r)
     ref = next((r for r in results if r["name"] == "single" and r["rc"] == 0), None)
     share = next((r for r in results if r["name"] == "single-share" and r["rc"] == 0), None)
+    ddp = next((r for r in results if r["name"] == "ddp" and r["rc"] == 0), None)
     for r in results:
-        if share is not None and r["rc"] == 0 and r["name"] in ("ddp", "zero3"):
+        if ddp is not None and r["rc"] == 0 and r["name"] in ("zero3", "fsdp"):
+            r["throughput_vs_ddp"] = round(r["steady_tokens_per_s"] / ddp["steady_tokens_per_s"], 3)
+            if ddp["peak_device_memory_gib"]:
+                r["peak_memory_vs_ddp"] = round(r["peak_device_memory_gib"] / ddp["peak_device_memory_gib"], 3)
+        if share is not None and r["rc"] == 0 and r["name"] in ENGINES:
             r["scaling_efficiency"] = round(r["steady_tokens_per_s"] / (args.devices * share["steady_tokens_per_s"]), 3)
         if ref is not None and r is not ref and r is not share and r["rc"] == 0:
             diffs = [abs(a - b) for a, b in zip(ref["losses"], r["losses"], strict=True)]
@@ -166,7 +177,8 @@ def main() -> int:
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     for r in results:
         print(r["name"], r["rc"], r.get("steady_tokens_per_s"), r.get("peak_device_memory_gib"),
-              r.get("speedup_vs_single"), r.get("scaling_efficiency"), r.get("max_abs_loss_diff_vs_single"))
+              r.get("speedup_vs_single"), r.get("scaling_efficiency"), r.get("max_abs_loss_diff_vs_single"),
+              r.get("throughput_vs_ddp"), r.get("peak_memory_vs_ddp"))
     return 0 if all(r["rc"] == 0 for r in results) else 1
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,16 +20,20 @@ import yaml
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (scripts/setup.sh installs it with DS_BUILD_OPS=0)")
 
 from .conftest import tiny_config  # noqa: E402
+from .multirank import (  # noqa: E402
+    _adapter_logits,
+    _base_logits,
+    _logits,
+    _ok,
+    _restart_from,
+    _run_one,
+    _same_checkpoint,
+    _summary,
+)
 from .operator_env import launch, plan_workers  # noqa: E402
 from .test_distributed import _losses, _spec  # noqa: E402
 
 STEPS = 8  # _spec's maxSteps
-
-
-def _ok(results: list[subprocess.CompletedProcess[str]]) -> list[subprocess.CompletedProcess[str]]:
-    for r in results:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return results
 
 
 def _zero_spec(tiny_model_dir: Path, workers: int, micro_batch: int, stage: int, **training: object) -> dict:
@@ -40,34 +43,6 @@ def _zero_spec(tiny_model_dir: Path, workers: int, micro_batch: int, stage: int,
     if stage:
         spec["distributed"] = {"deepspeedStage": stage}
     return spec
-
-
-def _summary(run_dir: Path) -> dict:
-    return dict(json.loads((run_dir / "summary.json").read_text()))
-
-
-def _logits(model: object) -> object:
-    import torch
-
-    ids = torch.arange(3, 40).reshape(1, -1)
-    with torch.no_grad():
-        return model(input_ids=ids).logits  # type: ignore[operator]
-
-
-def _base_logits(model_dir: Path) -> object:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return _logits(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
-
-
-def _adapter_logits(model_dir: Path, adapter: Path) -> object:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return _logits(PeftModel.from_pretrained(base, str(adapter)).eval())
 
 
 @pytest.fixture(scope="module")
@@ -119,33 +94,6 @@ def test_zero3_loss_curve_and_adapter_match_the_plain_run(runs: Path, tiny_model
     assert torch.allclose(_logits(merged), zero_logits, atol=1e-4)  # type: ignore[arg-type]
 
 
-def _run_one(cfg: dict, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "KUBELORA_TERMINATION_LOG": str(tmp_path / "t.log")}
-    return subprocess.run([sys.executable, "-m", "kubelora_trainer.cli", "run", str(path)], env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def _same_checkpoint(a: Path, b: Path) -> None:
-    """Two checkpoints hold the same trainable weights and AdamW state (same names, shapes, values)."""
-    import torch
-    from safetensors.torch import load_file
-
-    wa, wb = load_file(str(a / "trainable.safetensors")), load_file(str(b / "trainable.safetensors"))
-    assert sorted(wa) == sorted(wb)
-    for name in wa:
-        assert wa[name].shape == wb[name].shape and torch.allclose(wa[name], wb[name], atol=1e-5), name
-    oa, ob = (torch.load(d / "optimizer.pt", weights_only=True) for d in (a, b))
-    assert sorted(oa["state"]) == sorted(ob["state"]) and len(oa["state"]) == len(wa)
-    assert oa["param_groups"][0]["lr"] == pytest.approx(ob["param_groups"][0]["lr"])
-    for i, sa in oa["state"].items():
-        assert float(sa["step"]) == float(ob["state"][i]["step"])
-        for key in ("exp_avg", "exp_avg_sq"):
-            scale = float(sa[key].abs().max()) or 1.0
-            assert float((sa[key] - ob["state"][i][key]).abs().max()) <= 1e-4 * scale, (i, key)
-
-
 def test_zero3_checkpoint_holds_the_full_gathered_state(runs: Path) -> None:
     """Rank 0 wrote one checkpoint in kubelora's format with every rank's partitions gathered."""
     for step in ("step-000004", "step-000008"):
@@ -182,15 +130,6 @@ def test_zero3_in_one_process_without_a_launcher(runs: Path, tiny_model_dir: Pat
     assert "DeepSpeed ZeRO-3 over 1 process(es)" in done.stderr
     for a, b in zip(_losses(runs / "single" / "output"), _losses(tmp_path / "run"), strict=True):
         assert b == pytest.approx(a, rel=1e-4)
-
-
-def _restart_from(checkpoint: Path, spec: dict, root: Path, name: str) -> list[float]:
-    """A job restarted on a run dir that holds `checkpoint` (resume: auto), with the world size of `spec`."""
-    workers = plan_workers(spec, root, name=name)
-    target = root / "output" / "checkpoints" / checkpoint.name
-    shutil.copytree(checkpoint, target)
-    _ok(launch(workers))
-    return _losses(root / "output")
 
 
 def test_zero3_checkpoints_resume_across_world_sizes(runs: Path, tiny_model_dir: Path) -> None:
@@ -262,9 +201,8 @@ def test_built_deepspeed_config_follows_the_trainer_settings(tmp_path: Path) -> 
     cfg = parse_config({"data": {"path": "x.jsonl"}, "distributed": {"deepspeedStage": 3},
                         "training": {"microBatchSize": 3, "gradientAccumulationSteps": 2, "maxGradNorm": 0.3}})
     built = build_config(cfg, prepare(cfg, "cpu"), "bf16", 4)
-    # LoRA-sized ZeRO-3 settings (zero._LORA_STAGE3); the adapter-sized ones are set in fit_to_adapter.
-    assert built["zero_optimization"] == {"stage": 3, "stage3_prefetch_bucket_size": int(2e8),
-                                          "stage3_max_live_parameters": int(1e9)}
+    # The model- and adapter-sized ZeRO-3 settings are set once the model exists (fit_to_adapter).
+    assert built["zero_optimization"] == {"stage": 3}
     assert (built["train_micro_batch_size_per_gpu"], built["gradient_accumulation_steps"],
             built["train_batch_size"]) == (3, 2, 24)
     assert built["gradient_clipping"] == 0.3 and built["bf16"] == {"enabled": True}
@@ -336,7 +274,7 @@ def _wide_llama(out: Path) -> Path:
 
 
 def _probe_loading(model_dir: Path, root: Path, stage: int) -> dict[int, dict]:
-    """Two gloo ranks run the recipe up to `load_model_with_adapter` (tests/trainer/zero_load_probe.py)."""
+    """Two gloo ranks run the recipe up to `setup_model` (tests/trainer/zero_load_probe.py)."""
     from tests.s3server import free_port
 
     root.mkdir(parents=True)
@@ -373,7 +311,8 @@ def test_zero3_builds_the_base_partitioned_no_rank_holds_it_whole(tmp_path: Path
 
 def test_zero3_buckets_and_persistence_are_sized_to_the_adapter(tiny_model_dir: Path) -> None:
     """Only LoRA gradients are reduced: one bucket of the adapter's size; LoRA A/B persist (at least
-    DeepSpeed's 1e5 threshold) but never a frozen matrix of the base; a user's own values are kept."""
+    DeepSpeed's 1e5 threshold) but never a frozen matrix of the base; gathered base weights are released
+    after one layer and prefetched one layer ahead; a user's own values are kept."""
     from kubelora_trainer.config import parse_config
     from kubelora_trainer.lora import attach_lora
     from kubelora_trainer.model import load_model, materialize
@@ -388,9 +327,14 @@ def test_zero3_buckets_and_persistence_are_sized_to_the_adapter(tiny_model_dir: 
     zero_cfg = built["zero_optimization"]
     assert zero_cfg["reduce_bucket_size"] == sum(trainable)
     assert max(trainable) <= zero_cfg["stage3_param_persistence_threshold"] == smallest_frozen - 1
-    own = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000, "stage3_param_persistence_threshold": 7}}
+    layer = sum(p.numel() for p in model.get_base_model().model.layers[0].parameters())
+    assert (zero_cfg["stage3_max_reuse_distance"], zero_cfg["stage3_prefetch_bucket_size"],
+            zero_cfg["stage3_max_live_parameters"]) == (layer, layer, 3 * layer)
+    mine = {"stage": 3, "reduce_bucket_size": 1000, "stage3_param_persistence_threshold": 7,
+            "stage3_max_reuse_distance": 5, "stage3_prefetch_bucket_size": 6, "stage3_max_live_parameters": 8}
+    own = {"zero_optimization": dict(mine)}
     fit_to_adapter(own, model)
-    assert own["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000, "stage3_param_persistence_threshold": 7}
+    assert own["zero_optimization"] == mine
     stage2 = {"zero_optimization": {"stage": 2}}
     fit_to_adapter(stage2, model)
     assert stage2 == {"zero_optimization": {"stage": 2}}

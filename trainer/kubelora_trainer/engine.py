@@ -7,7 +7,8 @@ which one it has.
 
 - ``PlainEngine``: one process, or DDP over the process group (the loss module wrapped in
   ``DistributedDataParallel``, ``no_sync`` on every micro-batch but the last);
-- ``ZeroEngine``: DeepSpeed ZeRO-2/3 (``zero.ZeroRun``), which reduces and clips in its own step.
+- ``ZeroEngine``: DeepSpeed ZeRO-2/3 (``zero.ZeroRun``), which reduces and clips in its own step;
+- ``FsdpEngine``: PyTorch FSDP2 over a model `fsdp.load_sharded` built already sharded.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import zero
+from . import fsdp, zero
 from .distributed import WorldView
 
 
@@ -130,10 +131,62 @@ class ZeroEngine:
         ckpt.load_scheduler(ref, scheduler)
 
 
+class FsdpEngine:
+    """FSDP2 (`fsdp.shard`): forward/backward hooks gather each layer and reduce-scatter the LoRA
+    gradients; the optimizer and clipping are torch's own over DTensor parameters."""
+
+    zero_stage = 0
+    sharded = True
+
+    def __init__(self, loss_module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 max_grad_norm: float | None) -> None:
+        fsdp.shard_root(loss_module, model)
+        self.module: nn.Module = loss_module
+        self.model = model
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+
+    def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """Set for the backward that follows the forward (FSDP reads the flag in its post-backward hook):
+        accumulate unsharded LoRA gradients locally and reduce-scatter them once, on the last micro-batch."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_requires_gradient_sync(last_micro_batch, recurse=False)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        limit = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
+        norm = fsdp.grad_norm(torch.nn.utils.clip_grad_norm_(params, limit))
+        self.optimizer.step()
+        return norm
+
+    def gathered(self) -> contextlib.AbstractContextManager:
+        return fsdp.gathered_trainable(self.model)
+
+    def save(self, run_dir: Path, step: int, scheduler: Any, state: dict[str, Any], keep: int | None,
+             is_main: bool) -> None:
+        weights, optimizer_state = fsdp.full_state(self.model, self.optimizer)  # a collective
+        if is_main:
+            ckpt.write(run_dir, step, weights, optimizer_state, scheduler.state_dict(), state, keep=keep)
+
+    def load(self, ref: ckpt.CheckpointRef, scheduler: Any) -> None:
+        fsdp.load_full_state(self.model, self.optimizer, *ckpt.read(ref))
+        ckpt.load_scheduler(ref, scheduler)
+
+
 def build(loss_module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
           ds_config: dict[str, Any] | None, max_grad_norm: float | None, world: WorldView,
-          device_index: int | None) -> Engine:
-    """DeepSpeed when a ZeRO config was built for this run, the plain engine otherwise."""
+          device_index: int | None, sharded_by_fsdp: bool = False) -> Engine:
+    """DeepSpeed when a ZeRO config was built for this run, FSDP when the model was built sharded
+    (`fsdp.load_sharded`), the plain engine otherwise."""
+    if sharded_by_fsdp:
+        return FsdpEngine(loss_module, model, optimizer, max_grad_norm)
     if ds_config is not None:
         return ZeroEngine(zero.ZeroRun.start(loss_module, model, optimizer, ds_config, world))
     return PlainEngine(loss_module, model, optimizer, max_grad_norm, world, device_index)

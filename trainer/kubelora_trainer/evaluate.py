@@ -32,10 +32,12 @@ def normalize(text: str) -> str:
 
 
 def partitions_weights(module: torch.nn.Module) -> bool:
-    """True for a DeepSpeed ZeRO-3 engine: its forward gathers each layer's weights from all ranks,
-    so every rank must run the same number of forward passes (a rank alone would wait forever)."""
+    """True for a DeepSpeed ZeRO-3 engine or an FSDP root: its forward gathers each layer's weights from
+    all ranks, so every rank must run the same number of forward passes (a rank alone would wait forever)."""
+    from torch.distributed.fsdp import FSDPModule
+
     check = getattr(module, "zero_optimization_partition_weights", None)
-    return bool(check()) if callable(check) else False
+    return bool(check()) if callable(check) else isinstance(module, FSDPModule)
 
 
 @torch.no_grad()

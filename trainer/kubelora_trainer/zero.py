@@ -42,21 +42,6 @@ log = logging.getLogger("kubelora.zero")
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor).*",
                         category=FutureWarning)
 
-#: ZeRO-3 settings for LoRA, where the frozen base is only all-gathered (never reduced) and the
-#: gradients reduced are the adapter's alone. Why each differs from DeepSpeed's default:
-#: - `stage3_prefetch_bucket_size` 2e8 elements (default 5e7): fetch the next decoder layer's base
-#:   weights while this one computes. A layer of a 1B model holds ~6e7 frozen elements, a 7B one ~2e8:
-#:   the default covered less than one, so each layer waited for its own all-gather. 2e8 bf16 elements
-#:   are 400 MB of gathered weights in flight, small beside the shard of a model that needed ZeRO-3.
-#: - `stage3_max_live_parameters` 1e9 (DeepSpeed's default, stated so the prefetch above stays under
-#:   it): the gathered weights a rank may hold at once before it must release; with LoRA the activations,
-#:   not the parameters, fill the rest of the device.
-#: `reduce_bucket_size` and `stage3_param_persistence_threshold` depend on the adapter: `fit_to_adapter`.
-_LORA_STAGE3: dict[str, Any] = {
-    "stage3_prefetch_bucket_size": int(2e8),
-    "stage3_max_live_parameters": int(1e9),
-}
-
 #: DeepSpeed's own defaults for the two adapter-sized settings (deepspeed/runtime/zero/config.py).
 _DS_REDUCE_BUCKET = int(5e8)
 _DS_PERSISTENCE = int(1e5)
@@ -159,7 +144,7 @@ def build_config(cfg: TrainerConfig, settings: ZeroSettings, dtype: str, world_s
     }
     if settings.user_config is None:
         ds: dict[str, Any] = {
-            "zero_optimization": {"stage": settings.stage, **(_LORA_STAGE3 if settings.stage == 3 else {})},
+            "zero_optimization": {"stage": settings.stage},
             "gradient_clipping": t.max_grad_norm or 0.0,
             "bf16": {"enabled": dtype == "bf16"},
             "fp16": {"enabled": False},
@@ -260,6 +245,17 @@ def fit_to_adapter(ds_config: dict[str, Any], model: torch.nn.Module) -> None:
       so LoRA A/B stay whole on every rank instead of being all-gathered twice per micro-batch in
       hundreds of latency-bound messages; but below the smallest frozen matrix of the base, so the
       base itself is still partitioned. Their gradients and AdamW state are partitioned either way.
+
+    And the settings that bound how much of the *base* a rank holds gathered at once, sized to one
+    decoder layer (`_layer_elements`) where DeepSpeed's are sized for a model of 1e9+ elements:
+
+    - `stage3_max_reuse_distance` one layer (DeepSpeed: 1e9 elements): a gathered weight is released
+      after its layer's forward and gathered again for its backward, as FSDP does. With the default, any
+      model under ~1e9 elements kept (almost) every weight gathered from forward to backward, so a
+      ZeRO-3 rank held about the whole base, more than a DDP rank (`tests/trainer/test_fsdp_memory.py`);
+    - `stage3_prefetch_bucket_size` one layer (DeepSpeed: 5e7): fetch the next layer while this one
+      computes, and no further;
+    - `stage3_max_live_parameters` three layers (DeepSpeed: 1e9): the current, the prefetched, slack.
     """
     zero_cfg = ds_config.setdefault("zero_optimization", {})
     if int(zero_cfg.get("stage", 0)) != 3:
@@ -272,6 +268,21 @@ def fit_to_adapter(ds_config: dict[str, Any], model: torch.nn.Module) -> None:
     if frozen_matrices:
         persist = min(persist, min(frozen_matrices) - 1)
     zero_cfg.setdefault("stage3_param_persistence_threshold", persist)
+    layer = _layer_elements(model)
+    if layer:
+        zero_cfg.setdefault("stage3_max_reuse_distance", layer)
+        zero_cfg.setdefault("stage3_prefetch_bucket_size", layer)
+        zero_cfg.setdefault("stage3_max_live_parameters", 3 * layer)
+
+
+def _layer_elements(model: torch.nn.Module) -> int | None:
+    """Elements of the largest decoder layer (full sizes, also when partitioned); None when the model
+    has no `layers` list to measure."""
+    base: Any = getattr(model, "get_base_model", lambda: model)()
+    layers = getattr(getattr(base, "get_decoder", lambda: None)(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        return None
+    return max(sum(int(getattr(p, "ds_numel", p.numel())) for p in layer.parameters()) for layer in layers)
 
 
 def _skip_shm_comm_op(deepspeed: Any) -> None:
