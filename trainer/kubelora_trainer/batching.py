@@ -21,3 +21,16 @@ def padding_free_default(device_type: str, dtype: str) -> tuple[bool, str]:
     if dtype == "fp32":
         return True, "the default on a CPU in fp32: per-sample attention skips padding and cross-sample scores"
     return False, f"the default on a CPU in {dtype}: row-wide bf16 matmuls beat per-sample attention kernels"
+
+
+def choose_padding_free(setting: bool | None, compiled: bool, device_type: str, dtype: str) -> tuple[bool, str]:
+    """(padding-free?, reason for the log) from `training.paddingFree`, before the model is asked
+    whether it can attend per sample. Never under whole-model torch.compile: each new sample layout
+    would recompile."""
+    if setting is False:
+        return False, "training.paddingFree is false"
+    if compiled:
+        return False, "torch.compile"
+    if setting:
+        return True, "asked for"
+    return padding_free_default(device_type, dtype)

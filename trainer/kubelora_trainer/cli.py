@@ -83,10 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _load_for_inference(base_cfg_path: str | None, adapter: str, overrides: list[str]):  # noqa: ANN202
     """Base model (from the run's config.yaml) with the adapter applied, in eval mode."""
-    from peft import PeftModel
-
     from .device import resolve_dtype, select_device
-    from .model import load_model, load_tokenizer, materialize
+    from .model import load_lora_model, load_tokenizer, materialize
 
     run_dir = Path(adapter).parent
     cfg_path = base_cfg_path or str(run_dir / "config.yaml")
@@ -96,8 +94,7 @@ def _load_for_inference(base_cfg_path: str | None, adapter: str, overrides: list
     tok = load_tokenizer(source, cfg.model)
     dtype, _ = resolve_dtype(cfg.model.dtype, device)
     cfg.model.dtype = dtype  # type: ignore[assignment]  # resolved: later code sees bf16/fp32
-    base = load_model(source, cfg.model, device.type, dtype)
-    model = PeftModel.from_pretrained(base, adapter).to(device.torch_device).eval()
+    model = load_lora_model(source, cfg.model, device, dtype, adapter=adapter).to(device.torch_device).eval()
     return cfg, device, tok, model
 
 

@@ -300,6 +300,21 @@ class TrainingConfig(StrictModel):
             "peft's own forward is used wherever this does not apply."
         ),
     )
+    compile_layers: bool = Field(
+        False,
+        description=(
+            "torch.compile each decoder layer once and reuse it for all layers (regional compilation: "
+            "compiles in seconds, fuses norms, RoPE, SwiGLU and the LoRA adds); the rest stays eager."
+        ),
+    )
+    loss_chunk: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Project label positions through the output head this many at a time, each slice's gradient "
+            "taken at once, so no positions x vocabulary logits tensor exists (same loss); null: one projection."
+        ),
+    )
 
 
 class DistributedConfig(StrictModel):

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from .config import MODEL_ALIASES, ModelConfig
+from .config import MODEL_ALIASES, LoraSettings, ModelConfig
+from .device import DeviceInfo
 from .hub import HubError, check_hub_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -269,6 +270,26 @@ def load_model(  # noqa: ANN201
     if qcfg is not None:
         keep_4bit_layout(model)
     return model
+
+
+def load_lora_model(  # noqa: ANN201 - a peft model
+    source: ModelSource, cfg: ModelConfig, device: DeviceInfo, dtype: str, *, adapter: str | Path | None = None,
+    lora: LoraSettings | None = None, seed: int = 0,
+):
+    """The one loader of the trainer and the CLI: the base in `dtype` with a LoRA adapter, either a
+    saved one (`adapter`: generate, eval, merge) or a new one from `lora` (training).
+
+    Not moved to `device` (a ZeRO-3 base stays partitioned; the caller moves what it owns)."""
+    base = load_model(source, cfg, device.type, dtype, device.torch_device)
+    if adapter is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(adapter))
+    if lora is None:
+        raise ValueError("load_lora_model needs a saved adapter or LoRA settings for a new one")
+    from .lora import attach_lora
+
+    return attach_lora(base, lora, seed)
 
 
 def keep_4bit_layout(model: torch.nn.Module) -> None:

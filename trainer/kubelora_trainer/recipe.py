@@ -21,6 +21,7 @@ import resource
 import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,10 @@ from . import checkpoint as ckpt
 from . import contract, fused_lora, rundir, segment_attention, zero
 from . import distributed as dist_
 from . import engine as engine_
-from .batching import padding_free_default
-from .config import TrainerConfig, dump_config
-from .data import PackedRow, build_datasets, collate, collate_flat, encode_prompt
+from .batching import choose_padding_free
+from .compile import compile_layers
+from .config import TrainerConfig, TrainingConfig, dump_config
+from .data import PackedRow, PreparedData, build_datasets, collate, collate_flat, encode_prompt
 from .device import DeviceInfo, peak_memory_bytes, resolve_dtype, select_device, synchronize
 from .evaluate import GenerationResult, eval_loss, exact_match, generate
 from .export import (
@@ -46,15 +48,47 @@ from .export import (
     write_samples,
     write_summary,
 )
-from .lora import attach_lora, trainable_parameters
+from .lora import trainable_parameters
 from .loss import CausalLMLoss, count_label_tokens
 from .metrics import ConsoleProgress, MetricsLog, ProgressState
-from .model import DTYPES, load_model, load_tokenizer, materialize
+from .model import DTYPES, ModelSource, load_lora_model, load_tokenizer, materialize
 from .rundir import RunDirError
 
 log = logging.getLogger("kubelora.trainer")
 
 BASELINE_FILE = "baseline.json"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how this process computes: built once by `LoRAFineTuneRecipe.setup_runtime`."""
+
+    device: DeviceInfo
+    dtype: str  # resolved: bf16, fp16 or fp32
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    backend: str | None  # the process group's backend; None for a single process
+    source: ModelSource
+    zero_settings: Any  # zero.prepare's result when DeepSpeed is wanted, else None
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Rows per optimizer step and how many steps the run takes."""
+
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def plan_steps(t: TrainingConfig, n_rows: int, world: int) -> StepPlan:
+    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world
+    steps_per_epoch = n_rows // global_batch
+    if steps_per_epoch == 0:
+        raise RunDirError(
+            f"{n_rows} training rows are fewer than one global batch of {global_batch} "
+            f"(microBatchSize x gradientAccumulationSteps x {world} processes): add data or lower the batch"
+        )
+    return StepPlan(global_batch, steps_per_epoch, t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch)))
 
 
 class Preempted(RuntimeError):  # noqa: N818 - it is a signal, not a bug
@@ -74,6 +108,45 @@ class LoRAFineTuneRecipe:
         self._run_id: str | None = None
         self.initial_adapter: Path | None = None  # olora/pissa: saved by keep_initial_adapter, after the pre-flight
         self.claim = rundir.RunDirClaim(self.run_dir, writer=self.world.is_main)
+        self.metrics: MetricsLog | None = None  # opened by guard_run_dir, the run's first step
+        self.train_tokens_before = 0  # tokens of the sessions before a resume (maybe_resume)
+        self._perm: list[int] = []  # the current epoch's row order (rows_for_step)
+        self._perm_epoch: int | None = None
+
+    # What `setup` builds, each by one step that returns it (the steps never set attributes themselves).
+    rt: Runtime
+    tokenizer: Any
+    data: PreparedData
+    eval_prompts: list[tuple[str, str | None]]
+    model: Any  # the peft model
+    loss_module: torch.nn.Module
+    eval_batches: list[dict[str, torch.Tensor]]
+    padding_free: bool
+    param_counts: dict[str, int]
+    plan: StepPlan
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    engine: engine_.Engine
+
+    @property
+    def device(self) -> DeviceInfo:
+        return self.rt.device
+
+    @property
+    def dtype(self) -> str:
+        return self.rt.dtype
+
+    @property
+    def global_batch(self) -> int:
+        return self.plan.global_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.total_steps
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
@@ -90,10 +163,7 @@ class LoRAFineTuneRecipe:
         self.guard_run_dir()
         if self.deliver_only():
             return self.summary_on_disk()
-        self.setup_device_and_group()
-        self.load_tokenizer_and_data()
-        self.load_model_with_adapter()
-        self.build_optimizer()
+        self.setup()
         if self.verdict is rundir.Verdict.REPLACE:
             self.claim.set_aside()
         dist_.barrier(self.world)  # no rank reads checkpoints before the replaced run is out of the way
@@ -190,8 +260,38 @@ class LoRAFineTuneRecipe:
         """Every pre-flight check passed (resume included): record owner and config; training starts."""
         self.claim.commit(self.run_id(), self.result_fields, dump_config(self.cfg))
 
-    def setup_device_and_group(self) -> None:
-        self.device: DeviceInfo = select_device(self.cfg.device, self.world.local_rank)
+    def setup(self, through_model: bool = False) -> None:
+        """Build what training needs, in order. Each step returns what it builds (as torchtune's recipes
+        do) and only this method keeps it, so what depends on what is read here.
+
+        `through_model` stops once the model is loaded (tests that inspect what a rank holds)."""
+        self.rt = self.setup_runtime()
+        self.tokenizer, self.data = self.setup_data(self.rt.source)
+        # Empty for data kinds without answers (text, tokens): exact match is then off, eval loss remains.
+        self.eval_prompts = self.data.eval_prompts[: self.cfg.evaluation.max_exact_match_samples]
+        self.ds_config = (zero.build_config(self.cfg, self.rt.zero_settings, self.rt.dtype, self.world.world_size)
+                          if self.rt.zero_settings is not None else None)
+        self.model = self.setup_model(self.rt, self.ds_config)
+        self.padding_free = self.setup_fast_paths(self.model)
+        self.eval_batches = self.build_eval_batches(self.padding_free)
+        self.loss_module = self.setup_loss(self.model)
+        trainable, total = trainable_parameters(self.model)
+        self.param_counts = {"trainable": trainable, "total": total}
+        log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+        if through_model:
+            return
+        self.plan = plan_steps(self.cfg.training, len(self.data.train_rows), self.world.world_size)
+        self.optimizer, self.scheduler = self.setup_optimizer(self.model)
+        # One engine (plain/DDP or DeepSpeed ZeRO) answers backward, step, no_sync and checkpoint state.
+        self.engine = engine_.build(self.loss_module, self.model, self.optimizer, self.ds_config,
+                                    self.cfg.training.max_grad_norm, self.world, self.rt.device.index)
+        if self.engine.sharded:
+            self.loss_module = self.engine.module  # ZeRO-3 evaluates through the engine (it gathers weights)
+        self.progress.update(total_steps=self.plan.total_steps)
+
+    def setup_runtime(self) -> Runtime:
+        """Device, process group, compute dtype and the model's source (converted GGUF included)."""
+        device = select_device(self.cfg.device, self.world.local_rank)
         if self.cfg.ipex:
             try:
                 import intel_extension_for_pytorch  # noqa: F401
@@ -201,68 +301,59 @@ class LoRAFineTuneRecipe:
                     "2.8) - stock PyTorch already uses oneDNN/AMX on CPU and supports xpu"
                 ) from None
         # DeepSpeed settings are checked here, before any model loads (bad JSON: one line, exit 2).
-        self.zero_settings = zero.prepare(self.cfg, self.device.type) if zero.wanted(self.cfg) else None
+        zero_settings = zero.prepare(self.cfg, device.type) if zero.wanted(self.cfg) else None
         # Before the process group exists: transformers' save_pretrained writes only on global rank 0
         # once one does, and every rank converts a GGUF into its own (pod-local) cache.
-        self.source = materialize(self.cfg.model)
-        backend = dist_.resolve_backend(self.cfg.distributed.backend, self.device.type)
+        source = materialize(self.cfg.model)
+        backend = dist_.resolve_backend(self.cfg.distributed.backend, device.type)
         dist_.init_process_group(self.world, backend, self.cfg.distributed.timeout_s)
-        self.backend = backend if self.world.distributed else None
-        self.dtype, dtype_reason = resolve_dtype(self.cfg.model.dtype, self.device)
-        dtype = DTYPES[self.dtype]
+        dtype_name, dtype_reason = resolve_dtype(self.cfg.model.dtype, device)
+        dtype = DTYPES[dtype_name]
         use_autocast = self.cfg.training.autocast and dtype != torch.float32
-        self.autocast: Callable[[], contextlib.AbstractContextManager] = (
-            (lambda: torch.autocast(device_type=self.device.type, dtype=dtype))
+        autocast: Callable[[], contextlib.AbstractContextManager] = (
+            (lambda: torch.autocast(device_type=device.type, dtype=dtype))
             if use_autocast
             else contextlib.nullcontext
         )
-        log.info("device %s, dtype %s (%s), world %d (%s)", self.device.describe(), self.dtype, dtype_reason,
-                 self.world.world_size, self.backend or "single process")
+        rt = Runtime(device=device, dtype=dtype_name, autocast=autocast,
+                     backend=backend if self.world.distributed else None, source=source,
+                     zero_settings=zero_settings)
+        log.info("device %s, dtype %s (%s), world %d (%s)", device.describe(), dtype_name, dtype_reason,
+                 self.world.world_size, rt.backend or "single process")
+        return rt
 
-    def load_tokenizer_and_data(self) -> None:
-        self.tokenizer = load_tokenizer(self.source, self.cfg.model)
-        self.data = build_datasets(self.cfg.data, self.tokenizer, self.cfg.training.seed)
-        # Empty for data kinds without answers (text, tokens): exact match is then off, eval loss remains.
-        self.eval_prompts = self.data.eval_prompts[: self.cfg.evaluation.max_exact_match_samples]
-        log.info("data: %s", self.data.stats)
+    def setup_data(self, source: ModelSource) -> tuple[Any, PreparedData]:
+        tokenizer = load_tokenizer(source, self.cfg.model)
+        data = build_datasets(self.cfg.data, tokenizer, self.cfg.training.seed)
+        log.info("data: %s", data.stats)
+        return tokenizer, data
 
-    def load_model_with_adapter(self) -> None:
-        self.ds_config = (zero.build_config(self.cfg, self.zero_settings, self.dtype, self.world.world_size)
-                          if self.zero_settings is not None else None)
-        with zero.partitioned_loading(self.ds_config, self.world):  # ZeRO-3: each rank builds only its shards
-            base = load_model(self.source, self.cfg.model, self.device.type, self.dtype, self.device.torch_device)
-            self.model = attach_lora(base, self.cfg.lora, self.cfg.training.seed)
-        if self.zero_settings is not None:
-            log.info("model loaded: this rank holds %d of %d parameter elements", *zero.held_summary(self.model))
-        self.model.to(self.device.torch_device)  # LoRA weights; 4-bit base weights were packed there already
-        self.enable_fast_paths()
-        self.eval_batches = self.build_eval_batches()
+    def setup_model(self, rt: Runtime, ds_config: dict[str, Any] | None) -> Any:
+        """The base model with a fresh LoRA adapter, on the training device."""
+        with zero.partitioned_loading(ds_config, self.world):  # ZeRO-3: each rank builds only its shards
+            model = load_lora_model(rt.source, self.cfg.model, rt.device, rt.dtype,
+                                    lora=self.cfg.lora, seed=self.cfg.training.seed)
+        if ds_config is not None:
+            log.info("model loaded: this rank holds %d of %d parameter elements", *zero.held_summary(model))
+        model.to(rt.device.torch_device)  # LoRA weights; 4-bit base weights were packed there already
+        return model
+
+    def setup_loss(self, model: Any) -> torch.nn.Module:
+        """The module the loop runs forward on (after the fast paths changed the model's layers)."""
         if self.cfg.training.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.model.enable_input_require_grads()
-        self.loss_module: torch.nn.Module = CausalLMLoss(self.model)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        if self.cfg.training.compile_layers:
+            log.info("regional compilation: %d decoder layers compiled as one", compile_layers(model))
+        loss_module: torch.nn.Module = CausalLMLoss(model, chunk=self.cfg.training.loss_chunk)
         if self.cfg.training.compile:
-            self.loss_module = torch.compile(self.loss_module)  # type: ignore[assignment]
-        trainable, total = trainable_parameters(self.model)
-        self.param_counts = {"trainable": trainable, "total": total}
-        log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+            loss_module = torch.compile(loss_module)  # type: ignore[assignment]
+        return loss_module
 
-    @property
-    def padding_free(self) -> bool:
-        """Flat, padding-free micro-batches (not under torch.compile: each new sample layout would recompile).
-
-        Unset, it follows the device and dtype (`batching.padding_free_default`: only a CPU in fp32).
-        """
-        wanted = self.cfg.training.padding_free
-        if wanted is None:
-            wanted = padding_free_default(self.device.type, self.dtype)[0]
-        return wanted and not self.cfg.training.compile and not self._no_segments
-
-    _no_segments: str | None = None  # why the loaded model cannot attend per sample (set once it is loaded)
     #: The clock of the `saveMinutes` cadence (tests step it by hand).
     save_clock: Callable[[], float] = staticmethod(time.monotonic)
 
-    def build_eval_batches(self) -> list[dict[str, torch.Tensor]]:
+    def build_eval_batches(self, padding_free: bool) -> list[dict[str, torch.Tensor]]:
         """Held-out rows in the training batch format (flat or padded: known once the model is loaded).
 
         Eval rows are single short samples: batches are 4x wider than training so each matmul is big
@@ -271,51 +362,39 @@ class LoRAFineTuneRecipe:
         pad = int(self.tokenizer.pad_token_id)
         rows, size = self.data.eval_rows, 4 * self.cfg.training.micro_batch_size
         chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
-        return [collate_flat(c) if self.padding_free else collate(c, pad) for c in chunks]
+        return [collate_flat(c) if padding_free else collate(c, pad) for c in chunks]
 
-    def enable_fast_paths(self) -> None:
-        """Per-sample attention for flat batches and the fused LoRA forward (see their modules for why)."""
-        if self.padding_free:
-            self._no_segments = segment_attention.unsupported_reason(self.model.get_base_model().config)
-            if self._no_segments:
-                log.info("padded batches: %s", self._no_segments)
-            else:
-                why = "asked for" if self.cfg.training.padding_free else (
-                    padding_free_default(self.device.type, self.dtype)[1])
-                log.info("attention: %s (padding-free batches: %s)", segment_attention.enable(self.model), why)
-        else:
-            why = "training.paddingFree is false" if self.cfg.training.padding_free is False else (
-                "torch.compile" if self.cfg.training.compile
-                else padding_free_default(self.device.type, self.dtype)[1]
-            )
-            log.info("padded batches (%s)", why)
-        if self.cfg.training.fused_lora:
-            log.info("fused LoRA forward on %d layers", fused_lora.enable(self.model))
+    def setup_fast_paths(self, model: Any) -> bool:
+        """Choose the batch format (and enable per-sample attention for flat batches) and the fused
+        LoRA forward (see their modules for why); returns whether batches are padding-free.
 
-    def build_optimizer(self) -> None:
+        `batching.choose_padding_free` decides from the settings, device and dtype; a model that cannot
+        attend per sample trains on padded rows.
+        """
         t = self.cfg.training
-        world = self.world.world_size
-        self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world
-        n_rows = len(self.data.train_rows)
-        self.steps_per_epoch = n_rows // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise RunDirError(
-                f"{n_rows} training rows are fewer than one global batch of {self.global_batch} "
-                f"(microBatchSize x gradientAccumulationSteps x {world} processes): add data or lower the batch"
-            )
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
+        wanted, why = choose_padding_free(t.padding_free, t.compile or t.compile_layers, self.rt.device.type, self.rt.dtype)
+        padding_free = False
+        if wanted:
+            no_segments = segment_attention.unsupported_reason(model.get_base_model().config)
+            if no_segments:
+                log.info("padded batches: %s", no_segments)
+            else:
+                padding_free = True
+                log.info("attention: %s (padding-free batches: %s)", segment_attention.enable(model), why)
+        else:
+            log.info("padded batches (%s)", why)
+        if t.fused_lora:
+            log.info("fused LoRA forward on %d layers", fused_lora.enable(model))
+        return padding_free
+
+    def setup_optimizer(self, model: Any) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        t = self.cfg.training
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
             params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
             weight_decay=t.weight_decay,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
-        # One engine (plain/DDP or DeepSpeed ZeRO) answers backward, step, no_sync and checkpoint state.
-        self.engine: engine_.Engine = engine_.build(self.loss_module, self.model, self.optimizer, self.ds_config,
-                                                    t.max_grad_norm, self.world, self.device.index)
-        if self.engine.sharded:
-            self.loss_module = self.engine.module  # ZeRO-3 evaluates through the engine (it gathers weights)
-        self.progress.update(total_steps=self.total_steps)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda)
 
     def lr_lambda(self, step: int) -> float:
         """Warmup from 0 then cosine/linear decay to 0, or constant."""
@@ -349,6 +428,7 @@ class LoRAFineTuneRecipe:
         self.engine.load(ref, self.scheduler)
         self._apply_optimizer_settings()
         self.train_tokens_before = int(state.get("train_tokens", 0))
+        assert self.metrics is not None  # guard_run_dir opened it
         self.metrics.truncate_after(ref.step)
         self.history = self.metrics.read()
         log.info("resumed from %s at step %d", ref.path, ref.step)
@@ -426,14 +506,14 @@ class LoRAFineTuneRecipe:
     # ------------------------------------------------------------------ measuring
     def measure(self, prompts: list[tuple[str, str | None]], label: str) -> dict[str, Any]:
         """Held-out loss (all ranks) and generations (rank 0)."""
-        loss = eval_loss(self.loss_module, self.eval_batches, self.device.torch_device, self.autocast, self.world)
+        loss = eval_loss(self.loss_module, self.eval_batches, self.rt.device.torch_device, self.rt.autocast, self.world)
         results: list[GenerationResult] = []
         # Under ZeRO-3 every rank generates (each forward gathers weights from all); rank 0 keeps the text.
         if (self.world.is_main or self.engine.sharded) and self.cfg.evaluation.exact_match and prompts:
             ids = [encode_prompt(p, self.tokenizer, self.data.cfg) for p, _ in prompts]
             gen = generate(
                 self.model, ids, int(self.tokenizer.pad_token_id), self.tokenizer.eos_token_id,
-                self.cfg.evaluation.max_new_tokens, self.device.torch_device, self.autocast,
+                self.cfg.evaluation.max_new_tokens, self.rt.device.torch_device, self.rt.autocast,
                 synced=self.engine.sharded and self.world.distributed,
             )
             texts = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
@@ -464,7 +544,7 @@ class LoRAFineTuneRecipe:
     def rows_for_step(self, step: int) -> list[PackedRow]:
         """The global batch of an optimizer step: a slice of the epoch's seeded permutation."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        if getattr(self, "_perm_epoch", None) != epoch:
+        if self._perm_epoch != epoch:
             gen = torch.Generator().manual_seed(self.cfg.training.seed * 7919 + epoch)
             self._perm = torch.randperm(len(self.data.train_rows), generator=gen).tolist()
             self._perm_epoch = epoch
@@ -490,7 +570,7 @@ class LoRAFineTuneRecipe:
         train_time = 0.0
         step = start_step
         for step in range(start_step, self.total_steps):
-            synchronize(self.device)
+            synchronize(self.rt.device)
             t_step = time.monotonic()
             torch.manual_seed(t.seed * 1_000_003 + step * 1009 + self.world.rank)
             rows = self.rows_for_step(step)
@@ -499,11 +579,11 @@ class LoRAFineTuneRecipe:
             global_labels = self._global_label_count(rows)
             # On the training device: one host sync per step (at the log) instead of one per micro-batch,
             # and the all-reduce below runs on the tensors nccl/xccl can reduce.
-            loss_total = torch.zeros((), dtype=torch.float32, device=self.device.torch_device)
+            loss_total = torch.zeros((), dtype=torch.float32, device=self.rt.device.torch_device)
             for i, batch in enumerate(batches):
-                moved = {k: v.to(self.device.torch_device) for k, v in batch.items()}
+                moved = {k: v.to(self.rt.device.torch_device) for k, v in batch.items()}
                 sync = i == len(batches) - 1 or not self.world.distributed
-                with self.engine.no_sync(sync), self.autocast():
+                with self.engine.no_sync(sync), self.rt.autocast():
                     loss_sum, _ = self.engine.module(**moved)
                 self.engine.backward(loss_sum * self.world.world_size / global_labels)
                 loss_total += loss_sum.detach().float()
@@ -511,19 +591,19 @@ class LoRAFineTuneRecipe:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             dist_.all_reduce_sum(loss_total, self.world)
-            synchronize(self.device)
+            synchronize(self.rt.device)
             train_time += time.monotonic() - t_step
             tokens_this_session += step_tokens
             done = step + 1
             self._log_step(done, float(loss_total) / global_labels, grad_norm, step_tokens,
                            tokens_this_session, train_time, start_step, console)
             if t.eval_steps and done % t.eval_steps == 0 and done < self.total_steps:
-                loss = eval_loss(self.loss_module, self.eval_batches, self.device.torch_device, self.autocast,
+                loss = eval_loss(self.loss_module, self.eval_batches, self.rt.device.torch_device, self.rt.autocast,
                                  self.world)
                 self.record({"step": done, "epoch": done / self.steps_per_epoch, "kind": "eval", "loss": loss})
                 self.progress.update(eval_loss=loss)
             decision = cadence.decide(done, done == self.total_steps, self._stop_requested, self.world,
-                                      self.device.torch_device)
+                                      self.rt.device.torch_device)
             if decision.save:
                 self.save_checkpoint(done, tokens_this_session)
                 cadence.saved()
@@ -560,6 +640,7 @@ class LoRAFineTuneRecipe:
             console.line(done, loss, lr, tps, eta)
 
     def record(self, entry: dict[str, Any]) -> None:
+        assert self.metrics is not None  # guard_run_dir opened it
         self.history.append(entry)
         self.metrics.append(entry)
 
@@ -596,13 +677,13 @@ class LoRAFineTuneRecipe:
         summary = {
             "run_id": self.run_id(),
             "artifact_uri": self.cfg.output.s3.uri.rstrip("/") if self.cfg.output.s3 else None,
-            "device": self.device.type,
-            "device_name": self.device.name,
-            "cpu_isa": self.device.isa,
-            "threads": self.device.threads,
-            "dtype": self.dtype,
+            "device": self.rt.device.type,
+            "device_name": self.rt.device.name,
+            "cpu_isa": self.rt.device.isa,
+            "threads": self.rt.device.threads,
+            "dtype": self.rt.dtype,
             "world_size": self.world.world_size,
-            "backend": self.backend,
+            "backend": self.rt.backend,
             "zero_stage": self.engine.zero_stage,
             "model": self.cfg.model.name_or_path,
             "params": self.param_counts,
@@ -614,13 +695,13 @@ class LoRAFineTuneRecipe:
             "exact_match_after": after["exact_match"],
             "exact_match_samples": len(after["results"]),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_device_memory_bytes": peak_memory_bytes(self.device),
+            "peak_device_memory_bytes": peak_memory_bytes(self.rt.device),
             "data": self.data.stats,
             "adapter": {"path": str(adapter), "sha256": sha256_file(weights), "size_bytes": weights.stat().st_size},
         }
         if self.cfg.output.merge:
             summary["merged"] = str(
-                zero.save_merged_from_adapter(self.source, self.cfg.model, self.dtype, adapter, self.run_dir,
+                zero.save_merged_from_adapter(self.rt.source, self.cfg.model, self.rt.dtype, adapter, self.run_dir,
                                               self.tokenizer)
                 if self.engine.sharded else save_merged(self.model, self.run_dir, self.tokenizer))
         write_summary(self.run_dir, summary)
@@ -629,6 +710,6 @@ class LoRAFineTuneRecipe:
         return summary
 
     def close(self) -> None:
-        if hasattr(self, "metrics"):  # set by guard_run_dir, the run's first step
+        if self.metrics is not None:
             self.metrics.close()
         dist_.destroy(self.world)

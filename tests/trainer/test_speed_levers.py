@@ -1,0 +1,112 @@
+"""Speed levers (`training.lossChunk`, `training.compileLayers`) compute what the plain path computes.
+
+They exist only for speed (docs/benchmarks.md says where they pay): loss and gradients must match the
+plain path within float tolerance, alone and in a whole training run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kubelora_trainer import compile as compile_
+from kubelora_trainer.config import LoraSettings, parse_config
+from kubelora_trainer.data import collate, pack
+from kubelora_trainer.data.tokenize import TokenizedExample
+from kubelora_trainer.lora import attach_lora
+from kubelora_trainer.loss import CausalLMLoss, chunked_head_loss
+from kubelora_trainer.recipe import LoRAFineTuneRecipe
+
+from .conftest import tiny_config
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_head_loss_is_cross_entropy_of_the_full_projection(autocast: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen).to(torch.bfloat16 if autocast else torch.float32)
+    targets = torch.randint(0, 50, (37,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ref = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+    ref.backward()
+    ref_grad, hidden.grad = hidden.grad, None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = chunked_head_loss(hidden, weight, targets, chunk=8)  # 8 does not divide 37: a short last slice
+    (3 * out).backward()
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, ref, rtol=1e-6)
+    assert hidden.grad is not None and ref_grad is not None
+    tol = {"atol": 1e-2, "rtol": 1e-2} if autocast else {"atol": 1e-5}  # bf16: within its rounding
+    assert torch.allclose(hidden.grad / 3, ref_grad, **tol)
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    examples = [TokenizedExample(input_ids=[(7 * i + k) % 400 + 5 for k in range(n)], labels=[-100] * 3 + list(
+        range(5, 5 + n - 3))) for i, n in enumerate([20, 14, 31, 9, 17])]
+    return collate(pack(examples, max_len=40), pad_token_id=0)
+
+
+def _model(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = attach_lora(base, LoraSettings(r=4, alpha=8, dropout=0.0), seed=3)
+    with torch.no_grad():  # B starts at zero: give it values so the LoRA path shows in the gradients
+        gen = torch.Generator().manual_seed(5)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+def _loss_and_grads(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+    module.zero_grad(set_to_none=True)
+    loss_sum, _ = module(**batch)
+    loss_sum.backward()
+    return float(loss_sum.detach()), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a: tuple[float, dict[str, torch.Tensor]], b: tuple[float, dict[str, torch.Tensor]]) -> None:
+    assert a[0] == pytest.approx(b[0], rel=1e-5)
+    assert a[1].keys() == b[1].keys() and a[1]
+    for name, grad in a[1].items():
+        assert torch.allclose(grad, b[1][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_loss_chunk_and_compiled_layers_give_the_plain_loss_and_gradients(tiny_model_dir: Path) -> None:
+    batch = _batch()
+    model = _model(tiny_model_dir)
+    plain = _loss_and_grads(CausalLMLoss(model), batch)
+    chunked = CausalLMLoss(model, chunk=16)
+    assert chunked.chunk == 16
+    _assert_same(_loss_and_grads(chunked, batch), plain)
+    # aot_eager traces and runs the layer through autograd as inductor does, without a C compiler.
+    assert compile_.compile_layers(model, backend="aot_eager") == len(compile_.decoder_layers(model))
+    try:
+        _assert_same(_loss_and_grads(CausalLMLoss(model), batch), plain)
+    finally:
+        compile_.uncompiled(model)
+
+
+def test_loss_chunk_steps_aside_for_a_trainable_head(tiny_model_dir: Path) -> None:
+    model = _model(tiny_model_dir)
+    model.get_base_model().get_output_embeddings().weight.requires_grad_(True)
+    assert CausalLMLoss(model, chunk=16).chunk is None
+
+
+def _losses(run_dir: Path) -> list[float]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if x["kind"] == "train"]
+
+
+def test_a_run_with_loss_chunk_trains_the_plain_runs_loss_curve(tiny_model_dir: Path, tmp_path: Path) -> None:
+    common = {"maxSteps": 3, "paddingFree": False}
+    LoRAFineTuneRecipe(parse_config(tiny_config(tiny_model_dir, tmp_path / "plain", training=common))).run()
+    fast = LoRAFineTuneRecipe(parse_config(tiny_config(
+        tiny_model_dir, tmp_path / "fast", training={**common, "lossChunk": 32})))
+    fast.run()
+    assert isinstance(fast.loss_module, CausalLMLoss) and fast.loss_module.chunk == 32
+    assert _losses(tmp_path / "fast") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-4)

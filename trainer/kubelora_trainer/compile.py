@@ -1,0 +1,46 @@
+"""Regional compilation: torch.compile each decoder layer, not the whole model.
+
+Why: compiling the whole loss module traces every layer and the head as one graph (about a minute
+before the first step on a 1B model); the decoder's layers are one class run N times, so compiling
+the layer (the region) traces it once and every layer reuses that code, guarded on its own
+weights. The fusions that pay (RMSNorm, RoPE, SwiGLU and the LoRA adds into fewer kernels) are all
+inside a layer. The embedding, the final norm and the head stay eager.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+#: Compiled variants one code object may hold: one per layer in the worst case (guards on a
+#: layer's own attributes) times a few shapes; past torch's default (8) layers would silently run
+#: eager.
+RECOMPILE_LIMIT = 256
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The repeated blocks of a transformers causal LM (the `layers` list of its decoder)."""
+    base: Any = getattr(model, "get_base_model", lambda: model)()
+    layers = getattr(base.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"{type(base).__name__} has no decoder `layers` list to compile one by one")
+    return layers
+
+
+def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
+    """Compile every decoder layer in place (`nn.Module.compile`); returns how many."""
+    import torch._dynamo.config as dynamo_config
+
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), RECOMPILE_LIMIT))
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(backend=backend)
+    return len(layers)
+
+
+def uncompiled(model: nn.Module) -> None:
+    """Undo `compile_layers` (`nn.Module.compile` keeps the original forward)."""
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None
