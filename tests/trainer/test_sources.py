@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from kubelora_trainer.cli import main
 from kubelora_trainer.config import S3Source
 from kubelora_trainer.sources import (
@@ -30,6 +29,7 @@ from kubelora_trainer.sources import (
     fetch_all,
     fetch_source,
 )
+
 from tests import s3server
 from tests.s3server import S3Server
 

@@ -362,12 +362,17 @@ class S3Target(StrictModel):
     verify_tls: bool = Field(True, description="Verify the endpoint's TLS certificate.")
 
 
+def _field_of(model: type[BaseModel], name: str) -> Any:
+    """A copy of another model's field definition (type bounds, default, description): one text per fact."""
+    return copy.deepcopy(model.model_fields[name])
+
+
 class S3Source(StrictModel):
     """The S3-compatible server that `s3://` model and data sources are read from (credentials: AWS_* env)."""
 
-    endpoint: str | None = copy.deepcopy(S3Target.model_fields["endpoint"])
-    region: str | None = copy.deepcopy(S3Target.model_fields["region"])
-    verify_tls: bool = copy.deepcopy(S3Target.model_fields["verify_tls"])
+    endpoint: str | None = _field_of(S3Target, "endpoint")
+    region: str | None = _field_of(S3Target, "region")
+    verify_tls: bool = _field_of(S3Target, "verify_tls")
 
 
 class SourcesConfig(StrictModel):
