@@ -2,7 +2,11 @@
 # The whole product in real containers on a real single-node cluster, checked from the outside
 # (issue 11; tests/realnode/e2e.py says what it starts and checks). Needs root.
 #
-#   sudo bash scripts/e2e-real-node.sh [--yes] [--timeout SECONDS] [--skip-build] [--tag T]
+#   sudo bash scripts/e2e-real-node.sh [--yes] [--faults] [--timeout SECONDS] [--skip-build] [--tag T]
+#
+# --faults adds the fault run after the happy path, in the same cluster (tests/realnode/faults.py):
+# docker kill of a worker after the first checkpoint, the operator pod deleted mid-run, S3 stopped
+# during the upload; each outcome counts in the final line.
 #
 # It installs and starts a container engine (Debian's docker.io) and changes iptables, so it runs only
 # when asked: --yes, KUBELORA_E2E_REAL_NODE=1, or CI=true. Needs the cluster binaries

@@ -25,6 +25,7 @@ BRIDGE = "cni0"
 CNI_BIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
 CLUSTER_DNS_IP = "10.0.0.10"
 PAUSE_IMAGE = "kubelora/pause:3.2"
+DOCKER = "/usr/bin/docker"  # Debian's 20.10 client, the one scripts/docker-engine.sh pairs with its engine
 # iptables rules that let pod traffic through Docker's FORWARD policy DROP (inserted, removed on stop).
 FORWARD_RULES = (["-i", BRIDGE, "-j", "ACCEPT"], ["-o", BRIDGE, "-j", "ACCEPT"])
 
@@ -188,9 +189,9 @@ class RealNode:
             if proc is not None:
                 _terminate(proc)
         # pod containers kubelet's dockershim started (it labels every one of them)
-        ids = _run("docker", "ps", "-aq", "--filter", "label=io.kubernetes.docker.type", check=False).stdout.split()
+        ids = _run(DOCKER, "ps", "-aq", "--filter", "label=io.kubernetes.docker.type", check=False).stdout.split()
         if ids:
-            _run("docker", "rm", "-f", *ids, check=False)
+            _run(DOCKER, "rm", "-f", *ids, check=False)
         if self.cp.bin_dir is not None and (self.cp.bin_dir / "kube-proxy").exists():
             _run(str(self.cp.bin_dir / "kube-proxy"), "--cleanup", check=False)
         while self._rules_added:
