@@ -58,8 +58,8 @@ def prepare(cfg: TrainerConfig) -> None:
         why = "lora.modulesToSave (it trains base modules; FSDP here trains the adapter only)"
     elif cfg.model.dtype == "fp16":
         why = "model.dtype fp16 (use bf16 or fp32)"
-    elif cfg.training.compile:
-        why = "training.compile"
+    elif cfg.training.compile or cfg.training.compile_layers:
+        why = "training.compile/compileLayers (not tried with FSDP yet)"
     if why:
         raise ConfigError(f"distributed.fsdp does not support {why}")
 
@@ -242,11 +242,14 @@ def gathered_elements(model: nn.Module) -> int:
     from torch.distributed.fsdp import FSDPModule
 
     count = 0
+    groups = {}  # a unit over several modules (decoder and head) shares one group: count it once
     for module in model.modules():
-        if not isinstance(module, FSDPModule):
-            continue
-        group = module._get_fsdp_state()._fsdp_param_group  # noqa: SLF001 - no public view of gathered state
-        for fp in group.fsdp_params if group is not None else ():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group  # noqa: SLF001 - no public view of gathered state
+            if group is not None:
+                groups[id(group)] = group
+    for group in groups.values():
+        for fp in group.fsdp_params:
             unsharded = getattr(fp, "_unsharded_param", None)
             if unsharded is not None and unsharded.untyped_storage().size() > 0:
                 count += unsharded.numel()

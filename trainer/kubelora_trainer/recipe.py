@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import contract, fused_lora, rundir, segment_attention, zero
+from . import contract, fsdp, fused_lora, rundir, segment_attention, zero
 from . import distributed as dist_
 from . import engine as engine_
 from .batching import choose_padding_free
@@ -284,7 +284,8 @@ class LoRAFineTuneRecipe:
         self.optimizer, self.scheduler = self.setup_optimizer(self.model)
         # One engine (plain/DDP or DeepSpeed ZeRO) answers backward, step, no_sync and checkpoint state.
         self.engine = engine_.build(self.loss_module, self.model, self.optimizer, self.ds_config,
-                                    self.cfg.training.max_grad_norm, self.world, self.rt.device.index)
+                                    self.cfg.training.max_grad_norm, self.world, self.rt.device.index,
+                                    sharded_by_fsdp=fsdp.wanted(self.cfg))
         if self.engine.sharded:
             self.loss_module = self.engine.module  # ZeRO-3 evaluates through the engine (it gathers weights)
         self.progress.update(total_steps=self.plan.total_steps)
@@ -302,6 +303,8 @@ class LoRAFineTuneRecipe:
                 ) from None
         # DeepSpeed settings are checked here, before any model loads (bad JSON: one line, exit 2).
         zero_settings = zero.prepare(self.cfg, device.type) if zero.wanted(self.cfg) else None
+        if fsdp.wanted(self.cfg):
+            fsdp.prepare(self.cfg)
         # Before the process group exists: transformers' save_pretrained writes only on global rank 0
         # once one does, and every rank converts a GGUF into its own (pod-local) cache.
         source = materialize(self.cfg.model)
@@ -330,6 +333,10 @@ class LoRAFineTuneRecipe:
 
     def setup_model(self, rt: Runtime, ds_config: dict[str, Any] | None) -> Any:
         """The base model with a fresh LoRA adapter, on the training device."""
+        if fsdp.wanted(self.cfg):  # each rank builds only its shards
+            model = fsdp.load_sharded(rt.source, self.cfg, rt.device.torch_device, rt.dtype, self.world)
+            log.info("model loaded: this rank holds %d of %d parameter elements", *fsdp.held_summary(model))
+            return model
         with zero.partitioned_loading(ds_config, self.world):  # ZeRO-3: each rank builds only its shards
             model = load_lora_model(rt.source, self.cfg.model, rt.device, rt.dtype,
                                     lora=self.cfg.lora, seed=self.cfg.training.seed)
