@@ -43,6 +43,7 @@ from typing import Any
 import kopf
 
 from ..api import GROUP, PLURAL, VERSION
+from ..fetch import FETCH_ROLE
 from ..kube import Conflict, Kube, TransientApiError
 from ..plan import LABEL_NAME, LABEL_ROLE
 from ..settings import OperatorSettings
@@ -297,6 +298,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: 
         runner.stop_queues()
 
     @kopf.on.event("", "v1", "pods", id="worker-pods", labels=pod_labels, registry=registry)
+    @kopf.on.event("", "v1", "pods", id="fetch-pods", labels={**pod_labels, LABEL_ROLE: FETCH_ROLE}, registry=registry)
     async def worker_pod(namespace: str | None, labels: Any, type: str | None, body: Any, **kw: Any) -> None:  # noqa: A002
         attach(kw)
         runner.pod_event(_namespace(namespace), labels[LABEL_NAME], type, body)

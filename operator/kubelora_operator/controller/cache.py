@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ..kube import Kube
-from ..plan import LABEL_NAME, worker_selector
+from ..plan import LABEL_NAME, LABEL_ROLE, worker_selector
 from .pods import WorkerState, worker_state
 
 #: kopf index id (also the handler kwarg kopf passes it as).
@@ -166,7 +166,7 @@ class CachedKube(Kube):
     def create_if_absent(self, obj: Mapping[str, Any]) -> bool:
         created = super().create_if_absent(obj)
         labels = (obj.get("metadata") or {}).get("labels") or {}
-        if created and obj.get("kind") == "Pod" and labels.get(LABEL_NAME):
+        if created and obj.get("kind") == "Pod" and labels.get(LABEL_NAME) and labels.get(LABEL_ROLE) == "worker":
             key = (obj["metadata"]["namespace"], labels[LABEL_NAME])
             with self._lock:
                 self._expected.setdefault(key, {})[obj["metadata"]["name"]] = (self._clock(), worker_state(obj))

@@ -40,6 +40,7 @@ from ..settings import OperatorSettings
 from .actions import delete_pods, fail, parse_time, place, stop_pods
 from .attempt import Attempt, advance
 from .cache import cached_workers
+from .sources import sources_ready
 from .started import (
     ANN_ACTIVE_SINCE,
     ANN_ATTEMPT,
@@ -171,7 +172,8 @@ def _before_start(
     )
     u.status.update(startTime=u.stamp, placement=decision.to_status(), restarts=0)
     resource = LoRAFineTuneResource(name, ns, meta.get("uid", ""), u.generation, spec)
-    advance(Attempt(kube, settings, u, resource, decision.device, 0, placed=decision), [])
+    if sources_ready(kube, settings, u, resource, decision.device, {}):  # the fetch pod first (fetch.py)
+        advance(Attempt(kube, settings, u, resource, decision.device, 0, placed=decision), [])
     u.fold_event(R.SPEC_VALID.value)  # "valid; created 2 worker pods": one Event per start, not two
 
 
@@ -259,7 +261,8 @@ def _after_start(
             f"spec.suspend is false: attempt {attempt} resumes from the newest checkpoint",
             event="Normal",
         )
-    advance(Attempt(kube, settings, u, resource, device, attempt), pods)
+    if sources_ready(kube, settings, u, resource, device, annotations):  # the fetch pod first (fetch.py)
+        advance(Attempt(kube, settings, u, resource, device, attempt), pods)
 
 
 # --------------------------------------------------------------------------- run directories
