@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+from kubelora_operator.controller.validate_create import reference_problems
 from kubelora_operator.fetch import fetch_pod, needs_fetch
 from kubelora_operator.placement import decide_placement
 from kubelora_operator.plan import plan
@@ -119,3 +120,29 @@ def test_tracking_reaches_the_trainer_config() -> None:
     assert cfg["tracking"] == {
         "tensorboard": False, "mlflow": {"trackingUri": "http://mlflow:5000", "experiment": "x"}
     }
+
+
+class Objects:
+    """The three reads reference_problems makes, answered from dicts (PVC access modes, Secret keys)."""
+
+    def __init__(self, modes: dict[str, list[str]]) -> None:
+        self.modes = modes
+
+    def read_pvc(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return {"spec": {"accessModes": self.modes[name]}} if name in self.modes else None
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return {"data": {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}}
+
+    def read_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return None
+
+
+def test_a_pvc_source_is_read_only_the_cache_is_written() -> None:
+    spec = resource(**SOURCES).spec  # 2 workers
+    ok = Objects({"runs": ["ReadWriteMany"], "model-cache": ["ReadWriteMany"], "datasets": ["ReadOnlyMany"]})
+    assert reference_problems(ok, "team-a", spec) == []  # type: ignore[arg-type]
+    rox_cache = Objects({"runs": ["ReadWriteMany"], "model-cache": ["ReadOnlyMany"], "datasets": ["ReadOnlyMany"]})
+    assert [m for _, m in reference_problems(rox_cache, "team-a", spec)] == [  # type: ignore[arg-type]
+        "PVC 'model-cache' has access modes ReadOnlyMany; 2 workers on several nodes need ReadWriteMany"
+    ]

@@ -58,7 +58,8 @@ def reference_problems(kube: Kube, namespace: str, spec: LoRAFineTuneSpec) -> li
                 out.append((ref.reason, whole.missing_message()))
             elif ref.kind == "PersistentVolumeClaim":
                 modes = list(((obj.get("spec") or {}).get("accessModes")) or [])
-                read_only = ref.field.startswith("dataVolume")
+                # the data volume and pvc:// sources (model.nameOrPath, data.path, ...) are mounted read-only
+                read_only = ref.field.startswith(("dataVolume", "model.", "data."))
                 out += [
                     (ConditionReason.INVALID_SPEC, m) for m in pvc_problems(spec, ref.name, modes, read_only=read_only)
                 ]
