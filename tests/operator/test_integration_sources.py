@@ -124,3 +124,17 @@ def test_workers_start_after_the_fetch_and_a_restart_does_not_fetch_again(env: E
     assert get_lft(cp, ns, name)["status"]["restarts"] == 1
     fetches = [p for p in live_pods(cp, ns, name) if p["metadata"]["name"] == f"{name}-fetch"]
     assert [p["metadata"]["uid"] for p in fetches] == [fetch["metadata"]["uid"]]
+
+
+def test_unreachable_store_fetches_again_as_a_counted_restart(env: Env) -> None:
+    cp, ns = env.cp, env.ns
+    name, fetch = _start(env)
+    terminate_pod(cp, ns, f"{name}-fetch", 1, f"source {MODEL}: listing failed (S3 unreachable; retry later)")
+
+    def second_fetch() -> dict[str, Any] | None:
+        return next((p for p in live_pods(cp, ns, name) if p["metadata"]["name"] == f"{name}-fetch"
+                     and p["metadata"]["uid"] != fetch["metadata"]["uid"]), None)
+
+    cp.wait_for(second_fetch, timeout=30, what="the fetch pod created again")
+    obj = wait_condition(cp, ns, name, "Running", "False", reason="FetchingSources")
+    assert obj["status"]["restarts"] == 1 and _workers(cp, ns, name) == []
