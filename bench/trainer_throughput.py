@@ -33,6 +33,13 @@ Usage (from the repository root, in the trainer's virtual environment, with ``pi
     python bench/trainer_throughput.py --steps 3 --no-eval              # smoke test
     python bench/trainer_throughput.py --variants --steps 20 --no-eval  # kubelora's own settings
     python bench/trainer_throughput.py --device cuda --dtype bf16 --model DIR_OR_GGUF --steps 120
+    python bench/trainer_throughput.py --device cuda --dtype bf16 --shape llama-1b --data text --cutoff 1024 \
+        --batch 8 --peak-tflops 989 --only 'trainer-concat;kubelora;kubelora:cl=1,lc=4096'
+
+``--shape`` trains a random-init model of that shape (``bench/multi_device.py``'s) instead of ``--model``;
+``--data text`` gives every contender the same fixed ``--cutoff``-token rows of plain text, loss on every
+token (``data.kind: text``). Lever variants: ``kubelora:cl=1`` (``training.compileLayers``),
+``kubelora:lc=N`` (``training.lossChunk``).
 
 On a GPU machine every contender trains there (the Trainer baselines with ``use_cpu`` off) and the
 results add each contender's peak GPU memory; ``--model`` points all of them at a model directory or

@@ -1,7 +1,7 @@
 """Regional compilation: torch.compile each decoder layer, not the whole model.
 
-Why: compiling the whole loss module traces every layer and the head as one graph (about a minute
-before the first step on a 1B model); the decoder's layers are one class run N times, so compiling
+Why: compiling the whole loss module traces every layer and the head as one graph (a long wait
+before the first step); the decoder's layers are one class run N times, so compiling
 the layer (the region) traces it once and every layer reuses that code, guarded on its own
 weights. The fusions that pay (RMSNorm, RoPE, SwiGLU and the LoRA adds into fewer kernels) are all
 inside a layer. The embedding, the final norm and the head stay eager.
