@@ -303,8 +303,9 @@ class TrainingConfig(StrictModel):
     compile_layers: bool = Field(
         False,
         description=(
-            "torch.compile each decoder layer once and reuse it for all layers (regional compilation: "
-            "compiles in seconds, fuses norms, RoPE, SwiGLU and the LoRA adds); the rest stays eager."
+            "torch.compile each decoder layer once and reuse it for all layers (regional compilation: fuses "
+            "norms, RoPE, SwiGLU and the LoRA adds); the rest stays eager. The first step waits for the compile "
+            "(seconds on a GPU, about a minute on a CPU): worth it for runs of a few hundred steps or more."
         ),
     )
     loss_chunk: int | None = Field(
