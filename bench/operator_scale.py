@@ -27,6 +27,10 @@ Usage (from the repository root, in the project's virtual environment; binaries 
     python bench/operator_scale.py --resources 200     # the benchmark
 
 Results: ``bench/results/operator-<date>.json`` (``--out`` to override) and a summary on stdout.
+
+Why one file of more than 400 lines: it is a script run directly and copied as a whole into a scratch
+directory to measure an older commit beside the current one (docs/operator-benchmark.md); its parts
+(watches, /proc sampling, audit-log summaries) serve only this benchmark.
 """
 
 from __future__ import annotations

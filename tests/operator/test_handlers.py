@@ -366,7 +366,7 @@ def test_events_queue_reconciles_and_pod_events_of_one_resource_arriving_togethe
             done.set()
 
     runner = Runner(kube=None, settings=SETTINGS, fn=fn)  # type: ignore[arg-type]
-    runner.start_queues(pod_delay=0.3)
+    runner.start_queues(pod_delay=1.0)  # far longer than the three calls below take
     try:
         bound = [pod(i, phase="Pending", state={"waiting": {"reason": "ContainerCreating"}}) for i in range(2)]
         for i, p in enumerate(bound):

@@ -112,9 +112,10 @@ class Runner:
             self._resources.schedule((namespace, name))
 
     def pod_event(self, namespace: str, owner: str, event_type: str | None, pod: Any) -> bool:
-        """Reconcile `owner` if this worker pod event changed what the reconcile reads; True if it ran.
+        """Reconcile `owner` (queued, or at once without queues) if this worker pod event changed what
+        the reconcile reads; True if it did.
 
-        The state is remembered only after the trigger returned, so an event whose reconcile failed
+        The state is remembered only after that reconcile ran, so an event whose reconcile failed
         (TemporaryError) is not skipped when it comes again.
         """
         uid = str((pod.get("metadata") or {}).get("uid") or "")
