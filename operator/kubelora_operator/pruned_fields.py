@@ -23,6 +23,8 @@ from functools import cache
 from typing import Any
 
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+#: Reason of the Warning Event the controller posts when `pruned_spec_fields` names any.
+PRUNED_FIELDS_EVENT = "PrunedFields"
 _PRESERVE = "x-kubernetes-preserve-unknown-fields"
 
 

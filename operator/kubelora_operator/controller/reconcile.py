@@ -35,6 +35,7 @@ from ..conditions import ConditionReason as R
 from ..conditions import ConditionType as T
 from ..conditions import get_condition, is_true
 from ..kube import Kube, NotFound, PermanentApiError, TransientApiError
+from ..pruned_fields import PRUNED_FIELDS_EVENT, pruned_spec_fields
 from ..run_dirs import Claimant, claimant, holder, in_use_message
 from ..settings import OperatorSettings
 from .actions import delete_pods, fail, parse_time, place, stop_pods
@@ -140,7 +141,20 @@ def _before_start(
     if taken is not None:
         u.condition(T.VALIDATED, False, R.RUN_DIR_IN_USE, taken, event="Warning")
         return
-    u.condition(T.VALIDATED, True, R.SPEC_VALID, v.message, event="Normal")
+    pruned = pruned_spec_fields(body)
+    if pruned:
+        # warned, not refused: the annotation can outlive a fix made with `kubectl patch`
+        u.condition(
+            T.VALIDATED,
+            True,
+            R.SPEC_VALID,
+            f"{v.message}; ignored unknown spec field(s) that the API server pruned: {', '.join(pruned)} "
+            "(a typo? the defaults were used: see kubectl explain lft.spec)",
+            event="Warning",
+            event_reason=PRUNED_FIELDS_EVENT,
+        )
+    else:
+        u.condition(T.VALIDATED, True, R.SPEC_VALID, v.message, event="Normal")
     if spec.suspend:
         u.condition(
             T.SUSPENDED,
@@ -279,15 +293,20 @@ def _as_claimant(body: Mapping[str, Any]) -> Claimant | None:
         return None
     validated = get_condition((body.get("status") or {}).get("conditions"), T.VALIDATED) or {}
     refused = validated.get("status") == "False" and validated.get("reason") != R.RUN_DIR_IN_USE.value
-    return claimant(meta.get("name", ""), meta.get("namespace", ""), meta.get("creationTimestamp", ""), raw,
-                    started=started, refused=refused)
+    return claimant(
+        meta.get("name", ""),
+        meta.get("namespace", ""),
+        meta.get("creationTimestamp", ""),
+        raw,
+        started=started,
+        refused=refused,
+    )
 
 
 def _run_dir_taken(kube: Kube, body: Mapping[str, Any], raw: Mapping[str, Any]) -> str | None:
     """Why this not-yet-started resource may not use its run directory (another one has it), or None."""
     meta = body["metadata"]
-    me = claimant(meta["name"], meta["namespace"], meta.get("creationTimestamp", ""), raw, started=False,
-                  refused=False)
+    me = claimant(meta["name"], meta["namespace"], meta.get("creationTimestamp", ""), raw, started=False, refused=False)
     if me is None:
         return None
     others = [c for c in map(_as_claimant, kube.list_lfts(meta["namespace"])) if c is not None]
