@@ -47,6 +47,8 @@ results add each contender's peak GPU memory; ``--model`` points all of them at 
 
 Results go to ``bench/results/trainer-<date>-<host>.json`` and a markdown table is printed (and
 written with ``--markdown FILE``).
+
+Longer than 400 lines on purpose: one file that a lent machine runs as it is, every contender in it.
 """
 
 from __future__ import annotations

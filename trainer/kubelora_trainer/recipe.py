@@ -2,7 +2,11 @@
 
 Read `LoRAFineTuneRecipe.run` first: it is the whole story (guard the run dir, load, prepare
 data, measure the base model, train with checkpoints, measure again, publish). Everything it
-calls is either a short method below or a small module with one job.
+calls is either a short method below or a small module with one job. `setup` builds what
+training needs: each setup step returns what it builds and only `setup` keeps it.
+
+Longer than 400 lines on purpose: the run's story (pre-flight, setup, resume checks, measuring,
+the loop, publishing) stays readable in one class; what has one job of its own is a module.
 
 Distributed runs use the same code: each optimizer step takes a *global* batch of rows from
 one seeded permutation; rank r takes its slice of each micro-batch, and the loss is divided
