@@ -63,7 +63,7 @@ WARNING = (
 def check_peft(s3: S3Server, bucket: str, manifest: dict[str, Any], work: Path) -> None:
     """Download the adapter files the manifest lists and load them onto the bundled base model."""
     from kubelora_trainer.config import ModelConfig
-    from kubelora_trainer.model import convert_gguf, resolve_source
+    from kubelora_trainer.model import materialize
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -75,8 +75,9 @@ def check_peft(s3: S3Server, bucket: str, manifest: dict[str, Any], work: Path) 
             s3.client().download_file(
                 bucket, f"{prefix}/{f['path']}", str(adapter / f["path"].removeprefix("adapter/"))
             )
-    base = convert_gguf(resolve_source(ModelConfig.model_validate({"nameOrPath": "smollm2-135m"})), work / "models")
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter))
+    # materialize: the GGUF converted once into the user's model cache ($KUBELORA_CACHE), not per run
+    base = materialize(ModelConfig.model_validate({"nameOrPath": "smollm2-135m"}))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.location), str(adapter))
     assert any("lora_" in n for n, _ in model.named_parameters()), "no LoRA parameters after loading"
 
 

@@ -97,7 +97,7 @@ class PodWatch:
                 self._see("ADDED", pod)
             rv = listing["metadata"]["resourceVersion"]
             while not self._stop.is_set():
-                query = {"watch": "1", "labelSelector": self.selector, "resourceVersion": rv, "timeoutSeconds": 20}
+                query = {"watch": "1", "labelSelector": self.selector, "resourceVersion": rv, "timeoutSeconds": 5}
                 req = urllib.request.Request(f"{self.cp.server}{path}?{urllib.parse.urlencode(query)}")
                 req.add_header("Authorization", f"Bearer {self.cp.token}")
                 with urllib.request.urlopen(req, timeout=40, context=self.cp.ssl_context()) as stream:
