@@ -1,10 +1,9 @@
 """Which batch format a run trains on when `training.paddingFree` is unset.
 
 Why a rule of its own: per-sample attention (padding-free batches) pays only where attention's
-arithmetic is what a step waits on. Measured (docs/benchmarks.md): on a 2-core AVX2 CPU in fp32 it
-was 1.30x faster than padded rows; on an AMX Xeon in bf16 (SmolLM2-135M shape, seq 256) it was 2.1x
-*slower* (1,169 vs 2,507 tokens/s), because AMX/AVX512-BF16 runs the big row-wide matmuls fast and the
-many small per-sample kernels do not; on an H100 it was 3.3-10x slower (kernel launches). So the
+arithmetic is what a step waits on: on a CPU in fp32 it beats padded rows; in bf16 on AMX or
+AVX512-BF16 the big row-wide matmuls run fast and the many small per-sample kernels do not, and on a
+GPU the per-sample kernel launches cost more than they save (figures: docs/benchmarks.md). So the
 default follows the device and the compute dtype, and says why in the log.
 """
 

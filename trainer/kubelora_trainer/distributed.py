@@ -62,8 +62,8 @@ def world_from_env(env: Mapping[str, str] | None = None) -> WorldView:
 
 
 # `auto` per device type. On accelerators the process group gets gloo beside the device backend:
-# nccl and xccl reduce device tensors only, and a stray CPU-tensor collective (ours were, until
-# 2x H200 crashed at step 1 with "No backend type associated with device type cpu") then still works.
+# nccl and xccl reduce device tensors only, and a stray CPU-tensor collective, which without gloo fails
+# with "No backend type associated with device type cpu", then still works.
 AUTO_BACKENDS = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl", "xpu": "cpu:gloo,xpu:xccl"}
 
 

@@ -201,7 +201,7 @@ def load_tokenizer(source: ModelSource, cfg: ModelConfig):  # noqa: ANN201 - tra
 
 
 def attention_kernel(cfg: ModelConfig, device_type: str) -> str:
-    """Eager attention on CPU: its backward beats the CPU SDPA kernel on short rows (measured +28%)."""
+    """Eager attention on CPU: its backward beats the CPU SDPA kernel on short rows (docs/benchmarks.md)."""
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
     return "eager" if device_type == "cpu" else "sdpa"

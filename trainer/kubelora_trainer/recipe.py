@@ -449,8 +449,8 @@ class LoRAFineTuneRecipe:
         """Refuse a resume whose rows per optimizer step differ from the checkpoint's.
 
         The data position is ``step x global batch`` and the loss curve depends on the batch, so a
-        changed product would silently skip or repeat rows and leave the resumed curve (measured 2e-2
-        rel). More or fewer processes are fine when the product stays (docs/troubleshooting.md).
+        changed product would silently skip or repeat rows and move the resumed curve off an
+        uninterrupted run's (docs/benchmarks.md). More or fewer processes are fine when the product stays (docs/troubleshooting.md).
         """
         saved = state.get("global_batch")
         if saved is None or int(saved) == self.global_batch:
@@ -471,9 +471,9 @@ class LoRAFineTuneRecipe:
     def _check_same_settings(self, ref: ckpt.CheckpointRef, state: dict[str, Any]) -> None:
         """Refuse to resume a checkpoint trained with other settings, naming each, unless allowed.
 
-        Why: a resumed run with a new learning rate kept the checkpoint's schedule, applied a new
-        lora.alpha to weights trained with the old one, and reported the new settings (issue 9,
-        item 6). `training.resumeAllowChanged` lets named settings change knowingly.
+        Why: a resumed run with a new learning rate would keep the checkpoint's schedule, apply a new
+        lora.alpha to weights trained with the old one, and report the new settings.
+        `training.resumeAllowChanged` lets named settings change knowingly.
         """
         saved = state.get("settings")
         if saved is None:

@@ -4,10 +4,9 @@ Why: the recipe concatenates a micro-batch's rows into one sequence with no padd
 (``collate_flat``). Attention must then stay inside each sample. The stock paths do that
 with a block-diagonal mask over the whole sequence: eager computes and masks every T x T
 score, SDPA falls back to a masked kernel. Running SDPA with ``is_causal=True`` on each sample
-instead computes only the sum of len(sample)^2 scores (about 4x fewer than 4 rows of 256 on
-the bundled data), builds no mask and never touches padding. Measured on SmolLM2-135M, 2 AVX2
-cores, fp32: a training step takes 12% less CPU time than eager on the padded batch, with the
-same loss and gradients within 1e-5 (docs/benchmarks.md).
+instead computes only the sum of len(sample)^2 scores, builds no mask and never touches
+padding, with the same loss and gradients (tests/trainer/test_fast_paths.py; what it saves:
+docs/benchmarks.md).
 
 How it plugs in: transformers looks attention functions up by ``config._attn_implementation``
 in ``AttentionInterface``. :func:`enable` registers ``kubelora_segments_<eager|sdpa>`` and points

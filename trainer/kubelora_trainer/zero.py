@@ -292,7 +292,7 @@ def _skip_shm_comm_op(deepspeed: Any) -> None:
     """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op.
 
     Why: that op serves only DeepSpeed's tensor-parallel *inference* all-reduce, which ZeRO training
-    never calls, yet building it runs g++ on first use (measured ~20 s here) and needs a compiler in
+    never calls, yet building it runs g++ on first use (docs/deepspeed.md) and needs a compiler in
     the image. Marking it incompatible makes the backend fall back to torch.distributed's all-reduce.
     """
     with contextlib.suppress(Exception):  # an internal of DeepSpeed: if it moves, the op just gets built

@@ -1,8 +1,8 @@
 """What the operator already knows, so that a reconcile reads memory instead of the API server.
 
-Why: every reconcile used to GET its resource and LIST its pods. With the resync timer that was two
-requests per resource every 30 s forever, finished resources included: at 1,000 resources the
-operator sent ~165 requests per second to an idle cluster (docs/operator-benchmark.md). The state is
+Why: without it every reconcile GETs its resource and LISTs its pods, two requests per resource and
+resync pass forever, finished resources included, so an idle fleet keeps the API server busy (figures:
+docs/benchmarks.md, "Figures behind design choices"). The state is
 already streamed to the operator by kopf's watches; this module keeps the part the reconcile reads:
 
 * `WORKER_INDEX`, a kopf index of the worker pods by owner: `(namespace, lft name) -> WorkerState`
@@ -17,7 +17,7 @@ already streamed to the operator by kopf's watches; this module keeps the part t
     calls them): without them a reconcile right after the create (triggered by our own status
     patch) would see the pods missing and POST them again (409s, wasted requests);
   - `list_nodes`: one list shared by all reconciles for `NODE_LIST_TTL` seconds (placement already
-    tolerated a node seen a moment late; a burst of 1,000 starts used to list every node 1,000 times).
+    tolerates a node seen a moment late; without the TTL a burst of N starts lists every node N times).
 
 What stays a quorum read: the one destructive decision taken on an absence (a worker missing while
 its peers run restarts the attempt) re-lists the pods from etcd first (`attempt.advance`), and

@@ -4,12 +4,12 @@ on a pool of threads of its own.
 Why the handlers only queue (controller/__init__.py): kopf keeps every watch event of an object in
 that object's backlog until the handler of the previous one has returned. A sync handler that runs
 the reconcile itself holds the event, and the whole pod or resource body in it, until one of the
-handler threads is free; during a burst of creations thousands of bodies waited so. Queued by key,
+handler threads is free; a burst of creations makes thousands of bodies wait so. Queued by key,
 an event is done with as soon as the cache has taken what it needs, and a resource with several
 events pending costs one reconcile on the newest state.
 
 Why pod events wait `delay` seconds: a resource's worker pods change together (created, bound by the
-scheduler, started by the kubelet, within milliseconds of each other); run at once, each change cost
+scheduler, started by the kubelet, within milliseconds of each other); run at once, each change would cost
 a reconcile and a status patch ("1/2 bound", "2/2 bound") where one does. The resources' own events
 (a create, a spec change) run at once, on other threads than the pod events.
 
