@@ -450,7 +450,8 @@ class LoRAFineTuneRecipe:
 
         The data position is ``step x global batch`` and the loss curve depends on the batch, so a
         changed product would silently skip or repeat rows and move the resumed curve off an
-        uninterrupted run's (docs/benchmarks.md). More or fewer processes are fine when the product stays (docs/troubleshooting.md).
+        uninterrupted run's (docs/benchmarks.md). More or fewer processes are fine when the product
+        stays (docs/troubleshooting.md).
         """
         saved = state.get("global_batch")
         if saved is None or int(saved) == self.global_batch:
