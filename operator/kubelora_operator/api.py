@@ -7,6 +7,9 @@ The trainer's own config models are embedded, never re-declared: a field added t
 up in the CRD by regenerating it. Where a spec field mirrors a trainer field one-to-one (output
 overwrite/merge/plot) its definition is reused from the trainer model, description and bounds
 included.
+
+Over 400 lines on purpose: the field descriptions are the CRD's documentation (and docs/reference.md)
+and sit with the types they describe; the checks beyond the schema are in `validation`.
 """
 
 from __future__ import annotations

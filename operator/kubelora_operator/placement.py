@@ -12,6 +12,10 @@ That fail-fast answer is wrong on autoscaled clusters: a cluster-autoscaler or K
 only for a Pending pod, so a pool at zero would never grow. `whenNoNodeMatches: Wait` therefore turns
 "no node can take them" into a *waiting* decision: the same requests and constraints, pods created,
 the missing pool named in the reason (the handler enforces the wait deadline).
+
+Over 400 lines on purpose: one pure decision whose steps (slots per node, the exclusions and their
+reasons, the Wait mode) share one evaluation; split, a NoMatchingNodes message would be assembled
+in several modules.
 """
 
 from __future__ import annotations

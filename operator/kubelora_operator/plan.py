@@ -19,6 +19,9 @@ predictable `kubectl logs <name>-worker-0`, no pile-up of dead pods, and an unam
 rule (an existing pod with a lower attempt label is stale). The failed attempt's exit reason is
 recorded in the condition/Event before its pods are deleted. The trainer resumes from the newest
 checkpoint in the run dir (`training.resume: auto`).
+
+Over 400 lines on purpose: everything the operator creates for a resource is decided in this one
+pure module, so that one place (unit-tested without a server) says what lands in the cluster.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ package; helm and kubectl from a PyPI wheel); etcd is Debian's ``etcd-server``.
         cp.request("GET", "/api/v1/namespaces")
         cp.add_fake_node("gpu-0", {"gpu.intel.com/family": "i915"}, {"gpu.intel.com/i915": "2"})
         subprocess.run([find_tool("kubectl"), "get", "nodes"], env={**os.environ, **cp.env()})
+
+Over 400 lines on purpose: one class is the whole harness (certificates, the four processes with
+their ports and logs, the REST client, fake nodes), stdlib-only in one file so that the tests, the
+benchmarks and the end-to-end drivers all import the same thing.
 """
 
 from __future__ import annotations

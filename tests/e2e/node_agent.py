@@ -30,6 +30,9 @@ kubelet does; without it the pod would stay Terminating forever).
 
 In a test: ``NodeAgent(api, ["n1", "n2"], root).start()`` ... ``.stop()`` (thread), or from a shell:
 ``python -m tests.e2e.node_agent --kubeconfig K --nodes n1,n2 --root DIR``.
+
+Over 400 lines on purpose: it is one kubelet stand-in (pod lifecycle, volume and path rewriting,
+env resolution, deletion), whose parts all act on the same running pod.
 """
 
 from __future__ import annotations

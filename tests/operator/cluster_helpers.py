@@ -7,6 +7,9 @@ deleted stays Terminating until its kubelet says it is gone).
 Isolation: nodes are cluster-wide and the control plane is shared by the whole session, so every
 test puts its fake nodes in a pool of its own (label `kubelora-test/pool=<unique>`) and its
 resources select that pool through `spec.placement.nodeSelector`.
+
+Over 400 lines on purpose: the one toolkit of every operator integration module, so that they all
+play the kubelet, start the operator and isolate their nodes the same way.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ mid-upload leaves no manifest and a re-upload completes idempotently; another ru
 artifact is never overwritten; bad credentials and missing buckets fail with one clear line that
 never contains the secret; blips are retried by botocore (standard mode), outages by re-running
 the step (artifacts.py says why both).
+
+Over 400 lines on purpose: every test here needs the same running S3 server and run-dir builders,
+and together they are the delivery protocol's specification, read in one place.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ which becomes ``kubectl explain`` text.
 
 Field names are snake_case in Python and camelCase in YAML/JSON (Kubernetes style);
 both spellings are accepted on input, unknown keys are errors.
+
+Over 400 lines on purpose: it is the one schema of the contract, and the descriptions that become
+``kubectl explain`` text sit with the fields they describe.
 """
 
 from __future__ import annotations
