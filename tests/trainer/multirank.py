@@ -85,3 +85,56 @@ def _restart_from(checkpoint: Path, spec: dict, root: Path, name: str) -> list[f
     shutil.copytree(checkpoint, target)
     _ok(launch(workers))
     return _losses(root / "output")
+
+
+def _held(stderr: str, marker: str) -> tuple[int, int]:
+    """(held, total) from rank 0's "... this rank holds N of M parameter elements" line containing `marker`."""
+    line = next(x for x in stderr.splitlines() if marker in x)
+    held, total = (int(w) for w in line.split("holds ")[1].split(" parameter")[0].split(" of "))
+    return held, total
+
+
+def _trains_like_plain(run1: Path, run2: Path, model_dir: Path, steps: int) -> tuple[dict, dict]:
+    """A sharded run (`run2`, which also wrote merged/) against the plain run of the same global batch
+    (`run1`): same loss curve, eval loss, generations, adapter files and logits; returns both summaries."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    reference, sharded = _losses(run1), _losses(run2)
+    assert len(reference) == len(sharded) == steps
+    for a, b in zip(reference, sharded, strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+    assert reference[-1] < reference[0]  # it trained (the curve is not flat)
+    s1, s2 = _summary(run1), _summary(run2)
+    assert s2["world_size"] == 2 and s2["params"] == s1["params"]  # full sizes, not shard sizes
+    assert s2["eval_loss_before"] == pytest.approx(s1["eval_loss_before"], rel=1e-5)
+    assert s2["eval_loss_after"] == pytest.approx(s1["eval_loss_after"], rel=1e-4)
+    assert s2["exact_match_samples"] == s1["exact_match_samples"] == 4  # every rank took part in generation
+    assert (run2 / "samples.md").read_text() == (run1 / "samples.md").read_text()
+    # Rank 0 alone published: the same files, an adapter peft loads, the same logits.
+    assert sorted(p.name for p in (run2 / "adapter").iterdir()) == sorted(p.name for p in (run1 / "adapter").iterdir())
+    ref_logits, logits = (_adapter_logits(model_dir, d / "adapter") for d in (run1, run2))
+    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)  # type: ignore[arg-type]
+    assert not torch.allclose(logits, _base_logits(model_dir), atol=1e-3)  # type: ignore[arg-type]  # trained
+    merged = AutoModelForCausalLM.from_pretrained(s2["merged"], dtype=torch.float32).eval()
+    assert torch.allclose(_logits(merged), logits, atol=1e-4)  # type: ignore[arg-type]
+    return s1, s2
+
+
+def _layer_heavy_llama(out: Path, hidden: int, intermediate: int, layers: int) -> Path:
+    """A random Llama with SmolLM2's tokenizer and a tied embedding whose weights sit mostly in its
+    layers (memory checks: holding half of it or all of it must be visible), saved at `out`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from . import smollm2_tokenizer
+
+    tok = smollm2_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out

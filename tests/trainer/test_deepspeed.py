@@ -21,14 +21,14 @@ pytest.importorskip("deepspeed", reason="deepspeed is not installed (scripts/set
 
 from .conftest import tiny_config  # noqa: E402
 from .multirank import (  # noqa: E402
-    _adapter_logits,
-    _base_logits,
-    _logits,
+    _held,
+    _layer_heavy_llama,
     _ok,
     _restart_from,
     _run_one,
     _same_checkpoint,
     _summary,
+    _trains_like_plain,
 )
 from .operator_env import launch, plan_workers  # noqa: E402
 from .test_distributed import _losses, _spec  # noqa: E402
@@ -63,35 +63,11 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def test_zero3_loss_curve_and_adapter_match_the_plain_run(runs: Path, tiny_model_dir: Path) -> None:
-    stderr = (runs / "zero3-rank0.stderr").read_text()
     # ZeRO-3 really partitioned the model: rank 0 holds about half of it.
-    line = next(x for x in stderr.splitlines() if "DeepSpeed ZeRO-3 over 2 process(es)" in x)
-    held, total = (int(w) for w in line.split("holds ")[1].split(" parameter")[0].split(" of "))
-    assert 0.4 * total < held < 0.6 * total, line
-    run1, run3 = runs / "single" / "output", runs / "zero3" / "output"
-    reference, zero3 = _losses(run1), _losses(run3)
-    assert len(reference) == len(zero3) == STEPS
-    for a, b in zip(reference, zero3, strict=True):
-        assert b == pytest.approx(a, rel=1e-4)
-    assert reference[-1] < reference[0]  # it trained (the curve is not flat)
-    s1, s3 = _summary(run1), _summary(run3)
-    assert s3["zero_stage"] == 3 and s3["world_size"] == 2 and s1["zero_stage"] == 0
-    assert s3["eval_loss_before"] == pytest.approx(s1["eval_loss_before"], rel=1e-5)
-    assert s3["eval_loss_after"] == pytest.approx(s1["eval_loss_after"], rel=1e-4)
-    assert s3["exact_match_samples"] == s1["exact_match_samples"] == 4  # every rank took part in generation
-    assert (run3 / "samples.md").read_text() == (run1 / "samples.md").read_text()
-    # Rank 0 alone published: the same files, an adapter peft loads, the same logits.
-    assert sorted(p.name for p in (run3 / "adapter").iterdir()) == sorted(p.name for p in (run1 / "adapter").iterdir())
-    import torch
-
-    ref_logits, zero_logits = (_adapter_logits(tiny_model_dir, d / "adapter") for d in (run1, run3))
-    assert torch.allclose(zero_logits, ref_logits, atol=1e-4, rtol=1e-4)  # type: ignore[arg-type]
-    base_logits = _base_logits(tiny_model_dir)
-    assert not torch.allclose(zero_logits, base_logits, atol=1e-3)  # type: ignore[arg-type]  # it is trained
-    from transformers import AutoModelForCausalLM
-
-    merged = AutoModelForCausalLM.from_pretrained(s3["merged"], dtype=torch.float32).eval()
-    assert torch.allclose(_logits(merged), zero_logits, atol=1e-4)  # type: ignore[arg-type]
+    held, total = _held((runs / "zero3-rank0.stderr").read_text(), "DeepSpeed ZeRO-3 over 2 process(es)")
+    assert 0.4 * total < held < 0.6 * total, (held, total)
+    s1, s3 = _trains_like_plain(runs / "single" / "output", runs / "zero3" / "output", tiny_model_dir, STEPS)
+    assert s3["zero_stage"] == 3 and s1["zero_stage"] == 0
 
 
 def test_zero3_checkpoint_holds_the_full_gathered_state(runs: Path) -> None:
@@ -254,23 +230,9 @@ def test_zero3_smollm2_follows_the_plain_loss_curve(tmp_path: Path) -> None:
 
 
 def _wide_llama(out: Path) -> Path:
-    """A Llama whose weights sit in its layers, not its embedding: a 64-wide model with a 16384-wide
-    MLP over 6 layers (22M parameters, 88 MB fp32, of which 19M in 1M-element Linear weights), so
-    that holding half of it or all of it is visible in a process's memory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from . import smollm2_tokenizer
-
-    tok = smollm2_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=16384, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    """A 64-wide model with a 16384-wide MLP over 6 layers (22M parameters, 88 MB fp32, of which 19M in
+    1M-element Linear weights)."""
+    return _layer_heavy_llama(out, hidden=64, intermediate=16384, layers=6)
 
 
 def _probe_loading(model_dir: Path, root: Path, stage: int) -> dict[int, dict]:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from .conftest import tiny_config
-from .multirank import _adapter_logits, _base_logits, _logits, _ok, _restart_from, _run_one, _same_checkpoint, _summary
+from .multirank import _held, _ok, _restart_from, _run_one, _same_checkpoint, _trains_like_plain
 from .operator_env import launch, plan_workers
 from .test_distributed import _losses, _spec
 
@@ -53,32 +53,10 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def test_fsdp_loss_curve_and_adapter_match_the_plain_run(runs: Path, tiny_model_dir: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    stderr = (runs / "fsdp-rank0.stderr").read_text()
     # Built sharded: right after loading rank 0 holds half of the model (its rows of every weight).
-    line = next(x for x in stderr.splitlines() if "model loaded: this rank holds" in x)
-    held, total = (int(w) for w in line.split("holds ")[1].split(" parameter")[0].split(" of "))
-    assert 0.45 * total < held < 0.55 * total, line
-    run1, run2 = runs / "single" / "output", runs / "fsdp" / "output"
-    reference, sharded = _losses(run1), _losses(run2)
-    assert len(reference) == len(sharded) == STEPS
-    for a, b in zip(reference, sharded, strict=True):
-        assert b == pytest.approx(a, rel=1e-4)
-    assert reference[-1] < reference[0]  # it trained
-    s1, s2 = _summary(run1), _summary(run2)
-    assert s2["world_size"] == 2 and s2["params"] == s1["params"]  # full sizes, not shard sizes
-    assert s2["eval_loss_before"] == pytest.approx(s1["eval_loss_before"], rel=1e-5)
-    assert s2["eval_loss_after"] == pytest.approx(s1["eval_loss_after"], rel=1e-4)
-    assert s2["exact_match_samples"] == s1["exact_match_samples"] == 4  # both ranks generated in step
-    assert (run2 / "samples.md").read_text() == (run1 / "samples.md").read_text()
-    assert sorted(p.name for p in (run2 / "adapter").iterdir()) == sorted(p.name for p in (run1 / "adapter").iterdir())
-    ref_logits, fsdp_logits = (_adapter_logits(tiny_model_dir, d / "adapter") for d in (run1, run2))
-    assert torch.allclose(fsdp_logits, ref_logits, atol=1e-4, rtol=1e-4)  # type: ignore[arg-type]
-    assert not torch.allclose(fsdp_logits, _base_logits(tiny_model_dir), atol=1e-3)  # type: ignore[arg-type]
-    merged = AutoModelForCausalLM.from_pretrained(s2["merged"], dtype=torch.float32).eval()
-    assert torch.allclose(_logits(merged), fsdp_logits, atol=1e-4)  # type: ignore[arg-type]
+    held, total = _held((runs / "fsdp-rank0.stderr").read_text(), "model loaded: this rank holds")
+    assert 0.45 * total < held < 0.55 * total, (held, total)
+    _trains_like_plain(runs / "single" / "output", runs / "fsdp" / "output", tiny_model_dir, STEPS)
 
 
 def test_fsdp_checkpoints_hold_the_full_state_and_resume_anywhere(runs: Path, tiny_model_dir: Path) -> None:
