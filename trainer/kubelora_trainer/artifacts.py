@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .config import S3Target
+from .contract import sha256_file
 from .s3_client import client_error_parts, describe, is_not_found, is_transient, make_client
 
 log = logging.getLogger(__name__)
@@ -133,14 +134,6 @@ class _LocalFile:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def kubelora_version() -> str:

@@ -21,6 +21,7 @@ the launcher returned.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -191,3 +192,13 @@ def record_exit(code: int, message: str, termination_log: Path | None = None) ->
             write_exit_record(code, message, Path(directory))
         return
     write_termination_message(message, termination_log)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks: the digest `status.artifact.sha256` and the manifest carry,
+    which the operator's client checks a download against."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

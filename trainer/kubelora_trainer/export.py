@@ -7,7 +7,6 @@ its presence is what marks a run as finished.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -88,14 +87,6 @@ def save_merged(peft_model: Any, run_dir: Path, tokenizer: Any) -> Path:
     final = run_dir / MERGED_DIR
     _publish_dir(build, final)
     return final
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def plot_loss(history: Sequence[dict[str, Any]], path: Path) -> None:

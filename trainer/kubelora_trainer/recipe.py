@@ -48,7 +48,6 @@ from .export import (
     save_adapter,
     save_initial_adapter,
     save_merged,
-    sha256_file,
     write_samples,
     write_summary,
 )
@@ -709,7 +708,7 @@ class LoRAFineTuneRecipe:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "peak_device_memory_bytes": peak_memory_bytes(self.rt.device),
             "data": self.data.stats,
-            "adapter": {"path": str(adapter), "sha256": sha256_file(weights), "size_bytes": weights.stat().st_size},
+            "adapter": {"path": str(adapter), "sha256": contract.sha256_file(weights), "size_bytes": weights.stat().st_size},
         }
         if self.cfg.output.merge:
             summary["merged"] = str(
