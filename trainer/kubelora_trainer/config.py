@@ -71,7 +71,7 @@ class ModelConfig(StrictModel):
         description=(
             "Precision of the frozen base weights. `auto` (default): bf16 where the hardware computes it "
             "natively (Intel GPUs, CUDA, Xeons with AMX or AVX512-BF16), fp32 elsewhere (bf16 matmuls are "
-            "emulated and ~25x slower on AVX2-only CPUs). Trainable LoRA weights always stay fp32."
+            "emulated and many times slower on AVX2-only CPUs). Trainable LoRA weights always stay fp32."
         ),
     )
     quantization: Literal["none", "nf4", "int4"] = Field(
@@ -291,9 +291,9 @@ class TrainingConfig(StrictModel):
         None,
         description=(
             "Train on each micro-batch as one sequence without padding, attention run per sample (no compute "
-            "on padding, no T x T mask). Same loss as padded batches. Unset: on only for cpu in fp32 (measured "
-            "1.30x there); off for bf16 on cpu (AMX/AVX512-BF16 row-wide matmuls were 2.1x faster than the "
-            "per-sample kernels) and for cuda/xpu (one attention kernel per sample costs more in launches)."
+            "on padding, no T x T mask). Same loss as padded batches. Unset: on only for cpu in fp32, where it "
+            "is faster; off for bf16 on cpu (AMX/AVX512-BF16 row-wide matmuls beat the per-sample kernels) and "
+            "for cuda/xpu (one attention kernel per sample costs more in launches). Figures: docs/benchmarks.md."
         ),
     )
     fused_lora: bool = Field(
