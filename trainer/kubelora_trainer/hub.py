@@ -41,6 +41,29 @@ def _is_cached(repo_id: str, filename: str, revision: str | None) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
 
 
+def hub_answer_error(err: BaseException, repo_id: str, revision: str | None, endpoint: str) -> HubError | None:
+    """The one line for the hub's refusal (gated, not found, no such revision, token refused); None for any
+    other error (a server error, no answer). Shared by the load probe and the fetch pod (hub_fetch.py)."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(err, GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
+        return HubError(
+            f"model {repo_id} is gated on the hub: accept its terms at {endpoint}/{repo_id} and set HF_TOKEN to a "
+            "token of an account with access"
+        )
+    if isinstance(err, RepositoryNotFoundError):
+        return HubError(
+            f"model {repo_id}: not a local directory and not found on the hub ({endpoint}); check the name, or for "
+            "a private repo set HF_TOKEN to a token with access"
+        )
+    if isinstance(err, RevisionNotFoundError):
+        return HubError(f"model {repo_id}: the hub has no revision {revision!r} of it (model.revision)")
+    status = err.response.status_code if isinstance(err, HfHubHTTPError) and err.response is not None else None
+    if status in (401, 403):
+        return HubError(f"the hub ({endpoint}) refused the token for model {repo_id} (HTTP {status}): check HF_TOKEN")
+    return None
+
+
 def check_hub_model(repo_id: str, filename: str, revision: str | None) -> bool:
     """Raise :class:`HubError` unless ``repo_id`` (holding ``filename``) can be loaded.
 
@@ -51,7 +74,7 @@ def check_hub_model(repo_id: str, filename: str, revision: str | None) -> bool:
     retried).
     """
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError
 
     endpoint = constants.ENDPOINT
     cached = _is_cached(repo_id, filename, revision)
@@ -64,24 +87,11 @@ def check_hub_model(repo_id: str, filename: str, revision: str | None) -> bool:
         )
     try:
         info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, timeout=PROBE_TIMEOUT_S)
-    except GatedRepoError:
-        raise HubError(
-            f"model {repo_id} is gated on the hub: accept its terms at {endpoint}/{repo_id} and set HF_TOKEN to a "
-            "token of an account with access"
-        ) from None
-    except RepositoryNotFoundError:
-        raise HubError(
-            f"model {repo_id}: not a local directory and not found on the hub ({endpoint}); check the name, or for "
-            "a private repo set HF_TOKEN to a token with access"
-        ) from None
-    except RevisionNotFoundError:
-        raise HubError(f"model {repo_id}: the hub has no revision {revision!r} of it (model.revision)") from None
     except HfHubHTTPError as err:
+        refused = hub_answer_error(err, repo_id, revision, endpoint)
+        if refused is not None:
+            raise refused from None
         status = err.response.status_code if err.response is not None else None
-        if status in (401, 403):
-            raise HubError(
-                f"the hub ({endpoint}) refused the token for model {repo_id} (HTTP {status}): check HF_TOKEN"
-            ) from None
         log.warning("hub answered %s for model %s; trying to load it anyway", status, repo_id)
         return False
     except Exception as err:

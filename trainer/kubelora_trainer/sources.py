@@ -12,6 +12,9 @@ later fetch of the same URI lists the source once (one request) and reuses the c
 listing still matches the marker (same keys, sizes and ETags) and the files have their recorded
 sizes: no second download.
 
+A hub model (`hf://org/name[@revision]`, named so by the operator's fetch pod) is fetched the same
+way into a hub-cache layout: hub_fetch.py.
+
 Local paths (a hub-cache-like directory, a PVC mounted by the operator) are not copied, only
 checked: they exist, every file in them is readable, a directory is not empty.
 
@@ -283,12 +286,17 @@ def _source_fields(cfg: TrainerConfig) -> Iterator[tuple[Any, str, str]]:
 
 
 def fetch_all(sources: list[str], root: str | Path, s3: S3Source | None = None) -> list[Fetched]:
-    """Fetch every `s3://` source and check every local one (`kubelora-train fetch`)."""
+    """Fetch every `s3://` source and `hf://` hub model (hub_fetch.py), check every local one (`kubelora-train fetch`)."""
+    from .hub_fetch import HUB_SCHEME, fetch_hub_model
+
     out: list[Fetched] = []
     for uri in dict.fromkeys(sources):
         if uri.startswith(PVC_SCHEME):
             raise SourceError(f"source {uri}: pvc:// paths are mounted by the operator; give the mounted path")
-        out.append(fetch_source(uri, root, s3) if is_s3(uri) else check_local(uri))
+        if uri.startswith(HUB_SCHEME):
+            out.append(fetch_hub_model(uri, root))
+        else:
+            out.append(fetch_source(uri, root, s3) if is_s3(uri) else check_local(uri))
     return out
 
 
