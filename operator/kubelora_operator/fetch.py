@@ -9,6 +9,11 @@ the claim is mounted read-only and the fetch pod only checks that the path is th
 What the trainer does is kubelora_trainer/sources.py (`kubelora-train fetch`); this module only
 decides names, paths and manifests, as pure functions (no API calls).
 
+A hub model (`model.nameOrPath` an id such as `org/name`) is fetched into the same cache when the
+run has one (`hub_model_source`): the fetch pod downloads it once with the hub token, and the workers
+keep the id, get no token, and load it from the read-only cache with HF_HUB_CACHE pointing there and
+HF_HUB_OFFLINE=1 (`worker_hub_env`). Without a claim for the cache, workers download it as before.
+
 Workers see plain paths: the rendered trainer config names `/sources/<key>/<basename>` for an
 `s3://` source (`sources.cached_path`, computable before anything is fetched) and
 `/source-pvcs/<claim>/<path>` for a `pvc://` one.
@@ -22,13 +27,14 @@ from typing import Any
 
 from kubelora_trainer.config import SourcesConfig, TrainerConfig
 from kubelora_trainer.contract import TRAINER_MODULE
+from kubelora_trainer.hub_fetch import hub_cache_dir, hub_uri, is_hub_id
 from kubelora_trainer.sources import PVC_SCHEME, S3_SCHEME, cached_path
 
-from .api import LoRAFineTuneResource, LoRAFineTuneSpec
+from .api import ClaimRef, LoRAFineTuneResource, LoRAFineTuneSpec
 from .k8s_types import DNS_SUBDOMAIN
-from .names import SOURCE_PVCS_DIR, SOURCES_DIR, TMP_DIR
+from .names import CACHE_DIR, SOURCE_PVCS_DIR, SOURCES_DIR, TMP_DIR
 from .settings import OperatorSettings
-from .wiring import runtime_env, s3_secret_env
+from .wiring import hub_token_env, runtime_env, s3_secret_env
 
 FETCH_ROLE = "fetch"
 FETCH_CONTAINER = "fetch"
@@ -62,23 +68,45 @@ def parse_pvc_uri(value: str) -> tuple[str, str]:
 
 def needs_fetch(spec: LoRAFineTuneSpec) -> bool:
     """True when a source must be fetched or checked by the fetch pod before the workers start."""
-    return any(v.startswith((S3_SCHEME, PVC_SCHEME)) for _, v in source_values(spec))
+    return any(v.startswith((S3_SCHEME, PVC_SCHEME)) for _, v in source_values(spec)) or bool(hub_model_source(spec))
 
 
 def _has_s3(spec: LoRAFineTuneSpec) -> bool:
     return any(v.startswith(S3_SCHEME) for _, v in source_values(spec))
 
 
-def cache_claim(resource: LoRAFineTuneResource) -> tuple[str, str | None] | None:
-    """(claim, subPath) that holds the fetched `s3://` sources, or None when there is no claim for it."""
-    spec = resource.spec
+def _cache_claim_ref(spec: LoRAFineTuneSpec) -> ClaimRef | None:
     if spec.sources.cache_pvc is not None:
-        return spec.sources.cache_pvc.claim_name, spec.sources.cache_pvc.sub_path
+        return spec.sources.cache_pvc
     out = spec.output
-    claim = out.pvc if out.pvc is not None else (out.s3.workdir_pvc if out.s3 is not None else None)
+    return out.pvc if out.pvc is not None else (out.s3.workdir_pvc if out.s3 is not None else None)
+
+
+def cache_claim(resource: LoRAFineTuneResource) -> tuple[str, str | None] | None:
+    """(claim, subPath) that holds the fetched `s3://` sources and hub model, or None when there is no claim for it."""
+    spec = resource.spec
+    claim = _cache_claim_ref(spec)
     if claim is None:
         return None
+    if spec.sources.cache_pvc is not None:
+        return claim.claim_name, claim.sub_path
     return claim.claim_name, f"{PER_RUN_SOURCES}/{resource.namespace}/{resource.name}"
+
+
+def hub_model_source(spec: LoRAFineTuneSpec) -> str | None:
+    """`hf://org/name[@revision][#file.gguf]` when the model is a hub id and the run has a claim to cache it."""
+    model = spec.model
+    if not is_hub_id(model.name_or_path) or _cache_claim_ref(spec) is None:
+        return None
+    return hub_uri(model.name_or_path, model.revision, model.gguf_file)
+
+
+def worker_hub_env(spec: LoRAFineTuneSpec) -> dict[str, str]:
+    """The workers' hub settings when the fetch pod cached the hub model: that cache, read-only, hub off."""
+    uri = hub_model_source(spec)
+    if uri is None:
+        return {}
+    return {"HF_HUB_CACHE": hub_cache_dir(uri, SOURCES_DIR), "HF_HUB_OFFLINE": "1"}
 
 
 def _endpoint(spec: LoRAFineTuneSpec) -> str | None:
@@ -118,7 +146,7 @@ def source_volumes(resource: LoRAFineTuneResource) -> SourceVolumes:
     """The cache claim at /sources (s3:// sources) and each pvc:// claim at /source-pvcs/CLAIM."""
     out = SourceVolumes()
     spec = resource.spec
-    cache = cache_claim(resource) if _has_s3(spec) else None
+    cache = cache_claim(resource) if _has_s3(spec) or hub_model_source(spec) else None
     if cache is not None:
         claim, sub_path = cache
         out.volumes.append({"name": SOURCES_VOLUME, "persistentVolumeClaim": {"claimName": claim}})
@@ -138,7 +166,7 @@ def source_volumes(resource: LoRAFineTuneResource) -> SourceVolumes:
 
 
 def fetch_command(spec: LoRAFineTuneSpec) -> list[str]:
-    """`kubelora-train fetch` of every s3:// source into /sources, and a check of every pvc:// path."""
+    """`kubelora-train fetch` of every s3:// source and the hub model into /sources, a check of every pvc:// path."""
     argv = ["python", "-m", TRAINER_MODULE, "fetch", "--cache", SOURCES_DIR]
     s3 = spec.sources.s3
     if s3 is not None:
@@ -146,7 +174,9 @@ def fetch_command(spec: LoRAFineTuneSpec) -> list[str]:
         argv += ["--region", s3.region] if s3.region else []
         argv += [] if s3.verify_tls else ["--no-verify-tls"]
     values = [v for _, v in source_values(spec) if v.startswith((S3_SCHEME, PVC_SCHEME))]
-    return [*argv, "--", *[v if v.startswith(S3_SCHEME) else pod_path(spec, v) for v in dict.fromkeys(values)]]
+    hub = hub_model_source(spec)
+    paths = [v if v.startswith(S3_SCHEME) else pod_path(spec, v) for v in dict.fromkeys(values)]
+    return [*argv, "--", *([hub] if hub else []), *paths]
 
 
 def fetch_pod(resource: LoRAFineTuneResource, settings: OperatorSettings, device: str) -> dict[str, Any]:
@@ -169,9 +199,12 @@ def fetch_pod(resource: LoRAFineTuneResource, settings: OperatorSettings, device
         "image": spec.image or settings.image_for(device),
         "imagePullPolicy": spec.image_pull_policy or settings.image_pull_policy,
         "command": fetch_command(spec),
-        "env": env + s3_secret_env(s3.credentials_secret if s3 is not None else None),
+        "env": env + s3_secret_env(s3.credentials_secret if s3 is not None else None)
+        + (hub_token_env(spec) if hub_model_source(spec) else []),
         "resources": {k: dict(v) for k, v in FETCH_RESOURCES.items()},
-        "volumeMounts": [{"name": "tmp", "mountPath": TMP_DIR}, *vols.fetch_mounts],
+        # /cache: huggingface_hub's own files (HF_HOME, the xet chunk cache) under the read-only root.
+        "volumeMounts": [{"name": "tmp", "mountPath": TMP_DIR}, {"name": "cache", "mountPath": CACHE_DIR},
+                         *vols.fetch_mounts],
         "workingDir": TMP_DIR,
         "securityContext": container_security_context(),
     }
@@ -181,7 +214,7 @@ def fetch_pod(resource: LoRAFineTuneResource, settings: OperatorSettings, device
         "enableServiceLinks": False,
         "securityContext": pod_security_context(settings),
         "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {}}, *vols.volumes],
+        "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}, *vols.volumes],
     }
     pull_secrets = image_pull_secrets(spec.image_pull_secrets, settings)
     if pull_secrets:

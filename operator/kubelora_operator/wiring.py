@@ -212,12 +212,18 @@ def s3_secret_env(cred: S3CredentialsSecret | None) -> list[dict[str, Any]]:
     return out
 
 
-def secret_env(spec: LoRAFineTuneSpec) -> list[dict[str, Any]]:
-    """Credentials, only ever as secretKeyRef (never values in manifests, ConfigMaps or status)."""
-    out: list[dict[str, Any]] = []
+def hub_token_env(spec: LoRAFineTuneSpec) -> list[dict[str, Any]]:
+    """HF_TOKEN from secrets.hubTokenSecret (the workers', or the fetch pod's when it caches the hub model)."""
     hub = spec.secrets.hub_token_secret
-    if hub is not None:
-        out.append(_secret_ref("HF_TOKEN", hub.name, hub.key))
+    return [_secret_ref("HF_TOKEN", hub.name, hub.key)] if hub is not None else []
+
+
+def secret_env(spec: LoRAFineTuneSpec) -> list[dict[str, Any]]:
+    """Credentials, only ever as secretKeyRef (never values in manifests, ConfigMaps or status). No hub
+    token when the fetch pod cached the hub model: the workers then load it offline (fetch.py)."""
+    from .fetch import hub_model_source  # fetch imports this module
+
+    out: list[dict[str, Any]] = [] if hub_model_source(spec) else hub_token_env(spec)
     s3 = spec.output.s3
     if s3 is not None:
         out += s3_secret_env(s3.credentials_secret)
@@ -229,11 +235,13 @@ def worker_env(
 ) -> list[dict[str, Any]]:
     """The complete env of worker `index`, in a stable order; spec.distributed.env comes last and wins
     (names the operator manages are rejected by validate_spec before this runs)."""
+    from .fetch import worker_hub_env  # fetch imports this module
+
     topo = topology(spec, device)
     merged: dict[str, dict[str, Any]] = {}
     parts: list[list[dict[str, Any]]] = [
         _plain(rank_env(name, namespace, index, topo, settings)),
-        _plain(runtime_env(settings)),
+        _plain({**runtime_env(settings), **worker_hub_env(spec)}),
         _plain(thread_env(spec, device, topo, settings)),
         _plain(ccl_env(spec, settings)),
     ]

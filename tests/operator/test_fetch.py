@@ -10,6 +10,7 @@ from kubelora_operator.fetch import fetch_pod, needs_fetch
 from kubelora_operator.placement import decide_placement
 from kubelora_operator.plan import plan
 from kubelora_operator.validation import check_resource, references
+from kubelora_trainer.hub_fetch import hub_cache_dir
 from kubelora_trainer.sources import cached_path
 
 from . import SETTINGS, amx_node, raw_spec, resource
@@ -84,8 +85,52 @@ def test_without_a_cache_pvc_the_run_claim_holds_a_per_run_copy() -> None:
 
 def test_plain_sources_need_no_fetch_pod() -> None:
     assert not needs_fetch(resource().spec)
-    assert not needs_fetch(resource(model={"nameOrPath": "org/name"}).spec)
+    no_claim = {"pvc": None, "s3": {"uri": "s3://out/run"}}
+    assert not needs_fetch(resource(model={"nameOrPath": "org/name"}, output=no_claim).spec)  # nowhere to cache it
     assert needs_fetch(resource(data={"path": "pvc://d/x.jsonl"}).spec)
+
+
+HUB = {
+    "model": {"nameOrPath": "org/name", "revision": "v1"},
+    "secrets": {"hubTokenSecret": {"name": "hf", "key": "token"}},
+    "sources": {"cachePvc": {"claimName": "model-cache"}},
+}
+
+
+def test_a_hub_model_is_fetched_once_with_the_token_and_workers_load_it_offline() -> None:
+    res = resource(**HUB)
+    uri = "hf://org/name@v1"
+    (c,) = fetch_pod(res, SETTINGS, "cpu")["spec"]["containers"]
+    assert c["command"][-2:] == ["--", uri]
+    token = [e for e in c["env"] if e["name"] == "HF_TOKEN"]
+    assert token == [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/sources"]["name"] == "sources" and "/cache" in mounts  # HF_HOME: writable, not the image
+    p = plan(res, decide_placement(res.spec, [amx_node("c1")], SETTINGS), SETTINGS)
+    assert yaml.safe_load(p.config_map["data"]["config.yaml"])["model"]["nameOrPath"] == "org/name"  # the id stays
+    for pod in p.pods:
+        (w,) = pod["spec"]["containers"]
+        env = {e["name"]: e for e in w["env"]}
+        assert "HF_TOKEN" not in env  # the token stays in the fetch pod
+        assert env["HF_HUB_OFFLINE"]["value"] == "1"
+        assert env["HF_HUB_CACHE"]["value"] == hub_cache_dir(uri, "/sources")
+        assert env["HF_HUB_CACHE"]["value"].startswith("/sources/") and env["HF_HUB_CACHE"]["value"].endswith("/hub")
+        assert {m["mountPath"]: m for m in w["volumeMounts"]}["/sources"]["readOnly"] is True
+        assert {v["name"]: v for v in pod["spec"]["volumes"]}["sources"]["persistentVolumeClaim"] == {
+            "claimName": "model-cache"}
+
+
+def test_a_hub_model_without_a_cache_claim_is_downloaded_by_the_workers_as_before() -> None:
+    res = resource(**{**HUB, "sources": {}}, output={"pvc": None, "s3": {"uri": "s3://out/run"}})
+    p = plan(res, decide_placement(res.spec, [amx_node("c1")], SETTINGS), SETTINGS)
+    env = {e["name"] for e in p.pods[0]["spec"]["containers"][0]["env"]}
+    assert "HF_TOKEN" in env and "HF_HUB_OFFLINE" not in env and "HF_HUB_CACHE" not in env
+
+
+def test_a_hub_model_on_the_run_claim_gets_a_per_run_cache() -> None:
+    res = resource(**{**HUB, "sources": {}})
+    mounts = {m["mountPath"]: m for m in fetch_pod(res, SETTINGS, "cpu")["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["/sources"]["subPath"] == ".kubelora-sources/team-a/demo"
 
 
 def problems(**over: Any) -> list[str]:
