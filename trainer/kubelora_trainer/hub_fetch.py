@@ -24,7 +24,6 @@ import json
 import logging
 import shutil
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +125,7 @@ def fetch_hub_model(uri: str, root: str | Path) -> Any:
     """Fetch `hf://REPO[@REVISION][#GGUF_FILE]` into `hub_cache_dir(uri, root)` once (module docstring); returns a Fetched."""
     from huggingface_hub import constants, snapshot_download
 
-    from .sources import MARKER_FILE, MARKER_FORMAT, PARTIAL_PREFIX, Fetched, SourceUnavailable, _install
+    from .sources import MARKER_FILE, PARTIAL_PREFIX, Fetched, SourceUnavailable, publish
 
     repo_id, revision, gguf_file = parse_hub_uri(uri)
     endpoint = constants.ENDPOINT
@@ -156,21 +155,10 @@ def fetch_hub_model(uri: str, root: str | Path) -> Any:
                                     f"{snapshot.name} during the download; fetch again")
         objects = _snapshot_files(snapshot)
         total = sum(o["size"] for o in objects.values())
-        marker = {
-            "format": MARKER_FORMAT,
-            "hubFormat": HUB_MARKER_FORMAT,
-            "uri": uri,
-            "endpoint": endpoint,
-            "repo": repo_id,
-            "revision": revision,
-            "commit": commit,
-            "snapshot": str(snapshot.relative_to(partial)),
-            "objects": objects,
-            "bytes": total,
-            "fetchedAt": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-        (partial / MARKER_FILE).write_text(json.dumps(marker, indent=1))  # last: the copy is complete
-        _install(partial, final)
+        publish(partial, final, {
+            "hubFormat": HUB_MARKER_FORMAT, "uri": uri, "endpoint": endpoint, "repo": repo_id, "revision": revision,
+            "commit": commit, "snapshot": str(snapshot.relative_to(partial)), "objects": objects, "bytes": total,
+        })
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     log.info("source %s: commit %s fetched into %s (%d files, %d bytes, verified)", uri, commit, hub_dir,

@@ -244,20 +244,19 @@ def fetch_source(uri: str, root: str | Path, s3: S3Source | None = None, client:
         for rel, meta in listed.items():
             sha = _download(client, uri, rel, meta, _local_file(partial / name, rel))
             objects[rel] = {**meta, "sha256": sha}
-        marker = {
-            "format": MARKER_FORMAT,
-            "uri": uri,
-            "endpoint": endpoint,
-            "objects": objects,
-            "bytes": total,
-            "fetchedAt": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-        (partial / MARKER_FILE).write_text(json.dumps(marker, indent=1))  # last: the copy is complete
-        _install(partial, final)
+        publish(partial, final, {"uri": uri, "endpoint": endpoint, "objects": objects, "bytes": total})
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     log.info("source %s: fetched into %s (%d files, %d bytes, verified)", uri, final, len(listed), total)
     return Fetched(uri, str(final / name), len(listed), total, downloaded=True)
+
+
+def publish(partial: Path, final: Path, marker: dict[str, Any]) -> None:
+    """Write the marker into the complete copy LAST, then rename the copy into place (`_install`)."""
+    stamped = {"format": MARKER_FORMAT, **marker,
+               "fetchedAt": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    (partial / MARKER_FILE).write_text(json.dumps(stamped, indent=1))
+    _install(partial, final)
 
 
 def _install(partial: Path, final: Path) -> None:
