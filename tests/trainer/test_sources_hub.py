@@ -75,6 +75,10 @@ def test_hub_model_is_fetched_once_and_trains_offline(tiny_model_dir: Path, tmp_
         assert hub.downloads() == [] and len(hub.repo_requests()) == 1, hub.requests  # one "which commit?" question
     message = json.loads((tmp_path / "tl").read_text())
     assert message["sources"][0]["downloaded"] is False
+    code, err = _fetch(tmp_path, cache, uri, HF_ENDPOINT=hub.url)  # the hub is gone: the cached copy serves
+    assert code == 0 and "using the cached copy" in err, err[-3000:]
+    code, err = _fetch(tmp_path, tmp_path / "empty", uri, HF_ENDPOINT=hub.url)  # ... but nothing else does
+    assert code == 1 and "did not answer" in err, err[-3000:]
     hub_dir = Path(hub_cache_dir(uri, cache))
     marker = json.loads((hub_dir.parent / MARKER_FILE).read_text())
     assert marker["commit"] == COMMIT and marker["repo"] == "org/tiny"
@@ -118,3 +122,20 @@ def test_refused_hub_model_fails_the_fetch_with_one_line(repo: str, expected: st
     assert code == 2 and len(lines) == 1 and repo in lines[0] and expected in lines[0], err[-3000:]
     assert not cache.exists() or not any(cache.iterdir())
     shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_a_branch_revision_is_pinned_to_its_commit_and_readable_offline(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The workers ask the offline cache for `model.revision` (a branch): its ref must name the fetched commit."""
+    uri = hub_uri("org/tiny", "v1")
+    with serve({"org/tiny": FakeRepo.from_dir(tiny_model_dir, COMMIT)}) as hub:
+        code, err = _fetch(tmp_path, tmp_path / "cache", uri, HF_ENDPOINT=hub.url)
+    assert code == 0, err[-3000:]
+    hub_dir = Path(hub_cache_dir(uri, tmp_path / "cache"))
+    marker = json.loads((hub_dir.parent / MARKER_FILE).read_text())
+    assert (marker["revision"], marker["commit"]) == ("v1", COMMIT)
+    assert (hub_dir / "models--org--tiny" / "refs" / "v1").read_text() == COMMIT
+    probe = ("from huggingface_hub import try_to_load_from_cache as t; "
+             "print(t('org/tiny', 'config.json', revision='v1'))")
+    out = subprocess.run([sys.executable, "-c", probe], env=_env(tmp_path, HF_HUB_CACHE=str(hub_dir),
+                         HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=60).stdout.strip()
+    assert out == str(hub_dir / "models--org--tiny" / "snapshots" / COMMIT / "config.json")

@@ -12,7 +12,8 @@ huggingface_hub checks each file's size (and the LFS sha256 it lists), the sha25
 recorded in the marker with the commit the revision resolved to, the marker is written LAST and the
 directory is then renamed into place. A later fetch asks the hub once which commit the revision is
 now and reuses the cache when the marker records that commit from the same endpoint and the files
-still have their sizes: nothing is downloaded. A missing or gated repo, an unknown revision or a
+still have their sizes: nothing is downloaded. A hub that does not answer then leaves the cached
+copy in use (as hub.py does for a worker's own hub cache). A missing or gated repo, an unknown revision or a
 refused token is a `SourceError` (exit 2) with hub.py's wording; an unreachable hub is
 `SourceUnavailable` (exit 1, retried). No torch import: the operator imports the pure helpers.
 """
@@ -108,13 +109,14 @@ def _snapshot_files(snapshot: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _reusable(final: Path, endpoint: str, commit: str) -> bool:
+def _reusable(final: Path, endpoint: str, commit: str | None) -> bool:
+    """The marker records `commit` (None: any commit, the hub being unreachable) from `endpoint`, files all there."""
     from .sources import _read_marker
 
     marker = _read_marker(final)
     if marker is None or marker.get("hubFormat") != HUB_MARKER_FORMAT:
         return False
-    if marker.get("endpoint") != endpoint or marker.get("commit") != commit:
+    if marker.get("endpoint") != endpoint or (commit is not None and marker.get("commit") != commit):
         return False
     snapshot = final / str(marker.get("snapshot") or "")
     return all((snapshot / rel).is_file() and (snapshot / rel).stat().st_size == o.get("size")
@@ -122,7 +124,9 @@ def _reusable(final: Path, endpoint: str, commit: str) -> bool:
 
 
 def fetch_hub_model(uri: str, root: str | Path) -> Any:
-    """Fetch `hf://REPO[@REVISION][#GGUF_FILE]` into `hub_cache_dir(uri, root)` once (module docstring); returns a Fetched."""
+    """Fetch `hf://REPO[@REVISION][#GGUF_FILE]` into `hub_cache_dir(uri, root)` once (module docstring).
+
+    Returns a `sources.Fetched` (typed Any: sources imports this module)."""
     from huggingface_hub import constants, snapshot_download
 
     from .sources import MARKER_FILE, PARTIAL_PREFIX, Fetched, SourceUnavailable, publish
@@ -132,10 +136,17 @@ def fetch_hub_model(uri: str, root: str | Path) -> Any:
     root = Path(root)
     hub_dir = hub_cache_dir(uri, root)
     final = Path(hub_dir).parent
-    commit, patterns = _resolve(repo_id, revision, endpoint, gguf_file)
+    commit: str | None
+    try:
+        commit, patterns = _resolve(repo_id, revision, endpoint, gguf_file)
+    except SourceUnavailable as err:
+        if not _reusable(final, endpoint, None):
+            raise
+        log.warning("%s: using the cached copy (%s)", err, hub_dir)  # as hub.py does for a worker's hub cache
+        commit, patterns = None, []
     if _reusable(final, endpoint, commit):
         marker = json.loads((final / MARKER_FILE).read_text())
-        log.info("source %s: commit %s cached at %s, not downloaded again", uri, commit, hub_dir)
+        log.info("source %s: commit %s cached at %s, not downloaded again", uri, marker["commit"], hub_dir)
         return Fetched(uri, hub_dir, len(marker["objects"]), int(marker["bytes"]), downloaded=False)
     root.mkdir(parents=True, exist_ok=True)
     partial = root / f"{PARTIAL_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
