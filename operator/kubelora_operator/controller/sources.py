@@ -1,8 +1,8 @@
 """The reconcile step between the commit point and the first worker pod: sources fetched (fetch.py).
 
-Why a step of its own: a missing or unreadable `s3://`/`pvc://` source must fail the run before any
-worker pod (and so any accelerator) is requested, and a model must be fetched once per run, not per
-worker and restart. The `<name>-fetch` pod does the work; this step creates it, waits for it, and
+Why a step of its own: a missing or unreadable `s3://`/`pvc://` source or hub model must fail the run
+before any worker pod (and so any accelerator) is requested, and a model must be fetched once per
+run, not per worker and restart. The `<name>-fetch` pod does the work; this step creates it, waits for it, and
 remembers its success in the annotation `kubelora.dev/sources-fetched` (operator memory lives in
 annotations), so later passes and later attempts (restarts, resume) neither read nor re-create it:
 a settled run costs no request here. Its failure with exit 2 (the source is wrong) fails the run
