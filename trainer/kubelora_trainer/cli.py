@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True, help="directory that receives merged/")
     merge.set_defaults(func=cmd_merge)
     fetch = sub.add_parser("fetch", help="fetch s3:// model/data sources into a cache once; check local ones")
-    fetch.add_argument("sources", nargs="+", metavar="SOURCE", help="s3://bucket/key or a local path")
+    fetch.add_argument("sources", nargs="+", metavar="SOURCE", help="s3://bucket/key, hf://org/name[@revision], or a local path")
     fetch.add_argument("--cache", required=True, help="cache root (one verified directory per s3:// source)")
     fetch.add_argument("--endpoint", help="S3-compatible endpoint URL (default: AWS S3)")
     fetch.add_argument("--region", help="bucket region")
