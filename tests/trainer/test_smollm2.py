@@ -67,7 +67,7 @@ def _reload(recipe: LoRAFineTuneRecipe):  # noqa: ANN202 - a peft model
     """The adapter from disk onto a fresh base loaded as the run loaded it (dtype, attention kernel)."""
     from peft import PeftModel
 
-    base = load_model(recipe.source, recipe.cfg.model, "cpu", recipe.dtype)
+    base = load_model(recipe.rt.source, recipe.cfg.model, "cpu", recipe.rt.dtype)
     return PeftModel.from_pretrained(base, recipe.run_dir / "adapter").eval()
 
 
@@ -121,12 +121,12 @@ def test_real_adapter_reloads_in_bf16_within_bf16_rounding(smollm2_bf16_run: LoR
     recipe.model.eval()
     with torch.no_grad():
         in_memory = recipe.model(**enc).logits
-        with recipe.autocast():
+        with recipe.rt.autocast():
             in_memory_autocast = recipe.model(**enc).logits
         exact = copy.deepcopy(recipe.model).float()(**enc).logits
         reloaded = _reload(recipe)
         assert_logits_close(reloaded(**enc).logits, in_memory, "bf16", ulps=1)
-        with recipe.autocast():
+        with recipe.rt.autocast():
             reloaded_autocast = reloaded(**enc).logits
         with reloaded.disable_adapter():
             without_adapter = reloaded(**enc).logits
