@@ -122,6 +122,7 @@ def run_one(name: str, nproc: int, engine: dict[str, Any], model: Path, data: Pa
     span = steady[-1]["elapsed_s"] - train[args.skip - 1]["elapsed_s"] if args.skip else steady[-1]["elapsed_s"]
     result.update(losses=[r["loss"] for r in train], steady_tokens_per_s=round(tokens / span, 1),
                   peak_device_memory_gib=round((summary.get("peak_device_memory_bytes") or 0) / 2**30, 2),
+                  model_device_memory_gib=round((summary.get("model_device_memory_bytes") or 0) / 2**30, 2),
                   backend=summary.get("backend"), world_size=summary.get("world_size"))
     return result
 
@@ -164,6 +165,8 @@ def main() -> int:
             r["throughput_vs_ddp"] = round(r["steady_tokens_per_s"] / ddp["steady_tokens_per_s"], 3)
             if ddp["peak_device_memory_gib"]:
                 r["peak_memory_vs_ddp"] = round(r["peak_device_memory_gib"] / ddp["peak_device_memory_gib"], 3)
+            if ddp["model_device_memory_gib"]:  # the loaded model (base share + adapter) before any activation
+                r["model_memory_vs_ddp"] = round(r["model_device_memory_gib"] / ddp["model_device_memory_gib"], 3)
         if share is not None and r["rc"] == 0 and r["name"] in ENGINES:
             r["scaling_efficiency"] = round(r["steady_tokens_per_s"] / (args.devices * share["steady_tokens_per_s"]), 3)
         if ref is not None and r is not ref and r is not share and r["rc"] == 0:
@@ -177,8 +180,9 @@ def main() -> int:
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     for r in results:
         print(r["name"], r["rc"], r.get("steady_tokens_per_s"), r.get("peak_device_memory_gib"),
-              r.get("speedup_vs_single"), r.get("scaling_efficiency"), r.get("max_abs_loss_diff_vs_single"),
-              r.get("throughput_vs_ddp"), r.get("peak_memory_vs_ddp"))
+              r.get("model_device_memory_gib"), r.get("speedup_vs_single"), r.get("scaling_efficiency"),
+              r.get("max_abs_loss_diff_vs_single"), r.get("throughput_vs_ddp"), r.get("peak_memory_vs_ddp"),
+              r.get("model_memory_vs_ddp"))
     return 0 if all(r["rc"] == 0 for r in results) else 1
 
 

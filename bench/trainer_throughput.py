@@ -67,6 +67,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -351,7 +352,8 @@ def run_kubelora(args: argparse.Namespace, opts: dict[str, str]) -> dict[str, An
     r.setup()
     start = r.maybe_resume()
     load_s = time.monotonic() - t0
-    stats = r.train(start)
+    with _profiled(args, opts):
+        stats = r.train(start)
     pad = int(r.tokenizer.pad_token_id)
     label_tokens = sum(
         count_label_tokens(collate([row], pad)) for s in range(args.steps) for row in r.rows_for_step(s)
@@ -374,6 +376,31 @@ def run_kubelora(args: argparse.Namespace, opts: dict[str, str]) -> dict[str, An
         "params": sum(p.numel() for p in r.model.get_base_model().parameters()),
         **ev,
     }
+
+
+@contextlib.contextmanager
+def _profiled(args: argparse.Namespace, opts: dict[str, str]) -> Iterator[None]:
+    """With ``--profile DIR``: torch.profiler over the whole training loop, top ops by self time to a file.
+
+    Shares only (the profiler slows the host side); the question it answers is where a step's device
+    time goes, kernel by kernel, so the next lever is picked from figures."""
+    if not args.profile:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        yield
+    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    slug = re.sub(r"[^a-z0-9]+", "_", "kubelora:" + ",".join(f"{k}={v}" for k, v in opts.items()))
+    out = Path(args.profile) / f"profile-{slug}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=90))
+    # The same ops split by input shapes: which tensors a copy or fill works on.
+    by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=40, max_name_column_width=40,
+                                                                  max_shapes_column_width=120)
+    out.with_suffix(".shapes.txt").write_text(by_shape)
 
 
 def _step_times(history: list[dict[str, Any]]) -> list[float]:
@@ -593,6 +620,7 @@ def worker_flags(args: argparse.Namespace, evaluate: bool = True) -> list[str]:
              "--max-new-tokens", str(args.max_new_tokens), "--baseline-attn", args.baseline_attn,
              "--threads", str(args.threads), "--steady-skip", str(args.steady_skip),
              "--device", args.device, "--model", args.model, "--data", args.data]
+    flags += ["--profile", args.profile] if args.profile else []
     return flags + (["--no-eval"] if args.no_eval or not evaluate else [])
 
 
@@ -825,6 +853,8 @@ def main() -> None:
     p.add_argument("--baseline-attn", choices=("sdpa", "eager"), default="sdpa",
                    help="attention kernel of the HF baselines (transformers' default is sdpa)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="torch.profiler over kubelora contenders' training loops; top ops to DIR/profile-*.txt")
     p.add_argument("--no-eval", action="store_true", help="skip eval loss and exact match (timing only)")
     p.add_argument("--eval-rounds", type=int, default=1, help="evaluate in the first N rounds only (eval is untimed)")
     p.add_argument("--steady-skip", type=int, default=2, help="first steps left out of the steady-state rate")

@@ -52,6 +52,8 @@ def test_run_writes_every_output(finished_run: tuple[LoRAFineTuneRecipe, dict]) 
     assert on_disk.keys() >= REQUIRED_SUMMARY_KEYS
     assert on_disk["steps"] == 12 and on_disk["device"] == "cpu" and on_disk["dtype"] == "fp32"
     assert on_disk["train_tokens"] > 0 and on_disk["train_tokens_per_s"] > 0
+    assert recipe.optimizer.defaults["fused"] is True  # torch's fused AdamW on CPU (recipe.fused_adamw)
+    assert on_disk["model_device_memory_bytes"] is None  # recorded on accelerators only
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history if r["kind"] == "train"] == list(range(1, 13))
     assert [r["step"] for r in history if r["kind"] == "eval"] == [0, 6, 12]

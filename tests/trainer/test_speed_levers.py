@@ -87,6 +87,9 @@ def test_loss_chunk_and_compiled_layers_give_the_plain_loss_and_gradients(tiny_m
     assert compile_.compile_layers(model, backend="aot_eager") == len(compile_.decoder_layers(model))
     try:
         _assert_same(_loss_and_grads(CausalLMLoss(model), batch), plain)
+        compiled_head = CausalLMLoss(model, head_backend="aot_eager")
+        assert compiled_head._compiled_head is not None
+        _assert_same(_loss_and_grads(compiled_head, batch), plain)
     finally:
         compile_.uncompiled(model)
 

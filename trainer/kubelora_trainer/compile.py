@@ -4,7 +4,9 @@ Why: compiling the whole loss module traces every layer and the head as one grap
 before the first step); the decoder's layers are one class run N times, so compiling
 the layer (the region) traces it once and every layer reuses that code, guarded on its own
 weights. The fusions that pay (RMSNorm, RoPE, SwiGLU and the LoRA adds into fewer kernels) are all
-inside a layer. The embedding, the final norm and the head stay eager.
+inside a layer. The embedding and the final norm stay eager; the head's cross-entropy is the
+one other region compiled (`loss.head_cross_entropy`: the fp32 upcast and softmax over the vocabulary
+fused), unless `training.lossChunk` slices it.
 """
 
 from __future__ import annotations

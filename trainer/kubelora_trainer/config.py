@@ -307,7 +307,7 @@ class TrainingConfig(StrictModel):
         False,
         description=(
             "torch.compile each decoder layer once and reuse it for all layers (regional compilation: fuses "
-            "norms, RoPE, SwiGLU and the LoRA adds); the rest stays eager. The first step waits for the compile "
+            "norms, RoPE, SwiGLU and the LoRA adds), and the output head's cross-entropy; the rest stays eager. The first step waits for the compile "
             "(seconds on a GPU, about a minute on a CPU): worth it for runs of a few hundred steps or more."
         ),
     )

@@ -111,6 +111,16 @@ def synchronize(device: DeviceInfo) -> None:
         torch.xpu.synchronize()
 
 
+def allocated_memory_bytes(device: DeviceInfo) -> int | None:
+    """Accelerator memory held by tensors now, or None on CPU: read after loading, it is what the model
+    (a rank's share of it, when sharded) costs before any activation exists."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated())
+    if device.type == "xpu":
+        return int(torch.xpu.memory_allocated())
+    return None
+
+
 def peak_memory_bytes(device: DeviceInfo) -> int | None:
     """Peak accelerator memory, or None on CPU (RSS is recorded separately)."""
     if device.type == "cuda":

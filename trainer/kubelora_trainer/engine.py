@@ -40,8 +40,13 @@ class Engine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self) -> float:
-        """Reduce, clip, update; returns the pre-clip global gradient norm."""
+    def step(self) -> torch.Tensor | float:
+        """Reduce, clip, update; returns the pre-clip global gradient norm.
+
+        A 0-dim device tensor where the engine can: reading it (``float``) waits for the device, so
+        the recipe reads it when the step is logged, after the optimizer's kernels are queued, not
+        between backward and the update (where the device would idle while the host launches them).
+        """
         ...
 
     def gathered(self) -> contextlib.AbstractContextManager:
@@ -79,12 +84,12 @@ class PlainEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.requires_grad]
         limit = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
         self.optimizer.step()
-        return norm
+        return norm.detach()
 
     def gathered(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -159,7 +164,7 @@ class FsdpEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.requires_grad]
         limit = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
         norm = fsdp.grad_norm(torch.nn.utils.clip_grad_norm_(params, limit))

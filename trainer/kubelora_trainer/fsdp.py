@@ -173,6 +173,14 @@ def shard(model: nn.Module, device_type: str, dtype: str, world: WorldView) -> N
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard([decoder, head], mesh=mesh, mp_policy=mp)
+    # Prefetch: without it a layer's all-gather is issued only when its forward starts, so the
+    # device waits for every gather in forward; asking each layer to start the next one's (and, in
+    # backward, the previous one's) overlaps the gathers with compute.
+    for i, layer in enumerate(layers):
+        if i + 1 < len(layers):
+            layer.set_modules_to_forward_prefetch([layers[i + 1]])  # type: ignore[operator]
+        if i > 0:
+            layer.set_modules_to_backward_prefetch([layers[i - 1]])  # type: ignore[operator]
 
 
 def shard_root(loss_module: nn.Module, model: nn.Module) -> None:
@@ -320,6 +328,9 @@ def gathered_trainable(model: nn.Module) -> Iterator[None]:
             module._parameters[name] = p  # noqa: SLF001
 
 
-def grad_norm(total: torch.Tensor) -> float:
-    """clip_grad_norm_ over DTensor gradients returns a DTensor: its value, on every rank."""
-    return float(_full(total)) if local(total) is not total else float(total)
+def grad_norm(total: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_ over DTensor gradients returns a DTensor: its value as a plain tensor on the device
+    (no copy to the host, so the step does not wait for it)."""
+    from torch.distributed.tensor import DTensor
+
+    return (total.full_tensor() if isinstance(total, DTensor) else total).detach()

@@ -33,15 +33,21 @@ class CausalLMLoss(nn.Module):
     hooks on the path that actually runs.
     """
 
-    def __init__(self, causal_lm: nn.Module, chunk: int | None = None) -> None:
+    def __init__(self, causal_lm: nn.Module, chunk: int | None = None, head_backend: str | None = None) -> None:
         super().__init__()
         self.causal_lm = causal_lm
         base: Any = getattr(causal_lm, "get_base_model", lambda: causal_lm)()
         self._decoder: nn.Module = base.get_decoder()
         self._head: nn.Module = base.get_output_embeddings()
+        plain = _plain_frozen_linear(self._head)
         #: Positions per head slice; None: one plain projection (used also where the head is not a
         #: frozen bias-free nn.Linear, e.g. a LoRA-adapted or trainable head).
-        self.chunk = chunk if chunk and _plain_frozen_linear(self._head) else None
+        self.chunk = chunk if chunk and plain else None
+        #: `head_cross_entropy` compiled with `head_backend` (with `training.compileLayers`): the fp32
+        #: upcast, log-softmax and its backward become two fused kernels instead of several positions x
+        #: vocabulary passes, and no fp32 logits tensor is kept for backward.
+        self._compiled_head: Any = (torch.compile(head_cross_entropy, dynamic=True, backend=head_backend)
+                                    if head_backend and plain and self.chunk is None else None)
 
     def forward(
         self,
@@ -66,9 +72,17 @@ class CausalLMLoss(nn.Module):
         if self.chunk is not None:
             weight: torch.Tensor = self._head.weight  # type: ignore[assignment]  # an nn.Linear's (checked)
             return chunked_head_loss(picked, weight, targets[keep], self.chunk), keep.sum()
+        if self._compiled_head is not None:
+            return self._compiled_head(picked, self._head.weight, targets[keep]), keep.sum()
         logits = self._head(picked).float()
         loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
         return loss_sum, keep.sum()
+
+
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden @ weight.T`` (a frozen, bias-free head): the plain path's
+    arithmetic as one function, so that ``torch.compile`` sees the upcast and the reduction together."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
 
 
 def _plain_frozen_linear(head: nn.Module) -> bool:
