@@ -9,6 +9,7 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -105,26 +106,24 @@ def resolve_dtype(requested: str, device: DeviceInfo) -> tuple[str, str]:
 
 def synchronize(device: DeviceInfo) -> None:
     """Wait for queued kernels so wall-clock timings are honest."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "xpu":
-        torch.xpu.synchronize()
+    module = _accelerator_module(device)
+    if module is not None:
+        module.synchronize()
+
+
+def _accelerator_module(device: DeviceInfo) -> Any | None:
+    """`torch.cuda` or `torch.xpu` (the same synchronize and memory-statistics API), None on CPU."""
+    return getattr(torch, device.type) if device.type in ("cuda", "xpu") else None
 
 
 def allocated_memory_bytes(device: DeviceInfo) -> int | None:
     """Accelerator memory held by tensors now, or None on CPU: read after loading, it is what the model
     (a rank's share of it, when sharded) costs before any activation exists."""
-    if device.type == "cuda":
-        return int(torch.cuda.memory_allocated())
-    if device.type == "xpu":
-        return int(torch.xpu.memory_allocated())
-    return None
+    module = _accelerator_module(device)
+    return int(module.memory_allocated()) if module is not None else None
 
 
 def peak_memory_bytes(device: DeviceInfo) -> int | None:
     """Peak accelerator memory, or None on CPU (RSS is recorded separately)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated())
-    if device.type == "xpu":
-        return int(torch.xpu.max_memory_allocated())
-    return None
+    module = _accelerator_module(device)
+    return int(module.max_memory_allocated()) if module is not None else None
