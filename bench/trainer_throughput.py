@@ -39,7 +39,9 @@ Usage (from the repository root, in the trainer's virtual environment, with ``pi
 ``--shape`` trains a random-init model of that shape (``bench/multi_device.py``'s) instead of ``--model``;
 ``--data text`` gives every contender the same fixed ``--cutoff``-token rows of plain text, loss on every
 token (``data.kind: text``). Lever variants: ``kubelora:cl=1`` (``training.compileLayers``),
-``kubelora:lc=N`` (``training.lossChunk``).
+``kubelora:lc=N`` (``training.lossChunk``), ``kubelora:dg=1`` (``training.deviceGraphs``),
+``kubelora:fla=1`` (the fused LoRA forward's earlier in-place form under ``compileLayers``).
+``--profile DIR`` adds torch.profiler tables of the steady steps and a device-idle report.
 
 On a GPU machine every contender trains there (the Trainer baselines with ``use_cpu`` off) and the
 results add each contender's peak GPU memory; ``--model`` points all of them at a model directory or
@@ -54,6 +56,7 @@ Longer than 400 lines on purpose: one file that a lent machine runs as it is, ev
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import datetime as dt
 import json
@@ -235,6 +238,7 @@ def kubelora_config(args: argparse.Namespace, out_dir: str, opts: dict[str, str]
             "fusedLora": opts.get("fl", "1") in ("1", "true", "yes"),
             **({"compileLayers": opts["cl"] in ("1", "true", "yes")} if "cl" in opts else {}),
             **({"lossChunk": int(opts["lc"]) or None} if "lc" in opts else {}),
+            **({"deviceGraphs": opts["dg"] in ("1", "true", "yes")} if "dg" in opts else {}),
         },
         "evaluation": {
             "before": False,
@@ -346,13 +350,14 @@ def run_kubelora(args: argparse.Namespace, opts: dict[str, str]) -> dict[str, An
     SCRATCH.mkdir(parents=True, exist_ok=True)
     out = tempfile.mkdtemp(prefix="kubelora-", dir=SCRATCH)
     cfg = kubelora_config(args, out, opts)
+    _experiments(opts)
     t0 = time.monotonic()
     r = LoRAFineTuneRecipe(cfg)
     r.guard_run_dir()
     r.setup()
     start = r.maybe_resume()
     load_s = time.monotonic() - t0
-    with _profiled(args, opts):
+    with _profiled(args, opts, r):
         stats = r.train(start)
     pad = int(r.tokenizer.pad_token_id)
     label_tokens = sum(
@@ -378,34 +383,111 @@ def run_kubelora(args: argparse.Namespace, opts: dict[str, str]) -> dict[str, An
     }
 
 
+def _experiments(opts: dict[str, str]) -> None:
+    """Earlier forms kept for same-invocation comparisons: ``fla=1`` the fused LoRA forward's in-place
+    addmm also under `compileLayers` (before 2026-12-01's sum form); ``fa=0`` torch's default AdamW
+    instead of the fused kernel. This process only."""
+    from kubelora_trainer import fused_lora, recipe
+
+    if opts.get("fla") in ("1", "true", "yes"):
+        fused_lora.is_compiling = lambda: False  # type: ignore[assignment]
+    if opts.get("fa") in ("0", "false", "no"):
+        recipe.fused_adamw = lambda params: False  # type: ignore[assignment]
+
+
 @contextlib.contextmanager
-def _profiled(args: argparse.Namespace, opts: dict[str, str]) -> Iterator[None]:
-    """With ``--profile DIR``: torch.profiler over the whole training loop, top ops by self time to a file.
+def _profiled(args: argparse.Namespace, opts: dict[str, str], recipe: Any) -> Iterator[None]:
+    """With ``--profile DIR``: torch.profiler over steady steps only, top ops by self time, and where the device idles.
 
     Shares only (the profiler slows the host side); the question it answers is where a step's device
-    time goes, kernel by kernel, so the next lever is picked from figures."""
+    time goes, kernel by kernel, and how much of a step the device waits for the host, so the next
+    lever is picked from figures. The window is the steps after ``--steady-skip`` (compilation and
+    warm-up left out), counted by the recipe's per-step history records."""
     if not args.profile:
         yield
         return
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    with profile(activities=acts, record_shapes=True) as prof:
-        yield
-    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    active = max(1, min(5, args.steps - args.steady_skip - 1))
     slug = re.sub(r"[^a-z0-9]+", "_", "kubelora:" + ",".join(f"{k}={v}" for k, v in opts.items()))
     out = Path(args.profile) / f"profile-{slug}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=90))
+    trace = out.with_suffix(".trace.json")
+    with profile(activities=acts, record_shapes=True,
+                 schedule=schedule(wait=max(0, args.steady_skip - 1), warmup=1, active=active, repeat=1),
+                 on_trace_ready=lambda p: p.export_chrome_trace(str(trace))) as prof:
+        record = recipe.record
+
+        def record_and_step(entry: dict[str, Any]) -> None:
+            record(entry)
+            if entry.get("kind") == "train":
+                prof.step()
+
+        recipe.record = record_and_step
+        try:
+            yield
+        finally:
+            recipe.record = record
+    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    out.write_text(f"{active} steady steps\n" + prof.key_averages().table(sort_by=key, row_limit=45,
+                                                                         max_name_column_width=90))
     # The same ops split by input shapes: which tensors a copy or fill works on.
     by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=40, max_name_column_width=40,
                                                                   max_shapes_column_width=120)
     out.with_suffix(".shapes.txt").write_text(by_shape)
+    if trace.exists():
+        out.with_suffix(".idle.txt").write_text(device_idle_report(json.loads(trace.read_text()), active))
+        subprocess.run(["gzip", "-f", str(trace)], check=False)
+
+
+def device_idle_report(trace: dict[str, Any], steps: int, top: int = 25) -> str:
+    """Where the device waits for the host, from a chrome trace: busy vs wall time, and the longest gaps.
+
+    A gap is time between device kernels/copies with nothing running on the device; it is charged
+    to the outermost host op running on the main thread when the gap started (what the host was
+    busy with instead of launching work) and to the kernel that ended it."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    device = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("name", "?")) for e in events
+                    if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not device:
+        return "no device events in the trace (CPU run)\n"
+    host = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation", "python_function")]
+    main_tid = max({e.get("tid") for e in host}, key=lambda t: sum(1 for e in host if e.get("tid") == t))
+    outer: list[tuple[float, float, str]] = []  # top-level host ops of the main thread, in time order
+    for op in sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("name", "?")) for e in host
+                     if e.get("tid") == main_tid and e.get("cat") != "user_annotation"):
+        if not outer or op[0] >= outer[-1][1]:
+            outer.append(op)
+    starts = [o[0] for o in outer]
+    busy, gaps, end = 0.0, [], device[0][0]
+    for start, stop, name in device:
+        if start > end:
+            gaps.append((start - end, end, name))
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    wall = end - device[0][0]
+
+    def host_at(t: float) -> str:
+        i = bisect.bisect_right(starts, t) - 1
+        return outer[i][2][:60] if i >= 0 and t < outer[i][1] else "(no host op: Python between ops)"
+
+    by_host: dict[str, float] = {}
+    for dur, at, _ in gaps:
+        by_host[host_at(at)] = by_host.get(host_at(at), 0.0) + dur
+    lines = [f"device window {wall / 1e3:.1f} ms over {steps} steps: busy {busy / 1e3:.1f} ms "
+             f"({100 * busy / wall:.1f}%), idle {(wall - busy) / 1e3:.1f} ms ({(wall - busy) / 1e3 / steps:.2f} ms/step) "
+             f"in {len(gaps)} gaps",
+             "", "idle by the outermost host op running when the gap began (ms/step):"]
+    lines += [f"  {v / 1e3 / steps:8.3f}  {k}" for k, v in sorted(by_host.items(), key=lambda kv: -kv[1])[:top]]
+    lines += ["", f"longest {top} gaps (us, host op at its start -> kernel that ended it):"]
+    lines += [f"  {dur:9.1f}  {host_at(at)} -> {name[:70]}" for dur, at, name in sorted(gaps, reverse=True)[:top]]
+    return "\n".join(lines) + "\n"
 
 
 def _step_times(history: list[dict[str, Any]]) -> list[float]:
     el = [h["elapsed_s"] for h in history if h.get("kind") == "train"]
-    return [round(b - a, 3) for a, b in zip([0.0, *el[:-1]], el, strict=True)]
+    return [round(b - a, 4) for a, b in zip([0.0, *el[:-1]], el, strict=True)]
 
 
 # ----------------------------------------------------------------------------- HF baselines

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from kubelora_trainer.cli import EXIT_BAD_INPUT, main
 
@@ -140,3 +141,33 @@ def test_success_leaves_the_artifact_json_for_the_operator(tiny_model_dir: Path,
     # The final gauges ride along (a run shorter than one progress scrape still reports its step and loss).
     assert message["metrics"]["kubelora_step"] == 1 and message["metrics"]["kubelora_total_steps"] == 1
     assert "kubelora_train_loss" in message["metrics"]
+
+
+def test_a_run_that_diverges_stops_with_one_line_and_publishes_nothing(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second update makes the adapter non-finite (as a too-high learning rate does): the run must
+    # stop there, before that step's checkpoint, not train on and publish NaN weights.
+    from kubelora_trainer.engine import PlainEngine
+
+    plain_step = PlainEngine.step
+    calls: list[int] = []
+
+    def step(self: PlainEngine) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            for p in self.model.parameters():
+                if p.requires_grad and p.grad is not None:
+                    p.grad.fill_(float("inf"))
+        return plain_step(self)
+
+    monkeypatch.setattr(PlainEngine, "step", step)
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(tiny_model_dir, run_dir, training={"maxSteps": 4, "saveSteps": 1, "learningRate": 0.05})
+    code, err = _run(cfg, tmp_path, capsys)
+    line = _error_line(err)
+    assert code == EXIT_BAD_INPUT and len(calls) == 2
+    assert "training diverged at step 2" in line and "training.learningRate (now 0.05)" in line
+    _assert_nothing_published(run_dir)
+    steps = sorted(int(p.name.split("-")[-1]) for p in run_dir.rglob("step-*") if p.is_dir())
+    assert steps == [1]  # the finite one; none after the non-finite update

@@ -1,4 +1,4 @@
-"""Speed levers (`training.lossChunk`, `training.compileLayers`) compute what the plain path computes.
+"""Speed levers (`training.lossChunk`, `training.compileLayers`, `training.deviceGraphs`) compute what the plain path computes.
 
 They exist only for speed (docs/benchmarks.md says where they pay): loss and gradients must match the
 plain path within float tolerance, alone and in a whole training run.
@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kubelora_trainer import compile as compile_
-from kubelora_trainer.config import LoraSettings, parse_config
+from kubelora_trainer import fused_lora
+from kubelora_trainer.config import ConfigError, LoraSettings, parse_config
 from kubelora_trainer.data import collate, pack
 from kubelora_trainer.data.tokenize import TokenizedExample
 from kubelora_trainer.lora import attach_lora
@@ -92,6 +93,50 @@ def test_loss_chunk_and_compiled_layers_give_the_plain_loss_and_gradients(tiny_m
         _assert_same(_loss_and_grads(compiled_head, batch), plain)
     finally:
         compile_.uncompiled(model)
+
+
+def test_fused_lora_is_a_plain_sum_in_compiled_layers_with_the_plain_gradients(tiny_model_dir: Path) -> None:
+    # Traced, the in-place addmm_ would become a copy plus an out-of-place addmm (a full-size pass
+    # each); the traced form is mm + add, which inductor folds into the next fused kernel.
+    batch = _batch()
+    model = _model(tiny_model_dir)
+    plain = _loss_and_grads(CausalLMLoss(model), batch)  # peft's forward
+    assert fused_lora.enable(model) > 0
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: object) -> object:
+        graphs.append(gm)
+        return gm.forward  # runs the traced forward eagerly; autograd as usual
+
+    compile_.compile_layers(model, backend=capture)  # type: ignore[arg-type]
+    try:
+        _assert_same(_loss_and_grads(CausalLMLoss(model), batch), plain)
+        ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")]
+        assert graphs and any("mm" in op for op in ops)
+        assert not [op for op in ops if "addmm" in op]
+    finally:
+        compile_.uncompiled(model)
+        fused_lora.disable(model)
+
+
+def test_device_graphs_compile_the_layers_in_reduce_overhead_mode(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigError, match="deviceGraphs records compiled regions: set training.compileLayers"):
+        parse_config(tiny_config(tiny_model_dir, tmp_path / "no", training={"deviceGraphs": True}))
+    modes: list[str | None] = []
+
+    def compile_layers(model: torch.nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
+        modes.append(mode)
+        return compile_.compile_layers(model, backend="aot_eager", mode=None)  # cpu: no device graphs to record
+
+    monkeypatch.setattr("kubelora_trainer.recipe.compile_layers", compile_layers)
+    monkeypatch.setattr("kubelora_trainer.recipe.CausalLMLoss", lambda model, chunk=None, head_backend=None:
+                        CausalLMLoss(model, chunk=chunk, head_backend=head_backend and "aot_eager"))
+    cfg = tiny_config(tiny_model_dir, tmp_path / "dg", training={"maxSteps": 2, "compileLayers": True,
+                                                                  "deviceGraphs": True})
+    LoRAFineTuneRecipe(parse_config(cfg)).run()
+    assert modes == ["reduce-overhead"]
 
 
 def test_loss_chunk_steps_aside_for_a_trainable_head(tiny_model_dir: Path) -> None:

@@ -50,9 +50,10 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .distributed import DistributedError
     from .lora import LoraTargetError
     from .model import ModelError
-    from .recipe import RunDirError
+    from .recipe import RunDirError, TrainingDiverged
 
-    return (ConfigError, ArtifactError, DataError, ModelError, LoraTargetError, RunDirError, DeviceError, DistributedError)
+    return (ConfigError, ArtifactError, DataError, ModelError, LoraTargetError, RunDirError, DeviceError, DistributedError,
+            TrainingDiverged)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

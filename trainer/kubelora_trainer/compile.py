@@ -30,15 +30,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
-    """Compile every decoder layer in place (`nn.Module.compile`); returns how many."""
+def compile_layers(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
+    """Compile every decoder layer in place (`nn.Module.compile`); returns how many.
+
+    ``mode`` is torch.compile's (``reduce-overhead``: each layer's kernels replayed as a CUDA graph,
+    `training.deviceGraphs`)."""
     import torch._dynamo.config as dynamo_config
 
     limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
     setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), RECOMPILE_LIMIT))
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(backend=backend)
+        layer.compile(backend=backend, mode=mode)
     return len(layers)
 
 

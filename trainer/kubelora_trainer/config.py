@@ -299,8 +299,9 @@ class TrainingConfig(StrictModel):
     fused_lora: bool = Field(
         True,
         description=(
-            "Compute LoRA layers as one in-place addmm on the base output (fewer memory passes); "
-            "peft's own forward is used wherever this does not apply."
+            "Compute LoRA layers as one in-place addmm on the base output (fewer memory passes; under "
+            "compileLayers a sum that the compiler adds inside the next fused kernel); peft's own forward is "
+            "used wherever this does not apply."
         ),
     )
     compile_layers: bool = Field(
@@ -319,6 +320,22 @@ class TrainingConfig(StrictModel):
             "taken at once, so no positions x vocabulary logits tensor exists (same loss); null: one projection."
         ),
     )
+    device_graphs: bool = Field(
+        False,
+        description=(
+            "With compile or compileLayers: record each compiled region's kernels once as a device graph and "
+            "replay it (torch.compile mode `reduce-overhead`: CUDA graphs), so the host launches one graph per "
+            "region instead of its kernels one by one. Pays where the host cannot keep a GPU busy (few rows per "
+            "step) and row shapes repeat (data.kind text, or rows of one length): each new shape records another "
+            "graph. Where torch has no device graphs (cpu) the compiled code runs as usual."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _graphs_need_compile(self) -> TrainingConfig:
+        if self.device_graphs and not (self.compile or self.compile_layers):
+            raise ValueError("training.deviceGraphs records compiled regions: set training.compileLayers (or compile) too")
+        return self
 
 
 class DistributedConfig(StrictModel):

@@ -7,7 +7,8 @@ operator image has no torch.
 
 Exit classes (most significant first, as `kubelora_trainer.launch` reduces several processes):
 
-* 2 `EXIT_BAD_INPUT`: the input is wrong (config, data, model, run dir); a restart cannot help.
+* 2 `EXIT_BAD_INPUT`: the input is wrong (config, data, model, run dir, or settings under which the
+  training diverged to NaN); a restart cannot help.
 * 143 `EXIT_PREEMPTED`: SIGTERM after a checkpoint; resume without counting a failure.
 * 1 `EXIT_RETRYABLE`: anything else (crash, store unreachable); a restart from a checkpoint may help.
 

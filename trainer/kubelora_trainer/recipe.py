@@ -98,6 +98,16 @@ class Preempted(RuntimeError):  # noqa: N818 - it is a signal, not a bug
     """SIGTERM arrived; a checkpoint was written and the run can resume."""
 
 
+class TrainingDiverged(RuntimeError):  # noqa: N818 - a state of the run, like Preempted
+    """A step's loss or gradient norm was not finite: the update has made the adapter NaN/inf.
+
+    Why stop: every later step and checkpoint would carry the non-finite weights, and the run would
+    end by publishing them. Raised before the step's checkpoint, so the newest checkpoint holds
+    finite weights; a restart from it replays the same data at the same settings, so the CLI treats
+    this as bad input (exit 2) and says which settings to change.
+    """
+
+
 def fused_adamw(params: list[torch.nn.Parameter]) -> bool:
     """Whether torch has a fused AdamW kernel for these parameters' device (cuda, xpu and cpu in torch 2.4+).
 
@@ -369,12 +379,15 @@ class LoRAFineTuneRecipe:
         if self.cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        if self.cfg.training.compile_layers:
-            log.info("regional compilation: %d decoder layers compiled as one", compile_layers(model))
-        loss_module: torch.nn.Module = CausalLMLoss(model, chunk=self.cfg.training.loss_chunk,
-                                                    head_backend="inductor" if self.cfg.training.compile_layers else None)
-        if self.cfg.training.compile:
-            loss_module = torch.compile(loss_module)  # type: ignore[assignment]
+        t = self.cfg.training
+        mode = "reduce-overhead" if t.device_graphs else None  # torch.compile's name for device graphs
+        if t.compile_layers:
+            log.info("regional compilation: %d decoder layers compiled as one%s", compile_layers(model, mode=mode),
+                     ", replayed as device graphs" if mode else "")
+        loss_module: torch.nn.Module = CausalLMLoss(model, chunk=t.loss_chunk,
+                                                    head_backend="inductor" if t.compile_layers else None)
+        if t.compile:
+            loss_module = torch.compile(loss_module, mode=mode)  # type: ignore[assignment]
         return loss_module
 
     #: The clock of the `saveMinutes` cadence (tests step it by hand).
@@ -625,8 +638,14 @@ class LoRAFineTuneRecipe:
             train_time += time.monotonic() - t_step
             tokens_this_session += step_tokens
             done = step + 1
-            self._log_step(done, float(loss_total) / global_labels, float(grad_norm), step_tokens,
-                           tokens_this_session, train_time, start_step, console)
+            loss, norm = float(loss_total) / global_labels, float(grad_norm)
+            self._log_step(done, loss, norm, step_tokens, tokens_this_session, train_time, start_step, console)
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                raise TrainingDiverged(
+                    f"training diverged at step {done}: loss {loss:.4g}, gradient norm {norm:.4g}; nothing was "
+                    f"published and no checkpoint holds the non-finite weights; lower training.learningRate "
+                    f"(now {t.learning_rate:g}) or raise training.warmupSteps (now {t.warmup_steps})"
+                )
             if t.eval_steps and done % t.eval_steps == 0 and done < self.total_steps:
                 loss = eval_loss(self.loss_module, self.eval_batches, self.rt.device.torch_device, self.rt.autocast,
                                  self.world)
@@ -671,7 +690,7 @@ class LoRAFineTuneRecipe:
         if done % t.logging_steps == 0 or done == self.total_steps:
             self.record({"step": done, "epoch": round(done / self.steps_per_epoch, 4), "kind": "train",
                          "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
-                         "tokens_per_s": round(tps, 1), "elapsed_s": round(train_time, 2)})
+                         "tokens_per_s": round(tps, 1), "elapsed_s": round(train_time, 4)})
             console.line(done, loss, lr, tps, eta)
 
     def record(self, entry: dict[str, Any]) -> None:
