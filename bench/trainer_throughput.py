@@ -14,6 +14,8 @@ Contenders (each runs in its own subprocess, so peak RSS is its own):
 ``trainer-concat``  transformers ``Trainer`` + peft, samples concatenated and cut into 256-token
                     rows (samples attend to each other; the classic ``group_texts`` recipe).
 ``trainer-pad``     transformers ``Trainer`` + peft, one sample per row, padded per batch.
+``plain-loop``      a hand-written bf16-autocast loop over kubelora's rows (label-only head, eager
+                    attention on CPU): the floor a framework's overhead is measured against.
 ``kubelora``        ``kubelora_trainer.recipe.LoRAFineTuneRecipe`` (its own train loop), leak-free
                     packing. Variants: ``kubelora:attn=sdpa``, ``kubelora:compile=1``,
                     ``kubelora:mb=8,ga=1``, ``kubelora:mb=4,ga=2``, ``kubelora:pf=0`` / ``pf=1``
@@ -95,6 +97,7 @@ LABEL = {
     "trainer-concat": "HF Trainer + peft, concatenate-and-cut packing (leaky)",
     "trainer-pad": "HF Trainer + peft, per-batch padding",
     "kubelora": "kubelora trainer (leak-free packing)",
+    "plain-loop": "hand-written loop (leak-free packing, label-only head)",
 }
 
 
@@ -605,6 +608,78 @@ def run_hf(args: argparse.Namespace, name: str) -> dict[str, Any]:
     }
 
 
+def run_plain_loop(args: argparse.Namespace) -> dict[str, Any]:
+    """A hand-written loop, the floor a framework should not fall below: kubelora's packed rows (the
+    same token ids, leak-free through per-sample position ids), eager attention on CPU, bf16 autocast,
+    the head and cross-entropy on label positions only, torch's default AdamW, no logging or checks."""
+    import torch
+    import torch.nn.functional as F
+    from kubelora_trainer.data import build_datasets, collate
+    from kubelora_trainer.lora import attach_lora
+    from kubelora_trainer.model import load_tokenizer, materialize
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.monotonic()
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    cfg = kubelora_config(args, tempfile.mkdtemp(prefix="plain-loop-", dir=SCRATCH))
+    source = materialize(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.model)
+    data = build_datasets(cfg.data, tokenizer, cfg.training.seed)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    attn = "eager" if args.device == "cpu" else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, attn_implementation=attn).to(device)
+    model.config.use_cache = False
+    model = attach_lora(model, cfg.lora, cfg.training.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_for(args, args.steps))
+    body, head = model.get_base_model().model, model.get_base_model().lm_head
+    rows = data.train_rows
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    pad = int(tokenizer.pad_token_id)
+    losses: list[float] = []
+    step_tokens: list[int] = []
+    ends: list[float] = []
+    labels_total = 0
+    load_s = time.monotonic() - t0
+    begin = time.monotonic()
+    for step in range(args.steps):
+        picked = [rows[order[(step * args.batch + i) % len(rows)]] for i in range(args.batch)]
+        batch = {k: v.to(device) for k, v in collate(picked, pad).items()}
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100
+        if "position_ids" in batch:
+            keep &= batch["position_ids"][:, 1:] != 0
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            hidden = body(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).last_hidden_state
+            loss = F.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        step_tokens.append(sum(len(r) for r in picked))
+        labels_total += int(keep.sum())
+        ends.append(time.monotonic())
+    ev = common_eval(model, tokenizer, data, cfg, args.no_eval)
+    return {
+        "load_s": round(load_s, 1),
+        "train_wall_s": ends[-1] - begin,
+        "train_tokens": sum(step_tokens),
+        "label_tokens": labels_total,
+        "step_losses": losses,
+        "step_times": [round(b - a, 4) for a, b in zip([begin, *ends[:-1]], ends, strict=True)],
+        "step_tokens": step_tokens,
+        "rows": len(rows),
+        "attn": attn,
+        "global_batch": args.batch,
+        "params": sum(p.numel() for p in model.get_base_model().parameters()),
+        **ev,
+    }
+
+
 class Rows(list):  # type: ignore[type-arg]
     """Column lists as a list of row dicts: all the Trainer needs of a dataset (no `datasets`/pyarrow)."""
 
@@ -647,7 +722,10 @@ def worker(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     name, opts = parse_spec(args.worker)
-    res = run_kubelora(args, opts) if name == "kubelora" else run_hf(args, name)
+    if name == "kubelora":
+        res = run_kubelora(args, opts)
+    else:
+        res = run_plain_loop(args) if name == "plain-loop" else run_hf(args, name)
     res["train_tokens_per_s"] = res["train_tokens"] / res["train_wall_s"]
     res["label_tokens_per_s"] = res["label_tokens"] / res["train_wall_s"]
     res["steady_tokens_per_s"] = steady_rate(res["step_tokens"], res["step_times"], args.steady_skip)
