@@ -158,3 +158,25 @@ def test_a_run_with_loss_chunk_trains_the_plain_runs_loss_curve(tiny_model_dir: 
     fast.run()
     assert isinstance(fast.loss_module, CausalLMLoss) and fast.loss_module.chunk == 32
     assert _losses(tmp_path / "fast") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-4)
+
+
+def test_evaluation_and_generation_run_the_compiled_layers_eagerly(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Held-out batches and token-by-token generation have shapes training never has: compiling them
+    # costs a compile per shape (a minute each on a CPU) for a few forward passes.
+    compiled_with_grad: list[bool] = []  # grad mode of every graph compiled: False = an evaluation shape
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: object) -> object:
+        compiled_with_grad.append(torch.is_grad_enabled())
+        return gm.forward
+
+    monkeypatch.setattr("kubelora_trainer.recipe.compile_layers", lambda model, mode=None:
+                        compile_.compile_layers(model, backend=backend, mode=mode))  # type: ignore[arg-type]
+    monkeypatch.setattr("kubelora_trainer.recipe.CausalLMLoss", lambda model, chunk=None, head_backend=None:
+                        CausalLMLoss(model, chunk=chunk, head_backend=head_backend and backend))
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", training={"maxSteps": 2, "compileLayers": True, "evalSteps": 1},
+                      evaluation={"before": True, "exactMatch": True})
+    summary = LoRAFineTuneRecipe(parse_config(cfg)).run()
+    assert summary["exact_match_after"] is not None
+    assert compiled_with_grad and all(compiled_with_grad)

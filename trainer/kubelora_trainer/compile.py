@@ -11,8 +11,10 @@ fused), unless `training.lossChunk` slices it.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import torch
 from torch import nn
 
 #: Compiled variants one code object may hold: one per layer in the worst case (guards on a
@@ -49,3 +51,14 @@ def uncompiled(model: nn.Module) -> None:
     """Undo `compile_layers` (`nn.Module.compile` keeps the original forward)."""
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
+
+
+def eager_while(compiled: bool) -> contextlib.AbstractContextManager[Any]:
+    """Compiled regions run as plain eager code for the duration: evaluation and generation.
+
+    Why: the compiled code pays for the training step's shapes. Held-out batches have other lengths
+    and generation calls each layer once per new token with a growing KV cache, so under compilation
+    every new shape would be traced and compiled again (a minute each on a CPU, with `deviceGraphs`
+    also recorded as another graph), for a few forward passes that eager runs as fast.
+    """
+    return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()

@@ -36,7 +36,7 @@ from . import contract, fsdp, fused_lora, rundir, segment_attention, zero
 from . import distributed as dist_
 from . import engine as engine_
 from .batching import choose_padding_free
-from .compile import compile_layers
+from .compile import compile_layers, eager_while
 from .config import TrainerConfig, TrainingConfig, dump_config
 from .data import PackedRow, PreparedData, build_datasets, collate, collate_flat, encode_prompt
 from .device import DeviceInfo, allocated_memory_bytes, peak_memory_bytes, resolve_dtype, select_device, synchronize
@@ -548,21 +548,28 @@ class LoRAFineTuneRecipe:
     # ------------------------------------------------------------------ measuring
     def measure(self, prompts: list[tuple[str, str | None]], label: str) -> dict[str, Any]:
         """Held-out loss (all ranks) and generations (rank 0)."""
-        loss = eval_loss(self.loss_module, self.eval_batches, self.rt.device.torch_device, self.rt.autocast, self.world)
+        with self.eager():
+            loss = eval_loss(self.loss_module, self.eval_batches, self.rt.device.torch_device, self.rt.autocast,
+                             self.world)
         results: list[GenerationResult] = []
         # Under ZeRO-3 every rank generates (each forward gathers weights from all); rank 0 keeps the text.
         if (self.world.is_main or self.engine.sharded) and self.cfg.evaluation.exact_match and prompts:
             ids = [encode_prompt(p, self.tokenizer, self.data.cfg) for p, _ in prompts]
-            gen = generate(
-                self.model, ids, int(self.tokenizer.pad_token_id), self.tokenizer.eos_token_id,
-                self.cfg.evaluation.max_new_tokens, self.rt.device.torch_device, self.rt.autocast,
-                synced=self.engine.sharded and self.world.distributed,
-            )
+            with self.eager():
+                gen = generate(
+                    self.model, ids, int(self.tokenizer.pad_token_id), self.tokenizer.eos_token_id,
+                    self.cfg.evaluation.max_new_tokens, self.rt.device.torch_device, self.rt.autocast,
+                    synced=self.engine.sharded and self.world.distributed,
+                )
             texts = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
             results = [GenerationResult(p, a, g) for (p, a), g in zip(prompts, texts, strict=True)]
         em = exact_match(results)
         log.info("%s: eval loss %.4f, exact match %s", label, loss, "n/a" if em is None else f"{em:.3f}")
         return {"eval_loss": loss, "exact_match": em, "results": results}
+
+    def eager(self) -> contextlib.AbstractContextManager[Any]:
+        """Compiled layers run eagerly for evaluation (`compile.eager_while`)."""
+        return eager_while(self.cfg.training.compile or self.cfg.training.compile_layers)
 
     def measure_before(self, start_step: int) -> dict[str, Any] | None:
         """The base model's figures; stored so a resumed run still reports them."""
@@ -647,8 +654,9 @@ class LoRAFineTuneRecipe:
                     f"(now {t.learning_rate:g}) or raise training.warmupSteps (now {t.warmup_steps})"
                 )
             if t.eval_steps and done % t.eval_steps == 0 and done < self.total_steps:
-                loss = eval_loss(self.loss_module, self.eval_batches, self.rt.device.torch_device, self.rt.autocast,
-                                 self.world)
+                with self.eager():
+                    loss = eval_loss(self.loss_module, self.eval_batches, self.rt.device.torch_device,
+                                     self.rt.autocast, self.world)
                 self.record({"step": done, "epoch": done / self.steps_per_epoch, "kind": "eval", "loss": loss})
                 self.progress.update(eval_loss=loss)
             decision = cadence.decide(done, done == self.total_steps, self._stop_requested, self.world,
