@@ -548,9 +548,7 @@ class LoRAFineTuneRecipe:
     # ------------------------------------------------------------------ measuring
     def measure(self, prompts: list[tuple[str, str | None]], label: str) -> dict[str, Any]:
         """Held-out loss (all ranks) and generations (rank 0)."""
-        with self.eager():
-            loss = eval_loss(self.loss_module, self.eval_batches, self.rt.device.torch_device, self.rt.autocast,
-                             self.world)
+        loss = self.held_out_loss()
         results: list[GenerationResult] = []
         # Under ZeRO-3 every rank generates (each forward gathers weights from all); rank 0 keeps the text.
         if (self.world.is_main or self.engine.sharded) and self.cfg.evaluation.exact_match and prompts:
@@ -570,6 +568,12 @@ class LoRAFineTuneRecipe:
     def eager(self) -> contextlib.AbstractContextManager[Any]:
         """Compiled layers run eagerly for evaluation (`compile.eager_while`)."""
         return eager_while(self.cfg.training.compile or self.cfg.training.compile_layers)
+
+    def held_out_loss(self) -> float:
+        """Loss over the held-out rows (all ranks), compiled layers run eagerly."""
+        with self.eager():
+            return eval_loss(self.loss_module, self.eval_batches, self.rt.device.torch_device, self.rt.autocast,
+                             self.world)
 
     def measure_before(self, start_step: int) -> dict[str, Any] | None:
         """The base model's figures; stored so a resumed run still reports them."""
@@ -654,9 +658,7 @@ class LoRAFineTuneRecipe:
                     f"(now {t.learning_rate:g}) or raise training.warmupSteps (now {t.warmup_steps})"
                 )
             if t.eval_steps and done % t.eval_steps == 0 and done < self.total_steps:
-                with self.eager():
-                    loss = eval_loss(self.loss_module, self.eval_batches, self.rt.device.torch_device,
-                                     self.rt.autocast, self.world)
+                loss = self.held_out_loss()
                 self.record({"step": done, "epoch": done / self.steps_per_epoch, "kind": "eval", "loss": loss})
                 self.progress.update(eval_loss=loss)
             decision = cadence.decide(done, done == self.total_steps, self._stop_requested, self.world,
