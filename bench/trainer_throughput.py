@@ -239,6 +239,7 @@ def kubelora_config(args: argparse.Namespace, out_dir: str, opts: dict[str, str]
             "compile": opts.get("compile", "0") in ("1", "true", "yes"),
             "paddingFree": None if "pf" not in opts else opts["pf"] in ("1", "true", "yes"),
             "fusedLora": opts.get("fl", "1") in ("1", "true", "yes"),
+            **({"foldLora": opts["fold"] in ("1", "true", "yes")} if "fold" in opts else {}),
             **({"compileLayers": opts["cl"] in ("1", "true", "yes")} if "cl" in opts else {}),
             **({"lossChunk": int(opts["lc"]) or None} if "lc" in opts else {}),
             **({"deviceGraphs": opts["dg"] in ("1", "true", "yes")} if "dg" in opts else {}),
@@ -394,6 +395,9 @@ def _experiments(opts: dict[str, str]) -> None:
 
     if opts.get("fla") in ("1", "true", "yes"):
         fused_lora.is_compiling = lambda: False  # type: ignore[assignment]
+    if "foldmin" in opts:  # fold only where out >= foldmin x in
+        ratio = float(opts["foldmin"])
+        fused_lora.folds = lambda base: base.out_features >= ratio * base.in_features  # type: ignore[assignment]
     if opts.get("fa") in ("0", "false", "no"):
         recipe.fused_adamw = lambda params: False  # type: ignore[assignment]
 

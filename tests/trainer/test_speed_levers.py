@@ -119,6 +119,61 @@ def test_fused_lora_is_a_plain_sum_in_compiled_layers_with_the_plain_gradients(t
         fused_lora.disable(model)
 
 
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_folded_lora_gives_peft_loss_and_gradients(tiny_model_dir: Path, backend: str | None) -> None:
+    # `foldLora`: the rank-r product computed inside the base GEMM (K = in + r), eager and traced.
+    batch = _batch()
+    model = _model(tiny_model_dir)
+    plain = _loss_and_grads(CausalLMLoss(model), batch)  # peft's forward
+    fused_lora.enable(model, fold=True)
+    folded = [m for m in model.modules() if getattr(m, "_kubelora_fold", False)]
+    narrow = [m for m in model.modules() if hasattr(m, "_kubelora_fold") and not m._kubelora_fold]
+    assert folded and narrow  # gate/up fold; q/k/v/o/down (out < 2 in) keep the sum
+    calls = 0
+    real = fused_lora._FoldedLowRank.apply
+
+    def counting(*args: object) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return real(*args)
+
+    fused_lora._FoldedLowRank.apply = counting  # type: ignore[method-assign]
+    if backend:
+        compile_.compile_layers(model, backend=backend)
+    try:
+        _assert_same(_loss_and_grads(CausalLMLoss(model), batch), plain)
+        assert calls >= len(folded) or backend  # traced: counted while tracing only
+    finally:
+        fused_lora._FoldedLowRank.apply = real  # type: ignore[method-assign]
+        compile_.uncompiled(model)
+        fused_lora.disable(model)
+    assert not any(hasattr(m, "_kubelora_fold") for m in model.modules())
+
+
+def test_folded_lora_under_bf16_autocast_keeps_fp32_adapter_grads() -> None:
+    from kubelora_trainer.fused_lora import _FoldedLowRank
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(32, 16, generator=gen).to(torch.bfloat16)
+    a = (torch.randn(4, 16, generator=gen) * 0.3).requires_grad_()
+    b = (torch.randn(32, 4, generator=gen) * 0.3).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.linear(x, weight) + F.linear(F.linear(x, a), b) * 2.0
+    ref.float().square().sum().backward()
+    want = [t.grad.clone() for t in (x, a, b)]  # type: ignore[union-attr]
+    for t in (x, a, b):
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _FoldedLowRank.apply(x, weight, None, a, b, 2.0)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert torch.allclose(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    for got, exp in zip((x.grad, a.grad, b.grad), want, strict=True):
+        assert got is not None and got.dtype == exp.dtype
+        assert torch.allclose(got, exp, rtol=3e-2, atol=3e-2 * exp.abs().max().item())
+
+
 def test_device_graphs_compile_the_layers_in_reduce_overhead_mode(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -158,6 +213,17 @@ def test_a_run_with_loss_chunk_trains_the_plain_runs_loss_curve(tiny_model_dir: 
     fast.run()
     assert isinstance(fast.loss_module, CausalLMLoss) and fast.loss_module.chunk == 32
     assert _losses(tmp_path / "fast") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-4)
+
+
+def test_a_run_with_folded_lora_trains_the_unfolded_runs_loss_curve(tiny_model_dir: Path, tmp_path: Path) -> None:
+    common = {"maxSteps": 4, "paddingFree": False}
+    LoRAFineTuneRecipe(parse_config(tiny_config(
+        tiny_model_dir, tmp_path / "sum", training={**common, "foldLora": False}))).run()
+    folded = LoRAFineTuneRecipe(parse_config(tiny_config(tiny_model_dir, tmp_path / "fold", training=common)))
+    assert folded.cfg.training.fold_lora  # the default
+    folded.run()
+    assert any(getattr(m, "_kubelora_fold", False) for m in folded.model.modules())
+    assert _losses(tmp_path / "fold") == pytest.approx(_losses(tmp_path / "sum"), rel=1e-4)
 
 
 def test_evaluation_and_generation_run_the_compiled_layers_eagerly(

@@ -304,6 +304,16 @@ class TrainingConfig(StrictModel):
             "used wherever this does not apply."
         ),
     )
+    fold_lora: bool = Field(
+        True,
+        description=(
+            "With fusedLora: in layers whose output is at least twice as wide as their input (the MLP's gate "
+            "and up projections), append the rank-r activations to the input and scaling x B to the frozen "
+            "weight, so one GEMM computes the base and the adapter output (and in backward both input "
+            "gradients): the tokens x out low-rank product is never written and read back. Same loss; faster "
+            "on GPU and CPU, eager or compiled (docs/benchmarks.md), for about one more copy of those weights."
+        ),
+    )
     compile_layers: bool = Field(
         False,
         description=(
