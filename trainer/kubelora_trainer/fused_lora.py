@@ -42,7 +42,8 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if not autocast and not (x.dtype == weight_a.dtype == weight_b.dtype == base.weight.dtype):
         return type(self).forward(self, x, *args, **kwargs)
     flat = x.reshape(-1, x.shape[-1])
-    if getattr(self, "_kubelora_fold", False) and isinstance(self.lora_dropout[name], nn.Identity) and not _trains(base.bias):
+    no_dropout = isinstance(self.lora_dropout[name], nn.Identity)
+    if getattr(self, "_kubelora_fold", False) and no_dropout and not (_trains(base.weight) or _trains(base.bias)):
         out = _FoldedLowRank.apply(flat, base.weight, base.bias, weight_a, weight_b, self.scaling[name])
         return out.view(*x.shape[:-1], out.shape[-1])
     out = F.linear(flat, base.weight, base.bias)
@@ -60,6 +61,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
 
 
 def _trains(t: torch.Tensor | None) -> bool:
+    """A base weight or bias that wants a gradient: `_FoldedLowRank` gives the base none."""
     return t is not None and t.requires_grad
 
 
@@ -89,13 +91,14 @@ class _FoldedLowRank(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x_dtype = x.dtype
         x, weight = x.to(dt), weight.to(dt)
         a_c = a.to(dt)
         low_rank = x @ a_c.t()
         joined_w = torch.cat((weight, (b * scaling).to(dt)), dim=1)
         out = F.linear(torch.cat((x, low_rank), dim=1), joined_w, None if bias is None else bias.to(dt))
         ctx.save_for_backward(x, low_rank, a_c, joined_w)
-        ctx.scaling, ctx.dtypes = scaling, (a.dtype, b.dtype)
+        ctx.scaling, ctx.dtypes = scaling, (x_dtype, a.dtype, b.dtype)
         return out
 
     @staticmethod
@@ -107,11 +110,11 @@ class _FoldedLowRank(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             both = grad @ joined_w  # [T, in + r]: the input's gradient and the rank-r one, one GEMM
             grad_low = both[:, n:]
-            grad_x = torch.addmm(both[:, :n], grad_low, a_c)
+            grad_x = torch.addmm(both[:, :n], grad_low, a_c).to(ctx.dtypes[0])
         else:
             grad_low = grad @ joined_w[:, n:]
-        grad_a = (grad_low.t() @ x).to(ctx.dtypes[0])
-        grad_b = ((low_rank.t() @ grad).t() * ctx.scaling).to(ctx.dtypes[1])  # h^T @ grad: the fast shape
+        grad_a = (grad_low.t() @ x).to(ctx.dtypes[1])
+        grad_b = ((low_rank.t() @ grad).t() * ctx.scaling).to(ctx.dtypes[2])  # h^T @ grad: the fast shape
         return grad_x, None, None, grad_a, grad_b, None
 
 
