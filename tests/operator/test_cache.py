@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from kopf._core.engines.indexing import OperatorIndexer
 from kubelora_operator.conditions import ConditionType as T
 from kubelora_operator.controller.cache import CachedKube, index_worker_pod, workers_of
@@ -142,3 +143,57 @@ def test_device_is_reported_after_a_crash_before_the_first_status_write() -> Non
     patch = api.calls[0][2]["status"]
     assert patch["placement"] == {"device": "cpu"} and patch["startTime"]
     assert not any(c[0] == "POST" and "/pods" in c[1] for c in api.calls)  # nothing recreated
+
+
+def test_a_start_leaves_its_status_to_the_pass_its_pods_bring_one_patch_instead_of_two(
+    monkeypatch: Any,
+) -> None:
+    # The pass that creates worker pods posts its Events but writes no status; the next pass (the
+    # pods' events) writes both passes' conditions in one patch. A pass that fails transiently keeps
+    # the carried status for the one that retries; without carrying (tools, tests) each pass writes.
+    import importlib
+
+    from kubelora_operator.conditions import ConditionReason as R
+
+    reconcile_mod = importlib.import_module("kubelora_operator.controller.reconcile")  # the module, not the function
+    from kubelora_operator.kube import TransientApiError
+
+    def start(kube: Any, settings: Any, body: Any, u: StatusUpdate) -> None:
+        u.condition(T.VALIDATED, True, R.SPEC_VALID, "ok", event="Normal")
+        u.status["startTime"] = u.stamp
+        u.created_pods = True
+
+    def pods_bound(kube: Any, settings: Any, body: Any, u: StatusUpdate) -> None:
+        u.condition(T.SCHEDULED, True, R.PODS_SCHEDULED, "2 worker pods bound", event="Normal")
+
+    def busy(kube: Any, settings: Any, body: Any, u: StatusUpdate) -> None:
+        raise TransientApiError("GET", "/x", 503, "busy")
+
+    status_path = "/apis/kubelora.dev/v1alpha1/namespaces/team-a/lorafinetunes/demo/status"
+    events_path = "/api/v1/namespaces/team-a/events"
+    api = FakeApiClient({}, {}, {})  # the start's Event; then the one status patch and its Event
+    kube = CachedKube(api, backoff=0)
+    kube.carried_status = {}
+    body = settled_body()
+    body["status"] = {}
+    kube.observe_lft("ADDED", body)
+    monkeypatch.setattr(reconcile_mod, "_reconcile", start)
+    reconcile(kube, SETTINGS, "team-a", "demo")
+    assert [c[:2] for c in api.calls] == [("POST", events_path)]
+    monkeypatch.setattr(reconcile_mod, "_reconcile", busy)
+    with pytest.raises(TransientApiError):
+        reconcile(kube, SETTINGS, "team-a", "demo")
+    assert ("team-a", "demo") in kube.carried_status
+    monkeypatch.setattr(reconcile_mod, "_reconcile", pods_bound)
+    reconcile(kube, SETTINGS, "team-a", "demo")
+    assert [c[:2] for c in api.calls] == [("POST", events_path), ("PATCH", status_path), ("POST", events_path)]
+    patch = api.calls[1][2]["status"]
+    assert {c["type"]: c["status"] for c in patch["conditions"]} == {"Validated": "True", "Scheduled": "True"}
+    assert patch["startTime"] and patch["phase"] and kube.carried_status == {}
+
+    api = FakeApiClient({}, {})
+    kube = CachedKube(api, backoff=0)  # carrying off: the start writes its own status
+    kube.observe_lft("ADDED", body)
+    monkeypatch.setattr(reconcile_mod, "_reconcile", start)
+    reconcile(kube, SETTINGS, "team-a", "demo")
+    assert [c[:2] for c in api.calls] == [("PATCH", status_path), ("POST", events_path)]

@@ -263,6 +263,7 @@ def _namespace(namespace: str | None) -> str:
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: CachedKube) -> Runner:
     """Register every handler on `registry` (intervals from `settings`); returns the Runner."""
     runner = Runner(kube, settings)
+    kube.carried_status = {}  # worker pods' events reach the reconcile: a start's status can wait for them
     pod_labels: dict[str, Any] = {LABEL_NAME: kopf.PRESENT, LABEL_ROLE: "worker"}
 
     # Indexing functions run in kopf's event loop (async: no thread hop per event); kopf fills the

@@ -282,6 +282,7 @@ def create(a: Attempt, missing: Sequence[int]) -> PlacementDecision | None:
     for f in beside:
         f.result()  # its API errors are this pass's errors
     if created:
+        u.created_pods = True
         u.event(
             "Normal",
             R.PODS_CREATED.value,

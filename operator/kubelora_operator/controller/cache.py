@@ -101,6 +101,10 @@ class CachedKube(Kube):
         #: resource -> why rank 0's metrics cannot be read (set by the progress pass after repeated
         #: failures, read by the reconcile into the Running condition's message)
         self.metrics_problems: dict[Key, str] = {}
+        #: resource -> status keys a pass decided but left to the next pass to write (reconcile.py,
+        #: `_carry`); None: every pass writes its own (tests, tools). One pass per resource at a time
+        #: (Runner) and single dict operations: no lock needed.
+        self.carried_status: dict[Key, dict[str, Any]] | None = None
 
     # ----- the LoRAFineTune bodies ----------------------------------------------------------------
 
@@ -119,6 +123,8 @@ class CachedKube(Kube):
                 self._own_writes.pop(key, None)
             if event_type == "DELETED":
                 self._bodies.pop(key, None)
+                if self.carried_status is not None:
+                    self.carried_status.pop(key, None)
             elif rv >= _rv(self._bodies.get(key)):
                 self._bodies[key] = _slim(body)
         return own

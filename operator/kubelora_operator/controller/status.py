@@ -38,6 +38,9 @@ class StatusUpdate:
         self.status: dict[str, Any] = copy.deepcopy(self.old)
         self.generation = int((body.get("metadata") or {}).get("generation") or 1)
         self.events: list[tuple[str, str, str]] = []
+        #: Set by the pass that created worker pods: the reconcile their watch events bring (within
+        #: about a second) can write this pass's status together with its own (reconcile.py, `carry`).
+        self.created_pods = False
 
     @property
     def conditions(self) -> list[dict[str, Any]]:
@@ -98,12 +101,29 @@ class StatusUpdate:
                 out[key] = None
         return out
 
+    def carried(self) -> dict[str, Any]:
+        """The changed top-level status keys (None: removed), for `adopt` by the next pass instead of
+        a patch now."""
+        return copy.deepcopy(self.patch())
+
+    def adopt(self, carried: Mapping[str, Any]) -> None:
+        """Take over what an earlier pass of this resource decided but did not write (`carried`): its
+        keys count as changed, so this pass's patch writes them with its own."""
+        for key, value in carried.items():
+            if value is None:
+                self.status.pop(key, None)
+            else:
+                self.status[key] = copy.deepcopy(value)
+
     def flush(self, kube: Kube) -> None:
         meta = self.body.get("metadata") or {}
         patch = self.patch()
         if patch:
             kube.patch_lft_status(meta["namespace"], meta["name"], patch)
             self.old = copy.deepcopy(self.status)
+        self.post_events(kube)
+
+    def post_events(self, kube: Kube) -> None:
         events, self.events = self.events, []
         for type_, reason, message in events:
             kube.post_event(self.body, type_, reason, message)
