@@ -425,7 +425,7 @@ class LoRAFineTuneRecipe:
             log.info("padded batches (%s)", why)
         if t.fused_lora:
             log.info("fused LoRA forward on %d layers%s", fused_lora.enable(model, fold=t.fold_lora),
-                     ", rank-r product folded into the base GEMM where out >= in" if t.fold_lora else "")
+                     ", rank-r product folded into the base GEMM where out >= 2 x in (fused_lora.folds)" if t.fold_lora else "")
         return padding_free
 
     def setup_optimizer(self, model: Any) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:

@@ -119,7 +119,7 @@ def _carry(kube: Kube, carry: dict[tuple[str, str], dict[str, Any]], key: tuple[
     docs/operator-benchmark.md), and the pods just created bring the next pass within about a second
     (their watch events, `POD_EVENT_DELAY`), when the scheduler has usually bound them: that pass
     writes "valid, started, 2/2 bound" as one patch instead of two. The Events keep their own time.
-    If the process dies first, the next start's pass catches the status up (`_after_start`); if no pod
+    If the process dies first, the restarted operator's first pass catches the status up (`_after_start`); if no pod
     event comes, the resync pass writes it."""
     carry[key] = u.carried()
     u.post_events(kube)

@@ -39,7 +39,7 @@ class StatusUpdate:
         self.generation = int((body.get("metadata") or {}).get("generation") or 1)
         self.events: list[tuple[str, str, str]] = []
         #: Set by the pass that created worker pods: the reconcile their watch events bring (within
-        #: about a second) can write this pass's status together with its own (reconcile.py, `carry`).
+        #: about a second) can write this pass's status together with its own (reconcile.py, `_carry`).
         self.created_pods = False
 
     @property
