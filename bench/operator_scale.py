@@ -38,9 +38,11 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import http.client
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -51,6 +53,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -129,16 +132,81 @@ def timeline(events: list[dict[str, Any]], t0: float, t1: float, step: float) ->
     return out
 
 
-def apiserver_request_total(cp: ControlPlane) -> float:
-    """Sum of apiserver_request_total over all series (every client, incl. controllers)."""
+def apiserver_requests(cp: ControlPlane) -> dict[str, float]:
+    """apiserver_request_total by "verb resource[/subresource]", summed over codes and clients
+    (every client: the scheduler's bindings and the controllers' Endpoints too, not only the operator)."""
     req = urllib.request.Request(cp.server + "/metrics", headers={"Authorization": f"Bearer {cp.token}"})
     with urllib.request.urlopen(req, timeout=30, context=cp.ssl_context()) as r:
         text = r.read().decode()
-    total = 0.0
+    out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("apiserver_request_total{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+            kind = labels.get("resource", "") + (f"/{labels['subresource']}" if labels.get("subresource") else "")
+            key = f"{labels.get('verb', '').lower()} {kind}".strip()
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def requests_delta(before: Mapping[str, float], after: Mapping[str, float], top: int = 15) -> dict[str, Any]:
+    """The requests between two `apiserver_requests` readings: total and the largest kinds."""
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    kinds = sorted(((k, round(v)) for k, v in delta.items() if v >= 1), key=lambda kv: -kv[1])
+    return {"total": round(sum(delta.values())), "by_verb_resource": dict(kinds[:top])}
+
+
+class Poster:
+    """POSTs from many threads over one kept-alive HTTPS connection per thread.
+
+    Why: kubectl, Argo CD and controllers reuse their connections; a new connection per request (as
+    `ControlPlane.request` makes, fine for tests) cost the API server a TLS handshake each, about 5% of
+    its CPU during a 1,000-resource ramp (RSA in its pprof profile), on top of what it measures."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+        url = urllib.parse.urlsplit(cp.server)
+        self.host, self.port = url.hostname or "127.0.0.1", url.port
+        self._local = threading.local()
+
+    def post(self, path: str, obj: Mapping[str, Any]) -> None:
+        conn: http.client.HTTPSConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPSConnection(self.host, self.port, context=self.cp.ssl_context(), timeout=60)
+            self._local.conn = conn
+        headers = {
+            "Authorization": f"Bearer {self.cp.token}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+        }
+        try:
+            conn.request("POST", path, json.dumps(obj).encode(), headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            self._local.conn = None
+            raise
+        if resp.status >= 300:
+            raise ApiError("POST", path, resp.status, data.decode(errors="replace"))
+
+
+class ApiserverProfile(threading.Thread):
+    """A CPU profile of the apiserver over `seconds` (its pprof endpoint; the control plane runs with
+    --profiling=true for it), written to `path`: read it with `go tool pprof -top KUBE_APISERVER PATH`."""
+
+    def __init__(self, cp: ControlPlane, seconds: float, path: Path) -> None:
+        super().__init__(daemon=True, name="apiserver profile")
+        self.cp, self.seconds, self.path = cp, seconds, path
+        self.error: str | None = None
+
+    def run(self) -> None:
+        url = f"{self.cp.server}/debug/pprof/profile?seconds={int(self.seconds)}"
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.cp.token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.seconds + 60, context=self.cp.ssl_context()) as r:
+                self.path.write_bytes(r.read())
+        except OSError as err:
+            self.error = str(err)
 
 
 # --------------------------------------------------------------------------- watching
@@ -154,6 +222,8 @@ class Watch(threading.Thread):
         self._halt = threading.Event()
         self.error: BaseException | None = None
         self._resp: Any = None
+        self.restarts = 0  # watches after the first: each one costs the API server a request
+        self.relists = 0  # of them without a resourceVersion (after a 410): every object sent again
 
     def run(self) -> None:
         rv = ""
@@ -162,6 +232,9 @@ class Watch(threading.Thread):
                 params = {**self.params, "watch": "1", "timeoutSeconds": "600", "allowWatchBookmarks": "false"}
                 if rv:
                     params["resourceVersion"] = rv
+                if self.ready.is_set():
+                    self.restarts += 1
+                    self.relists += not rv
                 url = self.cp.server + self.path + "?" + urllib.parse.urlencode(params)
                 req = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.cp.token}"})
                 self._resp = urllib.request.urlopen(req, timeout=700, context=self.cp.ssl_context())
@@ -362,6 +435,13 @@ def main() -> int:
     ap.add_argument("--verbose-operator", action="store_true", help="run the operator with --verbose")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--keep-logs", type=Path, default=None, help="copy operator/audit logs to this dir")
+    ap.add_argument(
+        "--apiserver-profile",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="CPU-profile the apiserver for SECONDS from the first create (pprof beside --out)",
+    )
     args = ap.parse_args()
 
     n, w = args.resources, args.workers
@@ -383,6 +463,7 @@ def main() -> int:
             "fake_amx_nodes": nodes,
             "node_capacity": {"cpu": str(per_node_cpu), "memory": "512Gi", "pods": "250"},
             "create_threads": args.threads,
+            "create_client": "one kept-alive HTTPS connection per thread",
             "resync_seconds": args.resync_seconds or 30,
             "operator_verbose": args.verbose_operator,
             "kubernetes": "v1.20.2 local control plane (etcd, apiserver, controller-manager, scheduler; no kubelet)",
@@ -392,6 +473,8 @@ def main() -> int:
 
     print(f"[bench] starting control plane ({bench_dir})", flush=True)
     cp = AuditedControlPlane(bench_dir)
+    if args.apiserver_profile:
+        cp.extra_apiserver_args.append("--profiling=true")  # the last of a repeated flag wins
     cp.start()
     op_proc: subprocess.Popen[bytes] | None = None
     watches: list[Watch] = []
@@ -461,13 +544,15 @@ def main() -> int:
         created_at: dict[str, float] = {}
         create_latency: list[float] = []
         errors: list[str] = []
-        metrics_before = apiserver_request_total(cp)
+        metrics_before = apiserver_requests(cp)
         load_at_start = os.getloadavg()
+
+        poster = Poster(cp)
 
         def create(name: str) -> None:
             t = time.time()
             try:
-                cp.create(f"{LFT_API}/namespaces/{ns}/lorafinetunes", lft_body(name, w))
+                poster.post(f"{LFT_API}/namespaces/{ns}/lorafinetunes", lft_body(name, w))
             except ApiError as err:
                 errors.append(f"{name}: {err}")
                 return
@@ -475,6 +560,11 @@ def main() -> int:
             create_latency.append(time.time() - t)
 
         print(f"[bench] creating {n} LoRAFineTunes ({w} workers each) from {args.threads} threads", flush=True)
+        profile = None
+        if args.apiserver_profile:
+            pprof = (args.out or bench_dir / "result.json").with_suffix(".apiserver.pprof")
+            profile = ApiserverProfile(cp, args.apiserver_profile, pprof)
+            profile.start()
         t0 = time.time()
         with ThreadPoolExecutor(args.threads) as pool:
             list(pool.map(create, names))
@@ -497,7 +587,7 @@ def main() -> int:
                 print(f"[bench] t+{time.time() - t0:.0f}s: {done}/{n} with workers, {sched}/{n} Scheduled", flush=True)
         t_done = time.time()
         timed_out = not tracker.all_done(names)
-        metrics_after = apiserver_request_total(cp)
+        metrics_after = apiserver_requests(cp)
         load_at_done = os.getloadavg()
         print(
             f"[bench] done after {t_done - t0:.2f}s (timed out: {timed_out}); settling {args.settle:.0f}s", flush=True
@@ -572,7 +662,12 @@ def main() -> int:
             "whole_run_total": len(events),
             "timeline_5s_buckets_from_first_create": timeline(events, t0, t_end, 5.0),
         }
-        result["apiserver_request_total_delta_all_clients_during_ramp"] = metrics_after - metrics_before
+        ramp = requests_delta(metrics_before, metrics_after)
+        result["apiserver_request_total_delta_all_clients_during_ramp"] = ramp["total"]
+        result["apiserver_requests_all_clients_during_ramp"] = ramp["by_verb_resource"]
+        result["bench_watches"] = {
+            wt.path.rsplit("/", 1)[-1]: {"restarts": wt.restarts, "relists": wt.relists} for wt in watches
+        }
 
         s_start = sampler.at(t0)
         s_done = sampler.at(t_done)
@@ -602,6 +697,14 @@ def main() -> int:
             if cs.samples
         }
         result["control_plane_rss_mib_at_end"] = {k: round(v, 1) for k, v in cp.rss_mib().items() if v}
+        if profile is not None:
+            profile.join(args.apiserver_profile + 60)
+            result["apiserver_profile"] = {
+                "seconds_from_first_create": args.apiserver_profile,
+                "file": profile.path.name if profile.path.exists() else None,
+                "binary": str(cp.bin_dir / "kube-apiserver"),
+                "error": profile.error,
+            }
         result["load_average_at_first_create"] = [round(x, 2) for x in load_at_start]
         result["load_average_at_done"] = [round(x, 2) for x in load_at_done]
         log_text = op_log.read_text(errors="replace")
