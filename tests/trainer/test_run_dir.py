@@ -21,6 +21,7 @@ from kubelora_trainer.cli import EXIT_BAD_INPUT, main
 from kubelora_trainer.config import parse_config
 from kubelora_trainer.recipe import LoRAFineTuneRecipe
 from kubelora_trainer.rundir import (
+    COMPILE_CACHE_DIR,
     LOCK_FILE,
     OWNER_FILE,
     PREVIOUS_DIR,
@@ -124,6 +125,9 @@ def test_replaced_run_is_kept_until_the_new_one_has_finished(tiny_model_dir: Pat
     run_dir = tmp_path / "run"
     LoRAFineTuneRecipe(parse_config(_cfg(tiny_model_dir, run_dir))).run()
     old = _snapshot(run_dir)
+    kernel = run_dir / COMPILE_CACHE_DIR / "rank-0" / "kernel.py"  # what a compiled run leaves (compile.py)
+    kernel.parent.mkdir(parents=True)
+    kernel.write_text("# compiled")
     new_cfg = _cfg(tiny_model_dir, run_dir, training={"maxSteps": 4, "seed": 99, "saveSteps": 2},
                    output={"dir": str(run_dir), "overwrite": True})
 
@@ -138,6 +142,7 @@ def test_replaced_run_is_kept_until_the_new_one_has_finished(tiny_model_dir: Pat
         LoRAFineTuneRecipe(parse_config(new_cfg)).run()
     # Training had started: the old run waits, whole, in .previous; the new one owns the dir.
     assert _snapshot(run_dir / PREVIOUS_DIR) == old
+    assert kernel.read_text() == "# compiled"  # compiled code is keyed by what it compiled: it stays
     assert not (run_dir / "adapter").exists() and not (run_dir / LOCK_FILE).exists()
     assert json.loads((run_dir / OWNER_FILE).read_text())["fields"]["training"]["seed"] == 99
 

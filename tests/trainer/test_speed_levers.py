@@ -20,6 +20,7 @@ from kubelora_trainer.data.tokenize import TokenizedExample
 from kubelora_trainer.lora import attach_lora
 from kubelora_trainer.loss import CausalLMLoss, chunked_head_loss
 from kubelora_trainer.recipe import LoRAFineTuneRecipe
+from kubelora_trainer.rundir import COMPILE_CACHE_DIR
 
 from .conftest import tiny_config
 
@@ -246,3 +247,23 @@ def test_evaluation_and_generation_run_the_compiled_layers_eagerly(
     summary = LoRAFineTuneRecipe(parse_config(cfg)).run()
     assert summary["exact_match_after"] is not None
     assert compiled_with_grad and all(compiled_with_grad)
+
+
+def test_compiled_code_is_cached_in_the_run_dir_where_a_resumed_attempt_finds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default cache is under /tmp, a new emptyDir in every pod: each attempt compiled from scratch.
+    from torch._inductor.runtime.runtime_utils import cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # restored after the test
+    cache_dir()  # inductor sets the variable to its default at first use (the ISA check does, early)
+    folder = compile_.cache_in_run_dir(tmp_path / "run", rank=1)
+    assert folder == (tmp_path / "run" / COMPILE_CACHE_DIR / "rank-1").resolve()
+    assert not folder.exists()  # nothing is written before something compiles
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: (x * 2).sin() + 1, backend="inductor")
+    assert torch.allclose(f(torch.arange(8.0)), (torch.arange(8.0) * 2).sin() + 1)
+    assert any(p.suffix == ".py" for p in folder.rglob("*")), "inductor wrote its generated code elsewhere"
+    assert compile_.cache_in_run_dir(tmp_path / "next", rank=0) is not None  # a later run moves its own setting
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_.cache_in_run_dir(tmp_path / "run", rank=0) is None  # a cache dir the user set stands

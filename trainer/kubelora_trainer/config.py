@@ -319,7 +319,8 @@ class TrainingConfig(StrictModel):
         description=(
             "torch.compile each decoder layer once and reuse it for all layers (regional compilation: fuses "
             "norms, RoPE, SwiGLU and the LoRA adds), and the output head's cross-entropy; the rest stays eager. The first step waits for the compile "
-            "(seconds on a GPU, about a minute on a CPU): worth it for runs of a few hundred steps or more."
+            "(seconds on a GPU, about a minute on a CPU): worth it for runs of a few hundred steps or more. The "
+            "compiled code is kept in the run dir (.compile-cache/), so a resumed attempt skips most of that wait."
         ),
     )
     loss_chunk: int | None = Field(

@@ -36,7 +36,7 @@ from . import contract, fsdp, fused_lora, rundir, segment_attention, zero
 from . import distributed as dist_
 from . import engine as engine_
 from .batching import choose_padding_free
-from .compile import compile_layers, eager_while
+from .compile import cache_in_run_dir, compile_layers, eager_while
 from .config import TrainerConfig, TrainingConfig, dump_config
 from .data import PackedRow, PreparedData, build_datasets, collate, collate_flat, encode_prompt
 from .device import DeviceInfo, allocated_memory_bytes, peak_memory_bytes, resolve_dtype, select_device, synchronize
@@ -381,6 +381,10 @@ class LoRAFineTuneRecipe:
             model.enable_input_require_grads()
         t = self.cfg.training
         mode = "reduce-overhead" if t.device_graphs else None  # torch.compile's name for device graphs
+        if t.compile_layers or t.compile:
+            cache = cache_in_run_dir(self.run_dir, self.world.rank)
+            if cache is not None:
+                log.info("compiled code is cached in %s: a resumed attempt reuses it", cache)
         if t.compile_layers:
             log.info("regional compilation: %d decoder layers compiled as one%s", compile_layers(model, mode=mode),
                      ", replayed as device graphs" if mode else "")

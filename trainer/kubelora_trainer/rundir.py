@@ -50,6 +50,9 @@ from .export import SUMMARY_FILE, is_finished
 OWNER_FILE = "owner.json"
 LOCK_FILE = ".kubelora.lock"
 PREVIOUS_DIR = ".previous"
+#: torch.compile's caches (compile.cache_in_run_dir): keyed by what they compiled, so a run that
+#: replaces another keeps them instead of moving them into `.previous/`.
+COMPILE_CACHE_DIR = ".compile-cache"
 LEGACY_RUN_ID_FILE = "run_id"
 #: How long an operator attempt waits for an earlier attempt of the *same* run to let go of the
 #: directory (a pod on a partitioned node whose NFS lock outlives it); anything else fails at once.
@@ -310,7 +313,7 @@ class RunDirClaim:
         if not self.writer:
             return
         previous = self.path / PREVIOUS_DIR
-        current = [p for p in self.path.iterdir() if p.name not in (LOCK_FILE, PREVIOUS_DIR)]
+        current = [p for p in self.path.iterdir() if p.name not in (LOCK_FILE, PREVIOUS_DIR, COMPILE_CACHE_DIR)]
         if is_finished(previous) and not is_finished(self.path):
             for p in current:
                 if p.is_dir() and not p.is_symlink():
