@@ -33,12 +33,13 @@ _set_here: str | None = None  # the value `cache_in_run_dir` set last (a later r
 
 def cache_in_run_dir(run_dir: Path, rank: int) -> Path | None:
     """Keep torch.compile's on-disk caches (inductor's compiled graphs and kernels, AOTAutograd's
-    graphs) in the run dir, unless ``TORCHINDUCTOR_CACHE_DIR`` is set; returns the folder, or None.
+    graphs) in the run dir, unless ``TORCHINDUCTOR_CACHE_DIR`` names a folder of the user's; returns
+    the folder, or None.
 
     Why: their default is under /tmp, a new emptyDir in every pod, so every attempt of a job (after
     a preemption, a suspend, a lost node) compiled from scratch. The run dir is the one place every
     attempt mounts again. On the 2-core AMX VM a 4-step run of SmolLM2-135M with `compileLayers`
-    took 129 s with an empty cache and 39.5 s with a warm one (docs/benchmarks.md). One folder a
+    took 128 s with an empty cache and 43 s with the cache a first run left (docs/benchmarks.md). One folder a
     rank: ranks may sit on different nodes and write at once. Nothing is written here until
     something compiles, which is after the run took its run dir (recipe.py)."""
     global _set_here

@@ -5,7 +5,8 @@ operator mounts the same claim for every attempt of a resource. Without an owner
 resource (new UID, new spec, new S3 URI) would re-deliver the old resource's adapter as its own, and
 two resources pointed at one subPath would train into each other's checkpoints.
 
-The rules (rank 0 enforces them: it is the only rank that writes the run dir):
+The rules (rank 0 enforces them: it is the only rank that writes the run dir, but for each rank's
+torch.compile cache under ``.compile-cache/``, compile.py):
 
 * **Owner.** ``owner.json`` records the run id (``KUBELORA_RUN_ID``, which the operator sets to the
   resource UID; a laptop run keeps a uuid in the directory across resumes) and the settings that
