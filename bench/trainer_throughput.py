@@ -347,6 +347,7 @@ def common_eval(model, tokenizer, data, cfg, skip: bool) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- kubelora
 def run_kubelora(args: argparse.Namespace, opts: dict[str, str]) -> dict[str, Any]:
+    import torch
     from kubelora_trainer.data import collate
     from kubelora_trainer.loss import count_label_tokens
     from kubelora_trainer.recipe import LoRAFineTuneRecipe
@@ -361,7 +362,11 @@ def run_kubelora(args: argparse.Namespace, opts: dict[str, str]) -> dict[str, An
     r.setup()
     start = r.maybe_resume()
     load_s = time.monotonic() - t0
-    with _profiled(args, opts, r):
+    # ``anom=1``: autograd's anomaly mode, so the first backward op that yields NaN raises and names its
+    # forward (how a divergence is traced to an op; slow, for diagnosis only).
+    anomaly = opts.get("anom") in ("1", "true", "yes")
+    with _profiled(args, opts, r), (torch.autograd.detect_anomaly(check_nan=True) if anomaly
+                                    else contextlib.nullcontext()):
         stats = r.train(start)
     pad = int(r.tokenizer.pad_token_id)
     label_tokens = sum(
@@ -612,10 +617,13 @@ def run_hf(args: argparse.Namespace, name: str) -> dict[str, Any]:
     }
 
 
-def run_plain_loop(args: argparse.Namespace) -> dict[str, Any]:
+def run_plain_loop(args: argparse.Namespace, opts: dict[str, str] | None = None) -> dict[str, Any]:
     """A hand-written loop, the floor a framework should not fall below: kubelora's packed rows (the
     same token ids, leak-free through per-sample position ids), eager attention on CPU, bf16 autocast,
-    the head and cross-entropy on label positions only, torch's default AdamW, no logging or checks."""
+    the head and cross-entropy on label positions only, torch's default AdamW, no logging or checks.
+
+    ``plain-loop:order=kubelora`` draws each step's rows as kubelora does (its seeded permutation), so
+    both see the same batch at every step: a loss curve or a divergence can be compared step by step."""
     import torch
     import torch.nn.functional as F
     from kubelora_trainer.data import build_datasets, collate
@@ -641,6 +649,8 @@ def run_plain_loop(args: argparse.Namespace) -> dict[str, Any]:
     body, head = model.get_base_model().model, model.get_base_model().lm_head
     rows = data.train_rows
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    if (opts or {}).get("order") == "kubelora":  # recipe.rows_for_step's permutation (one epoch is enough here)
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 7919)).tolist()
     pad = int(tokenizer.pad_token_id)
     losses: list[float] = []
     step_tokens: list[int] = []
@@ -729,7 +739,7 @@ def worker(args: argparse.Namespace) -> None:
     if name == "kubelora":
         res = run_kubelora(args, opts)
     else:
-        res = run_plain_loop(args) if name == "plain-loop" else run_hf(args, name)
+        res = run_plain_loop(args, opts) if name == "plain-loop" else run_hf(args, name)
     res["train_tokens_per_s"] = res["train_tokens"] / res["train_wall_s"]
     res["label_tokens_per_s"] = res["label_tokens"] / res["train_wall_s"]
     res["steady_tokens_per_s"] = steady_rate(res["step_tokens"], res["step_times"], args.steady_skip)

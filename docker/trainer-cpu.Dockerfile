@@ -28,6 +28,18 @@ ARG IPEX_VERSION=2.8.0
 ARG ONECCL_BIND_PT_VERSION=2.8.0
 ARG IPEX_INDEX_URL=https://pytorch-extension.intel.com/release-whl/stable/cpu/us/
 
+# A C++ compiler and Python's headers: torch.compile's inductor builds the compiled layers' CPU kernels
+# (training.compileLayers, on by default for long bf16 runs) as C++ with Python bindings. The official
+# python images ship the headers; Debian's python3 (the offline base) needs python3-dev. g++ is
+# bookworm's metapackage, pinned; empty takes whatever the archive has.
+ARG GXX_VERSION=4:12.2.0-3
+RUN headers="$(python3 -c 'import os, sysconfig; print(os.path.join(sysconfig.get_paths()["include"], "Python.h"))')" \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends "g++${GXX_VERSION:+=$GXX_VERSION}" libc6-dev \
+      $([ -f "$headers" ] || echo python3-dev) \
+ && rm -rf /var/lib/apt/lists/* \
+ && [ -f "$headers" ]
+
 RUN groupadd --gid 1000 kubelora \
  && useradd --uid 1000 --gid 1000 --home-dir /tmp --no-create-home --shell /bin/sh kubelora \
  && mkdir -p /cache /output \
@@ -59,6 +71,10 @@ RUN if [ "$WITH_IPEX" = "true" ]; then pip install ".[trainer,s3]"; \
     else pip install -c /tmp/constraints.txt ".[trainer,s3,qlora]" && pip check; fi \
  && python -c "import torch, kubelora_trainer.cli; assert torch.version.cuda is None, torch.__version__" \
  && if [ "$WITH_IPEX" != "true" ]; then python -c "import torch, bitsandbytes.functional as F, kubelora_trainer.model; F.quantize_4bit(torch.randn(64, 64), quant_type='nf4')"; fi \
+ && TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-check python -c "import torch; from kubelora_trainer.compile import missing_toolchain; \
+      assert missing_toolchain('cpu') is None, missing_toolchain('cpu'); f = torch.compile(lambda x: (2 * x).sin() + 1); \
+      assert torch.allclose(f(torch.arange(8.0)), (2 * torch.arange(8.0)).sin() + 1)" \
+ && rm -rf /tmp/inductor-check \
  && cd / && rm -rf /src /tmp/constraints.txt
 
 # The bundled demo model, SmolLM2-135M-Instruct (the `smollm2-135m` alias of the examples; ~140 MB),

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,60 @@ from .rundir import COMPILE_CACHE_DIR
 #: layer's own attributes) times a few shapes; past torch's default (8) layers would silently run
 #: eager.
 RECOMPILE_LIMIT = 256
+
+
+#: Planned optimizer steps from which an unset `training.compileLayers` compiles. The compile pays
+#: back (its wait / the time it saves a step) after ~75 steps on the 2-core AMX VM, ~100-140 on one
+#: H200 and ~210 on the 16-core AMX host (docs/benchmarks.md, "Regional compilation by default for
+#: long runs"); 300 leaves room for a slower compile or a smaller gain.
+AUTO_MIN_STEPS = 300
+
+
+def choose_compile_layers(setting: bool | None, *, planned_steps: int, device_type: str, dtype: str,
+                          excluded_by: str | None) -> tuple[bool, str]:
+    """(compile the decoder layers?, reason for the log) from `training.compileLayers`.
+
+    Unset, it compiles only where that was measured to be faster over the whole run: bf16 on a GPU
+    or a CPU (1.5-2.2x steady against the eager defaults), a run long enough to pay back the
+    compile's wait (`AUTO_MIN_STEPS`), and a toolchain inductor can build with. `excluded_by` names
+    a setting the combination was never measured with (FSDP, DeepSpeed, whole-model compile, ...).
+    """
+    if setting is not None:
+        return setting, f"training.compileLayers is {str(setting).lower()}"
+    if excluded_by:
+        return False, f"not by default with {excluded_by}"
+    if dtype != "bf16":
+        return False, f"by default only in bf16, where it was measured (this run computes in {dtype})"
+    if device_type not in ("cpu", "cuda", "xpu"):
+        return False, f"not by default on {device_type}"
+    if planned_steps < AUTO_MIN_STEPS:
+        return False, f"{planned_steps} steps do not pay back the compile's wait (from {AUTO_MIN_STEPS} they do)"
+    missing = missing_toolchain(device_type)
+    if missing:
+        return False, missing
+    return True, f"{planned_steps} steps in bf16 on {device_type} pay back the compile's wait"
+
+
+def missing_toolchain(device_type: str) -> str | None:
+    """What inductor would lack to build kernels for this device, or None.
+
+    Why check first: on a CPU inductor compiles C++ (a compiler and Python's headers: its kernels
+    carry Python bindings), on a GPU it writes Triton; without them the first step fails, so an
+    unset `compileLayers` stays eager there instead.
+    """
+    if device_type == "cpu":
+        cxx = os.environ.get("CXX") or "g++"
+        if shutil.which(cxx) is None:
+            return f"no C++ compiler ({cxx}) for inductor's CPU kernels"
+        headers = Path(sysconfig.get_paths()["include"], "Python.h")
+        if not headers.is_file():
+            return f"no Python headers ({headers}) for inductor's CPU kernels"
+        return None
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "no Triton for inductor's GPU kernels"
+    return None
 
 
 _CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"

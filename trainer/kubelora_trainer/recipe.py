@@ -36,7 +36,7 @@ from . import contract, fsdp, fused_lora, rundir, segment_attention, zero
 from . import distributed as dist_
 from . import engine as engine_
 from .batching import choose_padding_free
-from .compile import cache_in_run_dir, compile_layers, eager_while
+from .compile import cache_in_run_dir, choose_compile_layers, compile_layers, eager_while
 from .config import TrainerConfig, TrainingConfig, dump_config
 from .data import PackedRow, PreparedData, build_datasets, collate, collate_flat, encode_prompt
 from .device import DeviceInfo, allocated_memory_bytes, peak_memory_bytes, resolve_dtype, select_device, synchronize
@@ -299,17 +299,19 @@ class LoRAFineTuneRecipe:
         self.eval_prompts = self.data.eval_prompts[: self.cfg.evaluation.max_exact_match_samples]
         self.ds_config = (zero.build_config(self.cfg, self.rt.zero_settings, self.rt.dtype, self.world.world_size)
                           if self.rt.zero_settings is not None else None)
+        # The step plan comes before the model: whether to compile depends on the run's length.
+        self.plan = plan_steps(self.cfg.training, len(self.data.train_rows), self.world.world_size)
+        self.compiled_layers = self.setup_compile_choice(self.rt, self.plan)
         self.model = self.setup_model(self.rt, self.ds_config)
-        self.padding_free = self.setup_fast_paths(self.model)
+        self.padding_free = self.setup_fast_paths(self.model, self.compiled_layers)
         self.eval_batches = self.build_eval_batches(self.padding_free)
-        self.loss_module = self.setup_loss(self.model)
+        self.loss_module = self.setup_loss(self.model, self.compiled_layers)
         trainable, total = trainable_parameters(self.model)
         self.param_counts = {"trainable": trainable, "total": total}
         self.model_memory_bytes = allocated_memory_bytes(self.rt.device)
         log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
         if through_model:
             return
-        self.plan = plan_steps(self.cfg.training, len(self.data.train_rows), self.world.world_size)
         self.optimizer, self.scheduler = self.setup_optimizer(self.model)
         # One engine (plain/DDP or DeepSpeed ZeRO) answers backward, step, no_sync and checkpoint state.
         self.engine = engine_.build(self.loss_module, self.model, self.optimizer, self.ds_config,
@@ -374,22 +376,39 @@ class LoRAFineTuneRecipe:
         model.to(rt.device.torch_device)  # LoRA weights; 4-bit base weights were packed there already
         return model
 
-    def setup_loss(self, model: Any) -> torch.nn.Module:
+    def setup_compile_choice(self, rt: Runtime, plan: StepPlan) -> bool:
+        """Whether the decoder layers are compiled (`training.compileLayers`, or the default for this
+        run's device, dtype and length: `compile.choose_compile_layers`)."""
+        c = self.cfg
+        excluded = [name for name, on in (
+            ("training.compile", c.training.compile),
+            ("training.gradientCheckpointing", c.training.gradient_checkpointing),
+            ("distributed.fsdp", fsdp.wanted(c)),
+            ("DeepSpeed", rt.zero_settings is not None),
+            ("model.quantization", c.model.quantization != "none"),
+        ) if on]
+        wanted, why = choose_compile_layers(c.training.compile_layers, planned_steps=plan.total_steps,
+                                            device_type=rt.device.type, dtype=rt.dtype,
+                                            excluded_by=", ".join(excluded) or None)
+        log.info("regional compilation %s (%s)", "on" if wanted else "off", why)
+        return wanted
+
+    def setup_loss(self, model: Any, compiled_layers: bool) -> torch.nn.Module:
         """The module the loop runs forward on (after the fast paths changed the model's layers)."""
         if self.cfg.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         t = self.cfg.training
         mode = "reduce-overhead" if t.device_graphs else None  # torch.compile's name for device graphs
-        if t.compile_layers or t.compile:
+        if compiled_layers or t.compile:
             cache = cache_in_run_dir(self.run_dir, self.world.rank)
             if cache is not None:
                 log.info("compiled code is cached in %s: a resumed attempt reuses it", cache)
-        if t.compile_layers:
+        if compiled_layers:
             log.info("regional compilation: %d decoder layers compiled as one%s", compile_layers(model, mode=mode),
                      ", replayed as device graphs" if mode else "")
         loss_module: torch.nn.Module = CausalLMLoss(model, chunk=t.loss_chunk,
-                                                    head_backend="inductor" if t.compile_layers else None)
+                                                    head_backend="inductor" if compiled_layers else None)
         if t.compile:
             loss_module = torch.compile(loss_module, mode=mode)  # type: ignore[assignment]
         return loss_module
@@ -408,7 +427,7 @@ class LoRAFineTuneRecipe:
         chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
         return [collate_flat(c) if padding_free else collate(c, pad) for c in chunks]
 
-    def setup_fast_paths(self, model: Any) -> bool:
+    def setup_fast_paths(self, model: Any, compiled_layers: bool) -> bool:
         """Choose the batch format (and enable per-sample attention for flat batches) and the fused
         LoRA forward (see their modules for why); returns whether batches are padding-free.
 
@@ -416,7 +435,8 @@ class LoRAFineTuneRecipe:
         attend per sample trains on padded rows.
         """
         t = self.cfg.training
-        wanted, why = choose_padding_free(t.padding_free, t.compile or t.compile_layers, self.rt.device.type, self.rt.dtype)
+        wanted, why = choose_padding_free(t.padding_free, t.compile or compiled_layers, self.rt.device.type,
+                                         self.rt.dtype)
         padding_free = False
         if wanted:
             no_segments = segment_attention.unsupported_reason(model.get_base_model().config)
@@ -572,7 +592,7 @@ class LoRAFineTuneRecipe:
 
     def eager(self) -> contextlib.AbstractContextManager[Any]:
         """Compiled layers run eagerly for evaluation (`compile.eager_while`)."""
-        return eager_while(self.cfg.training.compile or self.cfg.training.compile_layers)
+        return eager_while(self.cfg.training.compile or self.compiled_layers)
 
     def held_out_loss(self) -> float:
         """Loss over the held-out rows (all ranks), compiled layers run eagerly."""
