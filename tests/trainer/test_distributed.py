@@ -115,3 +115,24 @@ def test_each_rank_converts_the_gguf_into_its_own_cache(tmp_path: Path) -> None:
     for w in workers:
         (converted,) = [d for d in (Path(w.env["KUBELORA_CACHE"]) / "models").iterdir() if d.is_dir()]
         assert (converted / "model.safetensors").is_file() and (converted / "config.json").is_file()
+
+
+def test_two_ranks_with_compiled_layers_match_one_rank(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`compileLayers` (on by default for long bf16 runs, several processes included) inside DDP: each
+    rank's compiled layers and DDP's gradient hooks give the one-process curve."""
+
+    def spec(workers: int, micro_batch: int) -> dict:
+        s = _spec(tiny_model_dir, workers, micro_batch)
+        s["training"].update(compileLayers=True, maxSteps=4)
+        return s
+
+    (one,) = launch(plan_workers(spec(1, 4), tmp_path / "single", name="single"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = launch(plan_workers(spec(2, 2), tmp_path / "double", name="double"))
+    for r in two:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "regional compilation on" in two[0].stderr and "world 2 (gloo)" in two[0].stderr
+    reference, distributed = _losses(tmp_path / "single" / "output"), _losses(tmp_path / "double" / "output")
+    assert len(reference) == len(distributed) == 4
+    for a, b in zip(reference, distributed, strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
