@@ -629,6 +629,7 @@ def run_plain_loop(args: argparse.Namespace, opts: dict[str, str] | None = None)
     from kubelora_trainer.data import build_datasets, collate
     from kubelora_trainer.lora import attach_lora
     from kubelora_trainer.model import load_tokenizer, materialize
+    from kubelora_trainer.recipe import epoch_order
     from transformers import AutoModelForCausalLM
 
     t0 = time.monotonic()
@@ -649,8 +650,8 @@ def run_plain_loop(args: argparse.Namespace, opts: dict[str, str] | None = None)
     body, head = model.get_base_model().model, model.get_base_model().lm_head
     rows = data.train_rows
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    if (opts or {}).get("order") == "kubelora":  # recipe.rows_for_step's permutation (one epoch is enough here)
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 7919)).tolist()
+    if (opts or {}).get("order") == "kubelora":  # the recipe's first-epoch order (runs here fit one epoch)
+        order = epoch_order(len(rows), args.seed, epoch=0)
     pad = int(tokenizer.pad_token_id)
     losses: list[float] = []
     step_tokens: list[int] = []

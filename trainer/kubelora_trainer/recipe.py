@@ -94,6 +94,15 @@ def plan_steps(t: TrainingConfig, n_rows: int, world: int) -> StepPlan:
     return StepPlan(global_batch, steps_per_epoch, t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch)))
 
 
+def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    """The seeded permutation of the training rows that an epoch's optimizer steps take in slices.
+
+    Why a function of its own: a run resumed at any step must draw the same rows as an uninterrupted
+    one, and a comparison (the benchmark's hand-written loop) can feed another loop the same batches.
+    """
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+
+
 class Preempted(RuntimeError):  # noqa: N818 - it is a signal, not a bug
     """SIGTERM arrived; a checkpoint was written and the run can resume."""
 
@@ -623,8 +632,7 @@ class LoRAFineTuneRecipe:
         """The global batch of an optimizer step: a slice of the epoch's seeded permutation."""
         epoch, index = divmod(step, self.steps_per_epoch)
         if self._perm_epoch != epoch:
-            gen = torch.Generator().manual_seed(self.cfg.training.seed * 7919 + epoch)
-            self._perm = torch.randperm(len(self.data.train_rows), generator=gen).tolist()
+            self._perm = epoch_order(len(self.data.train_rows), self.cfg.training.seed, epoch)
             self._perm_epoch = epoch
         picked = self._perm[index * self.global_batch : (index + 1) * self.global_batch]
         return [self.data.train_rows[i] for i in picked]
