@@ -27,6 +27,7 @@ pure module, so that one place (unit-tested without a server) says what lands in
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -345,10 +346,52 @@ def _pod(
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
+def config_map(
+    resource: LoRAFineTuneResource,
+    device: str,
+    settings: OperatorSettings,
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The run's ConfigMap: the trainer config and the launcher's files, the same for every attempt.
+
+    `annotations`: the start record (controller/started.py), which the ConfigMap carries so that
+    re-creating it (someone deleted it) keeps the record."""
+    return _config_map(resource, render_config(resource, device), device, settings, annotations)
+
+
+def _config_map(
+    resource: LoRAFineTuneResource,
+    cfg: TrainerConfig,
+    device: str,
+    settings: OperatorSettings,
+    annotations: Mapping[str, str] | None,
+) -> dict[str, Any]:
+    spec = resource.spec
+    data = {CONFIG_KEY: dump_config(cfg), "wait-for-peers.py": WAIT_FOR_PEERS_PY}
+    if spec.distributed.launcher == "mpirun":
+        data["hostfile"] = hostfile(resource.name, resource.namespace, topology(spec, device))
+        data["sshd_config"] = sshd_config(settings)
+    metadata = _metadata(resource, config_map_name(resource.name))
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
+
+
+def config_hash(cm: Mapping[str, Any]) -> str:
+    """sha256 of a ConfigMap's data (on the pods: a changed config is a changed pod)."""
+    data = cm["data"]
+    return hashlib.sha256("".join(f"{k}\0{v}\0" for k, v in sorted(data.items())).encode()).hexdigest()
+
+
 def plan(
-    resource: LoRAFineTuneResource, placement: PlacementDecision, settings: OperatorSettings, attempt: int = 0
+    resource: LoRAFineTuneResource,
+    placement: PlacementDecision,
+    settings: OperatorSettings,
+    attempt: int = 0,
+    record: Mapping[str, str] | None = None,
 ) -> Plan:
-    """The manifests for `attempt` (0 first, +1 per restart) of a validated resource.
+    """The manifests for `attempt` (0 first, +1 per restart) of a validated resource; `record`: the start
+    record's annotations for the ConfigMap (`config_map`).
 
     Raises ValueError when the placement found no nodes (the handler reports NoMatchingNodes instead).
     """
@@ -358,18 +401,9 @@ def plan(
     device = placement.device
     topo = topology(spec, device)
     cfg = render_config(resource, device)
-    data = {CONFIG_KEY: dump_config(cfg), "wait-for-peers.py": WAIT_FOR_PEERS_PY}
+    cm = _config_map(resource, cfg, device, settings, record)
+    digest = config_hash(cm)
     mpirun = spec.distributed.launcher == "mpirun"
-    if mpirun:
-        data["hostfile"] = hostfile(resource.name, resource.namespace, topo)
-        data["sshd_config"] = sshd_config(settings)
-    config_hash = hashlib.sha256("".join(f"{k}\0{v}\0" for k, v in sorted(data.items())).encode()).hexdigest()
-    config_map = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(resource, config_map_name(resource.name)),
-        "data": data,
-    }
     ports = [
         {"name": "master", "port": settings.master_port, "targetPort": settings.master_port, "protocol": "TCP"},
         {"name": "metrics", "port": settings.metrics_port, "targetPort": settings.metrics_port, "protocol": "TCP"},
@@ -390,14 +424,14 @@ def plan(
     }
     ssh_secret = ssh_secret_name(resource) if mpirun else None
     volumes, mounts = _volumes(resource, settings, ssh_secret)
-    pods = [_pod(resource, i, placement, settings, attempt, config_hash, volumes, mounts) for i in range(topo.workers)]
+    pods = [_pod(resource, i, placement, settings, attempt, digest, volumes, mounts) for i in range(topo.workers)]
     return Plan(
         placement=placement,
         trainer_config=cfg,
-        config_map=config_map,
+        config_map=cm,
         service=service,
         pods=pods,
-        config_hash=config_hash,
+        config_hash=digest,
         attempt=attempt,
         ssh_secret_name=ssh_secret,
         ssh_secret_to_create=mpirun and not spec.distributed.ssh_secret,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.controlplane import ControlPlane
+from tests.cluster.controlplane import ApiError, ControlPlane
 
 from .cluster_helpers import (
     LFT_API,
@@ -153,7 +153,8 @@ def test_kueue_contract_created_suspended_with_queue_label_then_admitted(env: En
     assert condition(obj, "Scheduled") is None
     time.sleep(2)  # two resyncs: still nothing
     assert pods(cp, ns, name) == []
-    assert "kubelora.dev/started-spec" not in (get_lft(cp, ns, name)["metadata"].get("annotations") or {})
+    with pytest.raises(ApiError):  # no start record: the run did not start
+        cp.get(f"/api/v1/namespaces/{ns}/configmaps/{name}-config")
 
     patch_spec(cp, ns, name, {"suspend": False})  # Kueue admits the workload
     wait_condition(cp, ns, name, "Suspended", "False", "Resumed")

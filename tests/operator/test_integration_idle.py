@@ -5,6 +5,9 @@ Issue 15's target: at most 1 request per resource per minute once settled. Befor
 in the two resync periods watched here, where the target allows none (2 x 4 s is under a minute).
 The operator runs under its own audited user (tests/operator/audit.py, as bench/operator_scale.py
 does), so every request it makes is counted, kopf's and the REST layer's alike.
+
+The same log shows what the start wrote: the resource only through its status, never its metadata
+(the start record is on the ConfigMap, created before any pod: controller/record.py).
 """
 
 from __future__ import annotations
@@ -82,6 +85,13 @@ def test_a_settled_resource_costs_no_request_over_two_resync_periods(
         for e in read_audit(cp.audit_log)
         if t0 <= parse_stamp(e["requestReceivedTimestamp"]) < t1 and e.get("verb") != "watch"
     ]
+    start = [
+        (e["verb"], (e.get("objectRef") or {}).get("resource"), (e.get("objectRef") or {}).get("subresource"))
+        for e in read_audit(cp.audit_log)
+        if parse_stamp(e["requestReceivedTimestamp"]) < t0 and e.get("verb") in ("create", "patch", "update")
+    ]
+    assert ("patch", "lorafinetunes", None) not in start and ("update", "lorafinetunes", None) not in start, start
+    assert start.index(("create", "configmaps", None)) < start.index(("create", "pods", None)), start
     seen = [f"{e['verb']} {e['requestURI']}" for e in window]
     allowed = int(TARGET_PER_MINUTE * (t1 - t0) / 60)  # one resource
     assert len(window) <= allowed, f"{len(window)} requests in {t1 - t0:.0f} s of idle (allowed {allowed}): {seen}"

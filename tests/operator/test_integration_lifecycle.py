@@ -103,7 +103,12 @@ def test_xpu_two_workers_children_and_scheduling(env: Env) -> None:
     assert st["placement"]["device"] == "xpu" and "gpu.intel.com/i915" in st["placement"]["nodePool"]
     assert st["startTime"] and st["observedGeneration"] == obj["metadata"]["generation"]
     assert st["phase"] in ("Starting", "Pending")
-    assert "kubelora.dev/started-spec" in obj["metadata"]["annotations"]
+    # The start record is on the run's ConfigMap (the commit point), not written to the resource.
+    cm = cp.get(f"/api/v1/namespaces/{ns}/configmaps/{name}-config")
+    assert json.loads(cm["metadata"]["annotations"]["kubelora.dev/started-spec"])["workers"] == 2
+    assert cm["metadata"]["annotations"]["kubelora.dev/device"] == "xpu"
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == owner_uid
+    assert not any(k.startswith("kubelora.dev/") for k in obj["metadata"].get("annotations", {}))
     assert not any(k.startswith("kopf.zalando.org") for k in obj["metadata"].get("annotations", {}))
     assert set(st) <= {
         "conditions",
@@ -226,7 +231,6 @@ def test_invalid_resources_get_validated_false_and_nothing_else(env: Env) -> Non
     time.sleep(2.5)
     for name in cases:
         assert pods(cp, ns, name) == []
-        assert "kubelora.dev/started-spec" not in (get_lft(cp, ns, name)["metadata"].get("annotations") or {})
         with pytest.raises(ApiError):
             cp.get(f"/api/v1/namespaces/{ns}/configmaps/{name}-config")
     # Creating the Secret unblocks the first one (re-checked without any change to the resource).
@@ -381,7 +385,8 @@ def test_spec_change_after_start_is_refused(env: Env) -> None:
     started = get_lft(cp, ns, name)
     started_gen = started["metadata"]["generation"]
     # The snapshot is the stored spec, server-side CRD defaults included (alpha 16 ... beside r).
-    started_lora = json.loads(started["metadata"]["annotations"]["kubelora.dev/started-spec"])["lora"]
+    cm = cp.get(f"/api/v1/namespaces/{ns}/configmaps/{name}-config")
+    started_lora = json.loads(cm["metadata"]["annotations"]["kubelora.dev/started-spec"])["lora"]
     assert started_lora["r"] == r0 and started_lora["alpha"] == 16
     patch_spec(cp, ns, name, {"workers": 3, "lora": {"r": r0 * 2}})
     obj = wait_condition(cp, ns, name, "SpecChangeRefused", "True", "SpecChangedAfterStart")

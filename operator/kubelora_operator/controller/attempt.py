@@ -6,7 +6,8 @@
 2. `restart_or_fail`: a worker failed, was deleted by someone else, or disappeared -> the next
    attempt (or Failed when the input is bad or backoffLimit is reached);
 3. `finish`: worker 0 (and, for torchrun, every worker) succeeded -> Succeeded with the artifact;
-4. `create`: workers of this attempt are missing -> create them (ConfigMap, Service, pods);
+4. `create`: workers of this attempt are missing -> create them (Service, pods; the ConfigMap unless
+   this pass committed it);
 5. `report`: Scheduled / Running conditions and the ready count from the pods as they are.
 
 Every step is idempotent on a cached (possibly late) view of the pods except one: restarting the
@@ -39,10 +40,10 @@ from .actions import delete_pods, fail, parse_time, place, plural, ssh_keypair
 from .cache import metrics_problem
 from .pods import WorkerState, first_failure, worker_state
 from .progress import progress_from_metrics
-from .started import ANN_ATTEMPT
+from .started import ANN_ATTEMPT, StartRecord
 from .status import StatusUpdate
 
-#: Threads creating the ConfigMaps and Services beside the pods (`create`), shared by all reconciles.
+#: Threads creating the Services (and ConfigMaps) beside the pods (`create`), shared by all reconciles.
 CREATE_THREADS = 16
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -68,6 +69,10 @@ class Attempt:
     number: int
     placed: PlacementDecision | None = None
     """A placement decided in this pass (the start): `create` reuses it instead of listing nodes again."""
+    record: StartRecord | None = None
+    """The start record, which the ConfigMap carries (a ConfigMap created again keeps it)."""
+    committed: bool = False
+    """This pass created the ConfigMap (the commit point): `create` leaves it out."""
 
     @property
     def namespace(self) -> str:
@@ -256,8 +261,8 @@ def finish(a: Attempt, seen: Observation) -> None:
 
 
 def create(a: Attempt, missing: Sequence[int]) -> PlacementDecision | None:
-    """Create the ConfigMap, Service and the missing pods of the attempt (idempotent). None when no
-    node matches (said in the Scheduled condition)."""
+    """Create the ConfigMap (unless this pass committed it), Service and the missing pods of the attempt
+    (idempotent). None when no node matches (said in the Scheduled condition)."""
     kube, u, resource = a.kube, a.u, a.resource
     spec = resource.spec.model_copy(update={"device": a.device}) if a.device else resource.spec
     decision = a.placed if a.placed is not None else place(kube, a.settings, spec)
@@ -266,14 +271,16 @@ def create(a: Attempt, missing: Sequence[int]) -> PlacementDecision | None:
         return None
     if decision.waiting or not u.status.get("placement", {}).get("device"):
         u.status["placement"] = decision.to_status()  # a waiting decision names the missing pool
-    p = plan(resource, decision, a.settings, attempt=a.number)
+    p = plan(resource, decision, a.settings, attempt=a.number, record=a.record.annotations() if a.record else None)
     if p.ssh_secret_to_create and p.ssh_secret_name and kube.read_secret(resource.namespace, p.ssh_secret_name) is None:
         private, public = ssh_keypair(f"kubelora-{resource.namespace}-{resource.name}")
         kube.create_if_absent(ssh_secret(resource, private, public))
-    # The ConfigMap and Service are created beside the pods rather than before them (a pod waits for
-    # its volume and its peers' DNS names anyway): two round trips fewer before the first pod. The
-    # pods stay in index order, one after the other (`_never_created` relies on it).
-    beside = [_creator().submit(kube.create_if_absent, obj) for obj in (p.config_map, p.service)]
+    # The Service (and the ConfigMap of a later attempt, normally there already) are created beside the
+    # pods rather than before them (a pod waits for its volume and its peers' DNS names anyway): round
+    # trips fewer before the first pod. The pods stay in index order, one after the other
+    # (`_never_created` relies on it).
+    beside_objs = (p.service,) if a.committed else (p.config_map, p.service)
+    beside = [_creator().submit(kube.create_if_absent, obj) for obj in beside_objs]
     wanted = set(missing)
     created = 0
     for pod in p.pods:

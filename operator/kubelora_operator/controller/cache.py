@@ -35,6 +35,7 @@ from typing import Any
 from ..kube import Kube
 from ..plan import LABEL_NAME, LABEL_ROLE, worker_selector
 from .pods import WorkerState, worker_state
+from .started import StartRecord
 
 #: kopf index id (also the handler kwarg kopf passes it as).
 WORKER_INDEX = "worker_pods"
@@ -105,6 +106,9 @@ class CachedKube(Kube):
         #: `_carry`); None: every pass writes its own (tests, tools). One pass per resource at a time
         #: (Runner) and single dict operations: no lock needed.
         self.carried_status: dict[Key, dict[str, Any]] | None = None
+        #: resource -> (uid, StartRecord): the start records this process wrote or read (record.py).
+        #: The operator is their only writer, so what it remembers stays true.
+        self.records: dict[Key, tuple[str, StartRecord]] = {}
 
     # ----- the LoRAFineTune bodies ----------------------------------------------------------------
 
@@ -123,6 +127,7 @@ class CachedKube(Kube):
                 self._own_writes.pop(key, None)
             if event_type == "DELETED":
                 self._bodies.pop(key, None)
+                self.records.pop(key, None)
                 if self.carried_status is not None:
                     self.carried_status.pop(key, None)
             elif rv >= _rv(self._bodies.get(key)):

@@ -6,14 +6,14 @@ pods, the periodic resync pass) runs the same function on the newest state the w
 calls is repaired by the next run. Children have
 deterministic names and are created with "AlreadyExists is fine", so nothing is ever duplicated.
 
-What the operator remembers between runs lives in annotations on the resource (started.py): the
-started spec (the commit point, written before the first child), the device, the attempt number and
-the activeDeadlineSeconds clock. The steps of a started attempt (create, restart, finish, report)
+What the operator remembers between runs (started.py): the start record (started spec, generation,
+device, start time) on the run's ConfigMap, created before any other child (the commit point), and
+the attempt number and the activeDeadlineSeconds clock as annotations of the resource. The steps of a started attempt (create, restart, finish, report)
 are in attempt.py; the small shared actions (delete pods, fail, place) in actions.py.
 
 Lifecycle: not started -> validate (spec, then Secrets/PVCs/ConfigMaps) -> place (NoMatchingNodes
 waits for the resync pass; in Wait mode pods are created anyway, WaitingForNodes until bound or
-NodesNotAvailable after waitTimeoutSeconds) -> commit -> create ConfigMap, Service, pods -> observe pods: bound
+NodesNotAvailable after waitTimeoutSeconds) -> commit (the ConfigMap) -> create Service, pods -> observe pods: bound
 (Scheduled), all running (Running), worker 0 finished (Succeeded + artifact from its termination
 message), a worker failed (exit 2: Failed/InvalidSpec at once; otherwise delete the attempt's pods and
 start the next attempt until backoffLimit). Disruptions do not count against backoffLimit: exit 143
@@ -25,7 +25,6 @@ that periodic).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -41,6 +40,7 @@ from ..settings import OperatorSettings
 from .actions import delete_pods, fail, parse_time, place, stop_pods
 from .attempt import Attempt, advance
 from .cache import CachedKube, cached_workers
+from .record import commit, find_record
 from .sources import sources_ready
 from .started import (
     ANN_ACTIVE_SINCE,
@@ -49,6 +49,7 @@ from .started import (
     ANN_STARTED_GENERATION,
     ANN_STARTED_SPEC,
     RUN_POLICY,
+    StartRecord,
     changed_fields,
     effective_spec,
 )
@@ -126,15 +127,19 @@ def _carry(kube: Kube, carry: dict[tuple[str, str], dict[str, Any]], key: tuple[
 
 
 def _reconcile(kube: Kube, settings: OperatorSettings, body: Mapping[str, Any], u: StatusUpdate) -> None:
-    meta = body["metadata"]
-    annotations = meta.get("annotations") or {}
     raw = dict(body.get("spec") or {})
     if is_true(u.conditions, T.SUCCEEDED) or is_true(u.conditions, T.FAILED):
         _finished(kube, body, u, raw)
-    elif ANN_STARTED_SPEC not in annotations:
+        return
+    try:
+        record = find_record(kube, body)
+    except ValueError as err:  # only possible through a hand-edited annotation
+        fail(u, R.INVALID_SPEC, f"the start record no longer parses: {err}")
+        return
+    if record is None:
         _before_start(kube, settings, body, u, raw)
     else:
-        _after_start(kube, settings, body, u, raw, annotations)
+        _after_start(kube, settings, body, u, raw, record)
 
 
 # --------------------------------------------------------------------------- phases
@@ -199,22 +204,16 @@ def _before_start(
         u.condition(T.SCHEDULED, False, R.NO_MATCHING_NODES, decision.reason, event="Warning")
         return
     assert decision.device is not None
-    # The commit point: from here on the run exists (a restart of the operator continues it).
-    kube.patch_lft_annotations(
-        ns,
-        name,
-        {
-            ANN_STARTED_SPEC: json.dumps(raw, sort_keys=True, separators=(",", ":")),
-            ANN_STARTED_GENERATION: str(u.generation),
-            ANN_DEVICE: decision.device,
-            ANN_ATTEMPT: "0",
-            ANN_ACTIVE_SINCE: u.stamp,
-        },
-    )
-    u.status.update(startTime=u.stamp, placement=decision.to_status(), restarts=0)
     resource = LoRAFineTuneResource(name, ns, meta.get("uid", ""), u.generation, spec)
+    # The commit point: from here on the run exists (a restart of the operator continues it).
+    record = StartRecord(spec=dict(raw), generation=u.generation, device=decision.device, started_at=u.stamp)
+    record, created = commit(kube, settings, resource, record)
+    if not created:  # an earlier try of this start committed (the operator died before the status write)
+        _after_start(kube, settings, body, u, raw, record)
+        return
+    u.status.update(startTime=u.stamp, placement=decision.to_status(), restarts=0)
     if sources_ready(kube, settings, u, resource, decision.device, {}):  # the fetch pod first (fetch.py)
-        advance(Attempt(kube, settings, u, resource, decision.device, 0, placed=decision), [])
+        advance(Attempt(kube, settings, u, resource, decision.device, 0, placed=decision, record=record, committed=True), [])
     u.fold_event(R.SPEC_VALID.value)  # "valid; created 2 worker pods": one Event per start, not two
 
 
@@ -224,12 +223,12 @@ def _after_start(
     body: Mapping[str, Any],
     u: StatusUpdate,
     raw: Mapping[str, Any],
-    annotations: Mapping[str, str],
+    record: StartRecord,
 ) -> None:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
-    started = json.loads(annotations[ANN_STARTED_SPEC])
-    device = annotations.get(ANN_DEVICE) or None
+    annotations = meta.get("annotations") or {}
+    started, device = record.spec, record.device
     attempt = int(annotations.get(ANN_ATTEMPT) or 0)
     changed = changed_fields(started, raw)
     if changed:
@@ -250,20 +249,19 @@ def _after_start(
         fail(u, R.INVALID_SPEC, f"the started spec no longer parses: {err}")
         return
     # After a crash between the commit point and the first status write, status catches up here.
-    u.status.setdefault("startTime", u.stamp)
+    u.status.setdefault("startTime", record.started_at or u.stamp)
     u.status.setdefault("restarts", 0)
     if device and not (u.status.get("placement") or {}).get("device"):  # the DEVICE column
         u.status["placement"] = {**(u.status.get("placement") or {}), "device": device}
     if get_condition(u.conditions, T.VALIDATED) is None:
         u.condition(T.VALIDATED, True, R.SPEC_VALID, "spec and referenced objects are valid")
-    generation = int(annotations.get(ANN_STARTED_GENERATION) or u.generation)
-    resource = LoRAFineTuneResource(name, ns, meta.get("uid", ""), generation, spec)
+    resource = LoRAFineTuneResource(name, ns, meta.get("uid", ""), record.generation, spec)
     # The operator's index of the pods (cache.py) is enough to observe: attempt.advance confirms with a
     # quorum read before it acts on a pod's absence, and everything else it does is idempotent
     # (AlreadyExists, uid preconditions).
     pods = cached_workers(kube, ns, name)
 
-    start = annotations.get(ANN_ACTIVE_SINCE) or u.status.get("startTime")
+    start = annotations.get(ANN_ACTIVE_SINCE) or record.started_at or u.status.get("startTime")
     deadline = spec.active_deadline_seconds
     if deadline and start and not spec.suspend:
         elapsed = (u.now - parse_time(start)).total_seconds()
@@ -303,21 +301,21 @@ def _after_start(
             event="Normal",
         )
     if sources_ready(kube, settings, u, resource, device, annotations):  # the fetch pod first (fetch.py)
-        advance(Attempt(kube, settings, u, resource, device, attempt), pods)
+        advance(Attempt(kube, settings, u, resource, device, attempt, record=record), pods)
 
 
 # --------------------------------------------------------------------------- run directories
 
 
-def _as_claimant(body: Mapping[str, Any]) -> Claimant | None:
+def _as_claimant(kube: Kube, body: Mapping[str, Any]) -> Claimant | None:
     """A LoRAFineTune of the namespace as a run-dir claimant (its started spec once started)."""
     meta = body.get("metadata") or {}
-    annotations = meta.get("annotations") or {}
-    started = ANN_STARTED_SPEC in annotations
     try:
-        raw = json.loads(annotations[ANN_STARTED_SPEC]) if started else dict(body.get("spec") or {})
+        record = find_record(kube, body)
     except ValueError:
         return None
+    started = record is not None
+    raw = record.spec if record is not None else dict(body.get("spec") or {})
     validated = get_condition((body.get("status") or {}).get("conditions"), T.VALIDATED) or {}
     refused = validated.get("status") == "False" and validated.get("reason") != R.RUN_DIR_IN_USE.value
     return claimant(
@@ -336,6 +334,7 @@ def _run_dir_taken(kube: Kube, body: Mapping[str, Any], raw: Mapping[str, Any]) 
     me = claimant(meta["name"], meta["namespace"], meta.get("creationTimestamp", ""), raw, started=False, refused=False)
     if me is None:
         return None
-    others = [c for c in map(_as_claimant, kube.list_lfts(meta["namespace"])) if c is not None]
+    bodies = kube.list_lfts(meta["namespace"])
+    others = [c for c in (_as_claimant(kube, b) for b in bodies if b["metadata"]["name"] != meta["name"]) if c is not None]
     other = holder(me, others)
     return None if other is None else in_use_message(me, other)
