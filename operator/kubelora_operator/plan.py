@@ -346,19 +346,6 @@ def _pod(
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
-def config_map(
-    resource: LoRAFineTuneResource,
-    device: str,
-    settings: OperatorSettings,
-    annotations: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """The run's ConfigMap: the trainer config and the launcher's files, the same for every attempt.
-
-    `annotations`: the start record (controller/started.py), which the ConfigMap carries so that
-    re-creating it (someone deleted it) keeps the record."""
-    return _config_map(resource, render_config(resource, device), device, settings, annotations)
-
-
 def _config_map(
     resource: LoRAFineTuneResource,
     cfg: TrainerConfig,
@@ -366,6 +353,10 @@ def _config_map(
     settings: OperatorSettings,
     annotations: Mapping[str, str] | None,
 ) -> dict[str, Any]:
+    """The run's ConfigMap: the trainer config and the launcher's files, the same for every attempt.
+
+    `annotations`: the start record (controller/started.py), which the ConfigMap carries so that
+    re-creating it (someone deleted it) keeps the record."""
     spec = resource.spec
     data = {CONFIG_KEY: dump_config(cfg), "wait-for-peers.py": WAIT_FOR_PEERS_PY}
     if spec.distributed.launcher == "mpirun":

@@ -13,8 +13,10 @@ from kubelora_operator.controller.cache import CachedKube
 from kubelora_operator.controller.record import commit, find_record
 from kubelora_operator.controller.started import ANN_DEVICE, ANN_STARTED_AT, ANN_STARTED_SPEC, StartRecord
 from kubelora_operator.kube import PermanentApiError, TransientApiError
+from kubelora_operator.placement import decide_placement
+from kubelora_operator.plan import plan
 
-from . import SETTINGS, raw_spec, resource
+from . import SETTINGS, amx_node, raw_spec, resource
 from .test_handlers import FakeApiClient, _exc
 
 CM_PATH = "/api/v1/namespaces/team-a/configmaps"
@@ -35,10 +37,16 @@ def config_map(rec: StartRecord, uid: str = "uid-1234", name: str = "demo") -> d
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {}}
 
 
+def commit_of(kube: CachedKube, rec: StartRecord) -> tuple[StartRecord, bool]:
+    """`commit` with the ConfigMap the start plans for `rec` (reconcile.py, `_before_start`)."""
+    placed = decide_placement(resource().spec, [amx_node("n1")], SETTINGS)
+    return commit(kube, resource(), plan(resource(), placed, SETTINGS, 0, rec.annotations()).config_map, rec)
+
+
 def test_the_commit_is_one_configmap_create_carrying_the_record_and_then_memory() -> None:
     api = FakeApiClient({})
     kube = CachedKube(api, backoff=0)
-    rec, created = commit(kube, SETTINGS, resource(), record())
+    rec, created = commit_of(kube, record())
     assert created and rec == record()
     ((method, path, sent),) = api.calls
     assert (method, path) == ("POST", CM_PATH)  # no write of the resource itself
@@ -84,7 +92,7 @@ def test_a_start_tried_again_after_a_crash_adopts_the_record_it_committed() -> N
     committed = record(spec=raw_spec(lora={"r": 8}), started_at="2026-12-01T23:00:00Z")
     api = FakeApiClient(_exc(409, "already exists"), config_map(committed))
     kube = CachedKube(api, backoff=0)
-    rec, created = commit(kube, SETTINGS, resource(), record(spec=raw_spec(lora={"r": 16})))
+    rec, created = commit_of(kube, record(spec=raw_spec(lora={"r": 16})))
     assert not created and rec == committed and rec.annotations()[ANN_STARTED_AT] == "2026-12-01T23:00:00Z"
     assert [c[:2] for c in api.calls] == [("POST", CM_PATH), ("GET", f"{CM_PATH}/demo-config")]
     assert find_record(kube, body()) == committed and len(api.calls) == 2
@@ -93,11 +101,11 @@ def test_a_start_tried_again_after_a_crash_adopts_the_record_it_committed() -> N
 def test_a_configmap_that_is_not_this_resources_is_never_adopted() -> None:
     earlier = FakeApiClient(_exc(409, "already exists"), config_map(record(), uid="uid-old"))
     with pytest.raises(TransientApiError, match="earlier LoRAFineTune demo is not deleted yet"):
-        commit(CachedKube(earlier, backoff=0), SETTINGS, resource(), record())
+        commit_of(CachedKube(earlier, backoff=0), record())
     foreign = FakeApiClient(_exc(409, "already exists"), config_map(record(), name="someone-else"))
     with pytest.raises(PermanentApiError, match="is not this LoRAFineTune's"):
-        commit(CachedKube(foreign, backoff=0), SETTINGS, resource(), record())
+        commit_of(CachedKube(foreign, backoff=0), record())
     bare = config_map(record())
     del bare["metadata"]["annotations"]
     with pytest.raises(PermanentApiError, match="without the start record"):
-        commit(CachedKube(FakeApiClient(_exc(409), bare), backoff=0), SETTINGS, resource(), record())
+        commit_of(CachedKube(FakeApiClient(_exc(409), bare), backoff=0), record())

@@ -34,7 +34,7 @@ from ..conditions import ConditionType as T
 from ..conditions import format_time, get_condition, is_true
 from ..kube import Kube
 from ..placement import PlacementDecision, wait_timeout_seconds, waits_for_nodes
-from ..plan import LABEL_WORKER_INDEX, artifact_uri, plan, ssh_secret, worker_selector
+from ..plan import LABEL_WORKER_INDEX, Plan, artifact_uri, plan, ssh_secret, worker_selector
 from ..settings import OperatorSettings
 from .actions import delete_pods, fail, parse_time, place, plural, ssh_keypair
 from .cache import metrics_problem
@@ -71,8 +71,9 @@ class Attempt:
     """A placement decided in this pass (the start): `create` reuses it instead of listing nodes again."""
     record: StartRecord | None = None
     """The start record, which the ConfigMap carries (a ConfigMap created again keeps it)."""
-    committed: bool = False
-    """This pass created the ConfigMap (the commit point): `create` leaves it out."""
+    committed: Plan | None = None
+    """The plan whose ConfigMap this pass created (the commit point): `create` uses it and leaves the
+    ConfigMap out (rendering the trainer config is most of a plan's cost)."""
 
     @property
     def namespace(self) -> str:
@@ -271,7 +272,7 @@ def create(a: Attempt, missing: Sequence[int]) -> PlacementDecision | None:
         return None
     if decision.waiting or not u.status.get("placement", {}).get("device"):
         u.status["placement"] = decision.to_status()  # a waiting decision names the missing pool
-    p = plan(resource, decision, a.settings, attempt=a.number, record=a.record.annotations() if a.record else None)
+    p = a.committed or plan(resource, decision, a.settings, attempt=a.number, record=a.record.annotations() if a.record else None)
     if p.ssh_secret_to_create and p.ssh_secret_name and kube.read_secret(resource.namespace, p.ssh_secret_name) is None:
         private, public = ssh_keypair(f"kubelora-{resource.namespace}-{resource.name}")
         kube.create_if_absent(ssh_secret(resource, private, public))
@@ -279,7 +280,7 @@ def create(a: Attempt, missing: Sequence[int]) -> PlacementDecision | None:
     # pods rather than before them (a pod waits for its volume and its peers' DNS names anyway): round
     # trips fewer before the first pod. The pods stay in index order, one after the other
     # (`_never_created` relies on it).
-    beside_objs = (p.service,) if a.committed else (p.config_map, p.service)
+    beside_objs = (p.service,) if a.committed is not None else (p.config_map, p.service)
     beside = [_creator().submit(kube.create_if_absent, obj) for obj in beside_objs]
     wanted = set(missing)
     created = 0

@@ -34,6 +34,7 @@ from ..conditions import ConditionReason as R
 from ..conditions import ConditionType as T
 from ..conditions import get_condition, is_true
 from ..kube import Kube, NotFound, PermanentApiError, TransientApiError
+from ..plan import plan
 from ..pruned_fields import PRUNED_FIELDS_EVENT, pruned_spec_fields
 from ..run_dirs import Claimant, claimant, holder, in_use_message
 from ..settings import OperatorSettings
@@ -207,13 +208,15 @@ def _before_start(
     resource = LoRAFineTuneResource(name, ns, meta.get("uid", ""), u.generation, spec)
     # The commit point: from here on the run exists (a restart of the operator continues it).
     record = StartRecord(spec=dict(raw), generation=u.generation, device=decision.device, started_at=u.stamp)
-    record, created = commit(kube, settings, resource, record)
+    planned = plan(resource, decision, settings, attempt=0, record=record.annotations())
+    record, created = commit(kube, resource, planned.config_map, record)
     if not created:  # an earlier try of this start committed (the operator died before the status write)
         _after_start(kube, settings, body, u, raw, record)
         return
     u.status.update(startTime=u.stamp, placement=decision.to_status(), restarts=0)
     if sources_ready(kube, settings, u, resource, decision.device, {}):  # the fetch pod first (fetch.py)
-        advance(Attempt(kube, settings, u, resource, decision.device, 0, placed=decision, record=record, committed=True), [])
+        a = Attempt(kube, settings, u, resource, decision.device, 0, placed=decision, record=record, committed=planned)
+        advance(a, [])
     u.fold_event(R.SPEC_VALID.value)  # "valid; created 2 worker pods": one Event per start, not two
 
 

@@ -15,8 +15,7 @@ from typing import Any
 
 from ..api import KIND, LoRAFineTuneResource
 from ..kube import Kube, PermanentApiError, TransientApiError
-from ..plan import config_map, config_map_name
-from ..settings import OperatorSettings
+from ..plan import config_map_name
 from .cache import CachedKube
 from .started import StartRecord, record_of_resource
 
@@ -66,28 +65,28 @@ def find_record(kube: Kube, body: Mapping[str, Any]) -> StartRecord | None:
 
 
 def commit(
-    kube: Kube, settings: OperatorSettings, resource: LoRAFineTuneResource, record: StartRecord
+    kube: Kube, resource: LoRAFineTuneResource, cm: Mapping[str, Any], record: StartRecord
 ) -> tuple[StartRecord, bool]:
-    """Create the ConfigMap that carries `record`: from here on the run exists. Returns the run's record
-    and whether this call created it (False: an earlier try of this start did, and its record stands).
+    """Create the run's ConfigMap `cm`, which carries `record` (the start's `Plan.config_map`): from here on the run
+    exists. Returns the run's record and whether this call created it (False: an earlier try of this
+    start did, and its record stands).
 
     Raises TransientApiError while the ConfigMap of an earlier resource of the same name waits for
     garbage collection, PermanentApiError when a ConfigMap of that name belongs to something else."""
-    assert record.device is not None
     ns, name = resource.namespace, config_map_name(resource.name)
-    created = kube.create_if_absent(config_map(resource, record.device, settings, record.annotations()))
+    created = kube.create_if_absent(cm)
     if not created:
         path = f"/api/v1/namespaces/{ns}/configmaps/{name}"
-        cm = kube.read_config_map(ns, name)
-        if cm is None:
+        existing = kube.read_config_map(ns, name)
+        if existing is None:
             raise TransientApiError("GET", path, 404, f"ConfigMap {name} went away while this start created it")
-        if not _owned_by(cm, resource.name, resource.uid):
-            if _owned_by(cm, resource.name, None):
+        if not _owned_by(existing, resource.name, resource.uid):
+            if _owned_by(existing, resource.name, None):
                 raise TransientApiError(
                     "POST", path, 409, f"ConfigMap {name} of an earlier LoRAFineTune {resource.name} is not deleted yet"
                 )
             raise PermanentApiError("POST", path, 409, f"ConfigMap {name} exists and is not this LoRAFineTune's")
-        found = StartRecord.from_annotations(_annotations(cm), record.generation)
+        found = StartRecord.from_annotations(_annotations(existing), record.generation)
         if found is None:
             raise PermanentApiError("POST", path, 409, f"ConfigMap {name} exists without the start record")
         record = found
