@@ -354,7 +354,12 @@ class ProcSampler(threading.Thread):
 # --------------------------------------------------------------------------- the run
 
 
-def lft_body(name: str, workers: int) -> dict[str, Any]:
+#: The claim the resources write to with `--output pvc` (each into its own default subPath).
+BENCH_CLAIM = "bench-runs"
+
+
+def lft_body(name: str, workers: int, output: str = "s3") -> dict[str, Any]:
+    where = {"pvc": {"claimName": BENCH_CLAIM}} if output == "pvc" else {"s3": {"uri": f"s3://bench/adapters/{name}"}}
     return {
         "apiVersion": "kubelora.dev/v1alpha1",
         "kind": "LoRAFineTune",
@@ -365,7 +370,7 @@ def lft_body(name: str, workers: int) -> dict[str, Any]:
             "resources": {"cpu": "1", "memory": "2Gi"},
             "data": {"path": "sample://train.jsonl"},
             "training": {"maxSteps": 20},
-            "output": {"s3": {"uri": f"s3://bench/adapters/{name}"}},
+            "output": where,
         },
     }
 
@@ -433,6 +438,13 @@ def main() -> int:
     ap.add_argument("--idle-window", type=float, default=60, help="the settle window's last seconds counted as idle")
     ap.add_argument("--resync-seconds", type=float, default=None, help="KUBELORA_RESYNC_SECONDS (default: 30)")
     ap.add_argument("--verbose-operator", action="store_true", help="run the operator with --verbose")
+    ap.add_argument(
+        "--output",
+        choices=("s3", "pvc"),
+        default="s3",
+        help="where the resources deliver: s3 (no run directory), or pvc (one ReadWriteMany claim, a run "
+        "directory per resource: every start checks the namespace's run directories)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--keep-logs", type=Path, default=None, help="copy operator/audit logs to this dir")
     ap.add_argument(
@@ -465,6 +477,7 @@ def main() -> int:
             "create_threads": args.threads,
             "create_client": "one kept-alive HTTPS connection per thread",
             "resync_seconds": args.resync_seconds or 30,
+            "output": args.output,
             "operator_verbose": args.verbose_operator,
             "kubernetes": "v1.20.2 local control plane (etcd, apiserver, controller-manager, scheduler; no kubelet)",
         },
@@ -484,6 +497,12 @@ def main() -> int:
         ensure_crd(cp)
         ns = "bench"
         cp.create_namespace(ns)
+        if args.output == "pvc":  # a volume for the claim to bind to: pods with an unbound claim are not scheduled
+            rwx = ["ReadWriteMany"]
+            volume = {"capacity": {"storage": "100Gi"}, "accessModes": rwx, "nfs": {"server": "nfs.bench", "path": "/"}}
+            cp.create("/api/v1/persistentvolumes", {"metadata": {"name": f"{ns}-{BENCH_CLAIM}"}, "spec": volume})
+            claim = {"accessModes": rwx, "resources": {"requests": {"storage": "100Gi"}}, "storageClassName": ""}
+            cp.create(f"/api/v1/namespaces/{ns}/persistentvolumeclaims", {"metadata": {"name": BENCH_CLAIM}, "spec": claim})
         for i in range(nodes):
             cp.add_fake_node(f"amx-{i}", dict(AMX_LABELS), {"cpu": str(per_node_cpu), "memory": "512Gi", "pods": "250"})
         print(f"[bench] {nodes} fake AMX nodes; starting the operator", flush=True)
@@ -552,7 +571,7 @@ def main() -> int:
         def create(name: str) -> None:
             t = time.time()
             try:
-                poster.post(f"{LFT_API}/namespaces/{ns}/lorafinetunes", lft_body(name, w))
+                poster.post(f"{LFT_API}/namespaces/{ns}/lorafinetunes", lft_body(name, w, args.output))
             except ApiError as err:
                 errors.append(f"{name}: {err}")
                 return

@@ -18,6 +18,8 @@ already streamed to the operator by kopf's watches; this module keeps the part t
     patch) would see the pods missing and POST them again (409s, wasted requests);
   - `list_nodes`: one list shared by all reconciles for `NODE_LIST_TTL` seconds (placement already
     tolerates a node seen a moment late; without the TTL a burst of N starts lists every node N times).
+  - `records`: the start records this process committed or read (record.py), so that a started
+    resource's record costs a request only the first time a restarted operator meets it.
 
 What stays a quorum read: the one destructive decision taken on an absence (a worker missing while
 its peers run restarts the attempt) re-lists the pods from etcd first (`attempt.advance`), and
