@@ -75,12 +75,17 @@ def claimant(
     that does not parse, or `refused` (not started and Validated=False for another reason)."""
     if refused and not started:
         return None
+    run_dir = run_dir_of_spec(name, namespace, raw_spec)
+    return None if run_dir is None else Claimant(name, created, started, run_dir)
+
+
+def run_dir_of_spec(name: str, namespace: str, raw_spec: Mapping[str, Any]) -> RunDir | None:
+    """The run directory of a stored spec, or None: no claim, or a spec that does not parse."""
     try:
         spec = parse_spec(raw_spec)
     except SpecError:
         return None
-    run_dir = run_dir_of(LoRAFineTuneResource(name, namespace, "", 1, spec))
-    return None if run_dir is None else Claimant(name, created, started, run_dir)
+    return run_dir_of(LoRAFineTuneResource(name, namespace, "", 1, spec))
 
 
 def holder(me: Claimant, others: Iterable[Claimant]) -> Claimant | None:

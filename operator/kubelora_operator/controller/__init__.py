@@ -50,6 +50,7 @@ from ..settings import OperatorSettings
 from ..wiring import worker_name
 from .attempt import CREATE_THREADS
 from .cache import WORKER_INDEX, CachedKube, index_worker_pod
+from .claims import CLAIM_INDEX, ClaimIndexer
 from .deferred import Deferred
 from .pods import WorkerState, worker_state
 from .progress import EVENT_METRICS_UNREACHABLE, SCRAPE_FAILURES_TO_REPORT, scrape
@@ -272,10 +273,18 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: 
     async def worker_pods_index(namespace: str | None, labels: Any, body: Any, **_: Any) -> Any:
         return index_worker_pod(namespace, labels, body)
 
+    claims = ClaimIndexer(kube.records)
+
+    @kopf.index(GROUP, VERSION, PLURAL, id=CLAIM_INDEX, registry=registry)
+    async def run_dir_claims_index(namespace: str | None, body: Any, **_: Any) -> Any:
+        return claims(namespace, body)
+
     def attach(kw: Mapping[str, Any]) -> None:
-        """kopf hands every handler its live index (the same object each time): the cache reads it."""
+        """kopf hands every handler its live indexes (the same objects each time): the cache reads them."""
         if kube.pod_index is None:
             kube.pod_index = kw[WORKER_INDEX]
+        if kube.claim_index is None:
+            kube.claim_index = kw[CLAIM_INDEX]
 
     # Handlers are async and only queue (deferred.py): kopf's backlog never holds an event for long,
     # and no event waits for a thread. The body goes to the cache first, so the reconcile reads at
@@ -283,6 +292,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: 
     @kopf.on.event(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
     async def lft_event(namespace: str | None, name: str, type: str | None, body: Any, **kw: Any) -> None:  # noqa: A002
         attach(kw)
+        if type == "DELETED":
+            meta = body.get("metadata") or {}
+            claims.forget(meta.get("uid", ""), name)
         if kube.observe_lft(type, body) or type == "DELETED":
             return
         runner.resource_event(_namespace(namespace), name)

@@ -20,11 +20,14 @@ already streamed to the operator by kopf's watches; this module keeps the part t
     tolerates a node seen a moment late; without the TTL a burst of N starts lists every node N times).
   - `records`: the start records this process committed or read (record.py), so that a started
     resource's record costs a request only the first time a restarted operator meets it.
+  - `claim_index`: the run directories of the namespace's resources (claims.py), which a start with a
+    directory on a PVC checks instead of listing every resource.
 
 What stays a quorum read: the one destructive decision taken on an absence (a worker missing while
 its peers run restarts the attempt) re-lists the pods from etcd first (`attempt.advance`), and
-run-directory ownership lists the resources from etcd (run_dirs.py). Everything else the reconcile
-does on a cached view is idempotent (deterministic names + AlreadyExists, uid preconditions).
+run-directory ownership lists the resources from etcd where there is no claim index (tools, tests).
+Everything else the reconcile does on a cached view is idempotent (deterministic names +
+AlreadyExists, uid preconditions) or, for run directories, guarded by the trainer's owner file.
 """
 
 from __future__ import annotations
@@ -97,6 +100,8 @@ class CachedKube(Kube):
         self._bodies: dict[Key, dict[str, Any]] = {}
         self._own_writes: dict[Key, int] = {}  # resourceVersion returned by our latest patch
         self.pod_index: Mapping[Key, Iterable[WorkerState]] | None = None
+        #: namespace -> the resources' run-directory claims (claims.py), a kopf index like `pod_index`
+        self.claim_index: Mapping[str, Iterable[Any]] | None = None
         self._clock = clock
         self._nodes: tuple[float, list[dict[str, Any]]] | None = None
         self._nodes_lock = threading.Lock()

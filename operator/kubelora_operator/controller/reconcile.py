@@ -36,11 +36,12 @@ from ..conditions import get_condition, is_true
 from ..kube import Kube, NotFound, PermanentApiError, TransientApiError
 from ..plan import plan
 from ..pruned_fields import PRUNED_FIELDS_EVENT, pruned_spec_fields
-from ..run_dirs import Claimant, claimant, holder, in_use_message
+from ..run_dirs import Claimant, claimant, holder, in_use_message, run_dir_of_spec
 from ..settings import OperatorSettings
 from .actions import delete_pods, fail, parse_time, place, stop_pods
 from .attempt import Attempt, advance
 from .cache import CachedKube, cached_workers
+from .claims import claim_of, claims_in
 from .record import commit, find_record
 from .sources import sources_ready
 from .started import (
@@ -317,18 +318,8 @@ def _as_claimant(kube: Kube, body: Mapping[str, Any]) -> Claimant | None:
         record = find_record(kube, body)
     except ValueError:
         return None
-    started = record is not None
     raw = record.spec if record is not None else dict(body.get("spec") or {})
-    validated = get_condition((body.get("status") or {}).get("conditions"), T.VALIDATED) or {}
-    refused = validated.get("status") == "False" and validated.get("reason") != R.RUN_DIR_IN_USE.value
-    return claimant(
-        meta.get("name", ""),
-        meta.get("namespace", ""),
-        meta.get("creationTimestamp", ""),
-        raw,
-        started=started,
-        refused=refused,
-    )
+    return claim_of(body, record, run_dir_of_spec(meta.get("name", ""), meta.get("namespace", ""), raw))
 
 
 def _run_dir_taken(kube: Kube, body: Mapping[str, Any], raw: Mapping[str, Any]) -> str | None:
@@ -337,7 +328,10 @@ def _run_dir_taken(kube: Kube, body: Mapping[str, Any], raw: Mapping[str, Any]) 
     me = claimant(meta["name"], meta["namespace"], meta.get("creationTimestamp", ""), raw, started=False, refused=False)
     if me is None:
         return None
-    bodies = kube.list_lfts(meta["namespace"])
-    others = [c for c in (_as_claimant(kube, b) for b in bodies if b["metadata"]["name"] != meta["name"]) if c is not None]
+    if isinstance(kube, CachedKube) and kube.claim_index is not None:
+        others = claims_in(kube.claim_index, meta["namespace"], kube.records)  # claims.py: no request
+    else:
+        bodies = kube.list_lfts(meta["namespace"])  # from etcd: tools and tests without the index
+        others = [c for c in (_as_claimant(kube, b) for b in bodies if b["metadata"]["name"] != meta["name"]) if c]
     other = holder(me, others)
     return None if other is None else in_use_message(me, other)
