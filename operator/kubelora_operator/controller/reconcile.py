@@ -7,9 +7,10 @@ calls is repaired by the next run. Children have
 deterministic names and are created with "AlreadyExists is fine", so nothing is ever duplicated.
 
 What the operator remembers between runs (started.py): the start record (started spec, generation,
-device, start time) on the run's ConfigMap, created before any other child (the commit point), and
-the attempt number and the activeDeadlineSeconds clock as annotations of the resource. The steps of a started attempt (create, restart, finish, report)
-are in attempt.py; the small shared actions (delete pods, fail, place) in actions.py.
+device, start time) on the run's ConfigMap, created before any other child (the commit point,
+record.py), and the attempt number and the activeDeadlineSeconds clock as annotations of the
+resource. The steps of a started attempt (create, restart, finish, report) are in attempt.py; the
+small shared actions (delete pods, fail, place) in actions.py.
 
 Lifecycle: not started -> validate (spec, then Secrets/PVCs/ConfigMaps) -> place (NoMatchingNodes
 waits for the resync pass; in Wait mode pods are created anyway, WaitingForNodes until bound or
