@@ -80,7 +80,15 @@ def claimant(
 
 
 def run_dir_of_spec(name: str, namespace: str, raw_spec: Mapping[str, Any]) -> RunDir | None:
-    """The run directory of a stored spec, or None: no claim, or a spec that does not parse."""
+    """The run directory of a stored spec, or None: no claim, or a spec that does not parse.
+
+    A stored spec naming no claim (`output.pvc`, `output.s3.workdirPvc`) is answered without parsing
+    it: the claim index (controller/claims.py) asks for every resource, and most deliver to S3."""
+    output = raw_spec.get("output")
+    if isinstance(output, Mapping) and not output.get("pvc"):
+        s3 = output.get("s3")
+        if not (isinstance(s3, Mapping) and s3.get("workdirPvc")):
+            return None
     try:
         spec = parse_spec(raw_spec)
     except SpecError:

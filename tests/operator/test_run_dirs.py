@@ -5,6 +5,7 @@ cffc930: both were accepted; the second resumed from the first's checkpoint and 
 
 from __future__ import annotations
 
+import pytest
 from kubelora_operator.run_dirs import Claimant, RunDir, claimant, holder, in_use_message
 
 from . import raw_spec
@@ -63,3 +64,18 @@ def test_in_use_message_names_the_directory_and_the_other_resource() -> None:
     assert "pvc://runs/shared" in msg and "LoRAFineTune a (started first)" in msg and "deleted" in msg
     nested = in_use_message(Claimant("b", T1, False, RunDir("runs", "s/x")), Claimant("a", T0, False, RunDir("runs", "s")))
     assert "pvc://runs/s/x (overlaps pvc://runs/s)" in nested and "created earlier" in nested
+
+
+def test_a_spec_naming_no_claim_has_no_run_dir_without_being_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubelora_operator import run_dirs
+
+    s3 = _out({"s3": {"uri": "s3://b/p"}})
+    work = _out({"s3": {"uri": "s3://b/p", "workdirPvc": {"claimName": "work", "subPath": "x"}}})
+    assert run_dirs.run_dir_of_spec("a", "ns", work) == RunDir("work", "x")
+    assert run_dirs.run_dir_of_spec("a", "ns", _pvc("shared")) == RunDir("runs", "shared")
+
+    def no_parse(raw: dict) -> None:
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(run_dirs, "parse_spec", no_parse)
+    assert run_dirs.run_dir_of_spec("a", "ns", s3) is None
