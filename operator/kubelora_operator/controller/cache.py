@@ -9,7 +9,7 @@ already streamed to the operator by kopf's watches; this module keeps the part t
   (the reduced pod, a few hundred bytes, never the whole pod). kopf fills it from the pod watch
   before it runs any handler of that event, and it starts no handler at all before the initial
   listing is indexed, so a restarted operator sees every existing pod (no duplicate creates).
-* `CachedKube`, the REST layer with three reads served from memory:
+* `CachedKube`, the REST layer with these reads served from memory:
   - `get_lft`: the newest body seen on the LoRAFineTune watch or returned by the operator's own
     patches (newest = higher resourceVersion), a GET only on a miss;
   - `workers`: the index above (a cached LIST without it, e.g. outside kopf), plus the pods this
