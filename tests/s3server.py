@@ -174,11 +174,29 @@ class S3Server:
             ),
         )
 
-    def create_bucket(self, name: str | None = None) -> str:
-        """Create a bucket (as admin) and return its name; a random one when not given."""
+    def create_bucket(self, name: str | None = None, timeout: float = 60.0) -> str:
+        """Create a bucket (as admin) and return its name (a random one when not given) once it takes
+        a write.
+
+        Why the wait: seaweedfs answers writes to a bucket it has just created with 500 InternalError
+        until the bucket's volumes are allocated, which on a loaded 2-core machine took longer than the
+        trainer's whole retry budget (a CI run failed so). Tests start from a bucket a real store would
+        have ready; the trainer's retries are tested against real outages (tests/e2e/test_s3_outage.py)."""
+        from botocore.exceptions import ClientError
+
         name = name or f"b-{uuid.uuid4().hex[:16]}"
-        self.client(self.admin).create_bucket(Bucket=name)
-        return name
+        client = self.client(self.admin)
+        client.create_bucket(Bucket=name)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.put_object(Bucket=name, Key=".ready-probe", Body=b"")
+                client.delete_object(Bucket=name, Key=".ready-probe")
+                return name
+            except ClientError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.25)
 
     # ------------------------------------------------------------------ lifecycle
     @property
