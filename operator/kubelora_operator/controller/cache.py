@@ -61,16 +61,19 @@ def index_worker_pod(namespace: str | None, labels: Mapping[str, str], body: Map
 
 
 def workers_of(index: Mapping[Key, Iterable[WorkerState]], namespace: str, name: str) -> list[WorkerState]:
-    """The worker pods of one resource from the index: a dict lookup, no request.
+    """The worker pods of one resource from the index: a dict lookup, no request."""
+    return sorted(index_values(index, (namespace, name)), key=lambda w: (w.index, w.name))
 
-    The index is written by kopf's event loop while handler threads read it: a store that changes
-    size during the copy is copied again."""
+
+def index_values(index: Mapping[Any, Iterable[Any]], key: Any) -> list[Any]:
+    """A copy of one key's values of a kopf index, which kopf's event loop writes while handler
+    threads read: a store that changes size during the copy is copied again."""
     for _ in range(9):
         try:
-            return sorted(index.get((namespace, name)) or (), key=lambda w: (w.index, w.name))
+            return list(index.get(key) or ())
         except RuntimeError:  # "dictionary changed size during iteration"
             continue
-    return sorted(index.get((namespace, name)) or (), key=lambda w: (w.index, w.name))
+    return list(index.get(key) or ())
 
 
 def _listed_workers(kube: Kube, namespace: str, name: str) -> list[WorkerState]:

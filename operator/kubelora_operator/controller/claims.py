@@ -20,7 +20,8 @@ from ..conditions import ConditionReason as R
 from ..conditions import ConditionType as T
 from ..conditions import get_condition
 from ..run_dirs import Claimant, RunDir, run_dir_of_spec
-from .started import StartRecord, record_of_resource
+from .cache import index_values
+from .started import StartRecord, record_from_status, record_of_resource
 
 #: kopf index id (also the handler kwarg kopf passes it as).
 CLAIM_INDEX = "run_dir_claims"
@@ -67,7 +68,7 @@ class ClaimIndexer:
             record = known[1] if known is not None and known[0] == uid else None
         if record is None and (body.get("status") or {}).get("startTime"):
             # started by another process or before a restart: the live spec (changes after start are refused)
-            record = StartRecord(dict(body.get("spec") or {}), int(meta.get("generation") or 1), None, None)
+            record = record_from_status(body)
         spec = record.spec if record is not None else dict(body.get("spec") or {})
         version = ("started",) if record is not None else ("live", meta.get("generation"))
         key = (uid, name)
@@ -89,18 +90,9 @@ def claims_in(
     records: Mapping[tuple[str, str], tuple[str, StartRecord]],
 ) -> list[Claimant]:
     """The namespace's claimants from the index, a start this process committed since its last watch
-    event counted as started. The index is written by kopf's event loop while reconcile threads read
-    it: a store that changes size during the copy is copied again."""
-    for _ in range(9):
-        try:
-            items = list(index.get(namespace) or ())
-            break
-        except RuntimeError:  # "dictionary changed size during iteration"
-            continue
-    else:
-        items = list(index.get(namespace) or ())
+    event counted as started."""
     out = []
-    for item in items:
+    for item in index_values(index, namespace):
         known = records.get((namespace, item.claimant.name))
         started = known is not None and known[0] == item.uid
         out.append(replace(item.claimant, started=True) if started and not item.claimant.started else item.claimant)

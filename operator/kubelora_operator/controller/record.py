@@ -17,7 +17,7 @@ from ..api import KIND, LoRAFineTuneResource
 from ..kube import Kube, PermanentApiError, TransientApiError
 from ..plan import config_map_name
 from .cache import CachedKube
-from .started import StartRecord, record_of_resource
+from .started import StartRecord, record_from_status, record_of_resource
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,7 @@ def find_record(kube: Kube, body: Mapping[str, Any]) -> StartRecord | None:
         # attempt's `create` writes the ConfigMap again.
         log.warning("%s/%s: the start record on ConfigMap %s is missing; going on from the live spec",
                     ns, name, config_map_name(name))
-        record = StartRecord(
-            spec=dict(body.get("spec") or {}),
-            generation=int(status.get("observedGeneration") or generation),
-            device=(status.get("placement") or {}).get("device"),
-            started_at=status["startTime"],
-        )
+        record = record_from_status(body)
     if memo is not None:
         memo[(ns, name)] = (uid, record)
     return record

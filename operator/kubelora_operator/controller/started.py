@@ -73,6 +73,18 @@ class StartRecord:
         )
 
 
+def record_from_status(body: Mapping[str, Any]) -> StartRecord:
+    """A started resource's record rebuilt from its live spec and status (startTime, placed device),
+    where the record itself cannot be read: spec changes after start are refused, so they agree."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    return StartRecord(
+        spec=dict(body.get("spec") or {}),
+        generation=int(status.get("observedGeneration") or meta.get("generation") or 1),
+        device=(status.get("placement") or {}).get("device"),
+        started_at=status.get("startTime"),
+    )
+
+
 def record_of_resource(body: Mapping[str, Any]) -> StartRecord | None:
     """The start record an operator before the ConfigMap record wrote on the resource itself, if any."""
     meta = body.get("metadata") or {}
