@@ -231,7 +231,7 @@ class S3Server:
             "-admin.ui=false",
             "-volume.preStopSeconds=0",
             # Every bucket is a collection with a volume of its own, and by default the volume server
-            # allows (free disk / volume size) of them: ~31 with 32 GB free, fewer on a fuller disk. A
+            # allows as many volumes as the free disk sets: 31 with 32 GB free here, fewer when fuller. A
             # suite that creates more buckets than that got 500 InternalError on every write to the
             # newest ones (a CI run failed so). Volumes grow as written, so a fixed count costs no disk.
             f"-volume.max={self.volume_slots}",
