@@ -26,7 +26,7 @@ def test_create_bucket_returns_only_a_bucket_that_takes_a_write(tmp_path: Path) 
 
 
 def test_volume_slots_do_not_depend_on_free_disk(s3_server: S3Server) -> None:
-    """seaweedfs's default is free disk / volume size; each bucket takes a slot, and the suite makes dozens."""
+    """seaweedfs's default slot count follows the free disk; each bucket takes a slot, and the suite makes dozens."""
     import json
     import urllib.request
 
