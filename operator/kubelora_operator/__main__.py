@@ -30,8 +30,9 @@ import kopf
 
 from .controller import API_THREADS, register
 from .controller.cache import CachedKube
+from .fetch import FETCH_ROLE
 from .kube import new_api_client
-from .plan import LABEL_NAME, LABEL_ROLE
+from .plan import LABEL_NAME, LABEL_ROLE, WORKER_ROLE
 from .settings import OperatorSettings, load_settings
 
 PREFIX = "kubelora.dev"
@@ -41,6 +42,8 @@ KOPF_THREADS = 4
 #: Seconds an object's kopf worker task stays after its last event (kopf's default: 5).
 KOPF_WORKER_IDLE_SECONDS = 1.0
 FINALIZER = f"{PREFIX}/finalizer"
+#: The label selector of the operator's pod watch: worker pods and fetch pods (fetch.py).
+POD_SELECTOR = f"{LABEL_NAME},{LABEL_ROLE} in ({FETCH_ROLE},{WORKER_ROLE})"
 
 
 class EventOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
@@ -82,9 +85,9 @@ def kopf_settings() -> kopf.OperatorSettings:
     ks.persistence.diffbase_storage = EventOnlyDiffBase(prefix=PREFIX, key="last-handled-configuration")
     ks.persistence.finalizer = FINALIZER
     ks.posting.enabled = False
-    # Only worker pods are watched (server-side selector): the operator never streams every pod of
-    # the cluster, which matters cluster-wide.
-    ks.watching.label_selectors["v1", "pods"] = f"{LABEL_NAME},{LABEL_ROLE}=worker"
+    # Only the pods the operator creates are watched (server-side selector): it never streams every
+    # pod of the cluster, which matters cluster-wide. Both roles: a fetch pod's end starts the workers.
+    ks.watching.label_selectors["v1", "pods"] = POD_SELECTOR
     ks.execution.max_workers = KOPF_THREADS
     # Every object that had an event keeps a worker task (with its queue) this long: during a burst of
     # creations that is every pod and resource at once; the handlers return at once, so a short wait

@@ -53,6 +53,8 @@ from .wiring import (
 
 LABEL_NAME = "kubelora.dev/name"
 LABEL_ROLE = "kubelora.dev/role"
+#: LABEL_ROLE of the worker pods (fetch.py has the fetch pod's).
+WORKER_ROLE = "worker"
 LABEL_WORKER_INDEX = "kubelora.dev/worker-index"
 LABEL_ATTEMPT = "kubelora.dev/attempt"
 ANNOTATION_CONFIG_HASH = "kubelora.dev/config-sha256"
@@ -96,7 +98,7 @@ def common_labels(name: str) -> dict[str, str]:
 
 def worker_selector(name: str) -> dict[str, str]:
     """Selects the worker pods of one resource (any attempt)."""
-    return {LABEL_NAME: name, LABEL_ROLE: "worker"}
+    return {LABEL_NAME: name, LABEL_ROLE: WORKER_ROLE}
 
 
 def _metadata(resource: LoRAFineTuneResource, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
@@ -274,7 +276,7 @@ def _pod(
         **worker_selector(resource.name),
         LABEL_WORKER_INDEX: str(index),
         LABEL_ATTEMPT: str(attempt),
-        "app.kubernetes.io/component": "worker",
+        "app.kubernetes.io/component": WORKER_ROLE,
     }
     # The resource's labels/annotations first, the operator's on top: validation already refuses
     # operator keys in spec.pod, and this order keeps selectors intact even if that check were bypassed.

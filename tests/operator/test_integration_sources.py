@@ -5,6 +5,10 @@ the exit code and termination message `kubelora-train fetch` writes, as the othe
 play the trainer). What must hold: while the fetch pod has not succeeded no worker pod exists; a
 bad source (exit 2) fails the run with SourceUnavailable and an Event, and no worker pod is ever
 created; after success the workers read the fetched paths, and a worker restart does not fetch again.
+
+The operator here resyncs only every `RESYNC_SECONDS` (the other modules: 1 s): each step must follow
+from the fetch pod's own watch events, as in production, where a resync is 30 s away. (The operator's
+pod watch once selected worker pods only, and these tests, resyncing every second, did not notice.)
 """
 
 from __future__ import annotations
@@ -39,11 +43,18 @@ from .cluster_helpers import (
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 
 MODEL = "s3://models/org/my-model"
+#: Longer than any wait below: no resync pass can stand in for a missed fetch pod event.
+RESYNC_SECONDS = "600"
+#: The node pool of this module's resources (one node, room for all of them).
+POOL = f"sources-{uid()}"
 
 
 @pytest.fixture(scope="module")
 def env(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    with operator_env_in_namespace(control_plane, tmp_path_factory.mktemp("operator-logs")) as env:
+    # The node first: a node added later is found by a resync pass (every 600 s here), not an event.
+    add_amx_node(control_plane, f"amx-{POOL}", POOL)
+    logs = tmp_path_factory.mktemp("operator-logs")
+    with operator_env_in_namespace(control_plane, logs, KUBELORA_RESYNC_SECONDS=RESYNC_SECONDS) as env:
         for kind, body in (
             ("persistentvolumeclaims", {"metadata": {"name": "model-cache"}, "spec": {
                 "accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}}),
@@ -72,9 +83,8 @@ def _spec(pool: str) -> dict[str, Any]:
 
 
 def _start(env: Env) -> tuple[str, dict[str, Any]]:
-    cp, pool, name = env.cp, uid(), f"src-{uid()}"
-    add_amx_node(cp, f"amx-{pool}", pool)
-    create_lft(cp, env.ns, name, _spec(pool))
+    cp, name = env.cp, f"src-{uid()}"
+    create_lft(cp, env.ns, name, _spec(POOL))
     (fetch,) = wait_pods(cp, env.ns, name, 1)
     assert fetch["metadata"]["name"] == f"{name}-fetch"
     return name, fetch
@@ -91,7 +101,7 @@ def test_bad_source_fails_before_any_worker_pod(env: Env) -> None:
     assert c["command"][3:6] == ["fetch", "--cache", "/sources"] and c["command"][-1] == MODEL
     assert "gpu.intel.com/i915" not in c["resources"].get("limits", {})
     wait_condition(cp, ns, name, "Running", "False", reason="FetchingSources")
-    time.sleep(2)  # several resync passes (1 s in tests): still no worker while the fetch runs
+    time.sleep(2)  # still no worker while the fetch runs
     assert _workers(cp, ns, name) == []
     line = f"source {MODEL}: no such object or prefix in bucket 'models'"
     terminate_pod(cp, ns, f"{name}-fetch", 2, line)

@@ -13,7 +13,8 @@ Triggers (all run the same level-based reconcile of one LoRAFineTune):
 
 The two event handlers are async and only queue the reconcile by resource (deferred.py): an event
 never waits in kopf for a thread, with its body; pod events wait `POD_EVENT_DELAY` so that the pods
-of one resource that change together cost one reconcile.
+of one resource that change together cost one reconcile. The reconciles' Kubernetes Events are queued
+too, and posted in order by one thread (recorder.py).
 
 What the reconcile reads comes from memory (cache.py): a kopf index of the worker pods by owner and
 the LoRAFineTune bodies from the watch (`@kopf.on.event`, plus the operator's own patch responses).
@@ -45,7 +46,7 @@ import kopf
 from ..api import GROUP, PLURAL, VERSION
 from ..fetch import FETCH_ROLE
 from ..kube import Conflict, Kube, TransientApiError
-from ..plan import LABEL_NAME, LABEL_ROLE
+from ..plan import LABEL_NAME, LABEL_ROLE, WORKER_ROLE
 from ..settings import OperatorSettings
 from ..wiring import worker_name
 from .attempt import CREATE_THREADS
@@ -55,6 +56,7 @@ from .deferred import Deferred
 from .pods import WorkerState, worker_state
 from .progress import EVENT_METRICS_UNREACHABLE, SCRAPE_FAILURES_TO_REPORT, scrape
 from .reconcile import reconcile
+from .recorder import EventRecorder
 from .resync import PASS_THREADS, Periodic
 
 log = logging.getLogger(__name__)
@@ -92,14 +94,20 @@ class Runner:
 
     def start_queues(self, pod_delay: float = POD_EVENT_DELAY) -> None:
         """From now on, `resource_event` and `pod_event` queue their reconcile (deferred.py) instead
-        of running it in the caller's thread; pod events wait `pod_delay` seconds."""
+        of running it in the caller's thread; pod events wait `pod_delay` seconds; Events are posted
+        by their own thread (recorder.py)."""
         self._resources = Deferred(self._queued_reconcile, 0.0, RECONCILE_THREADS, "kubelora-reconcile")
         self._pods = Deferred(self._pod_reconcile, pod_delay, POD_EVENT_THREADS, "kubelora-pod-events")
+        if isinstance(self.kube, CachedKube) and self.kube.recorder is None:
+            self.kube.recorder = EventRecorder(self.kube.create_event)
 
     def stop_queues(self) -> None:
         for queue in (self._resources, self._pods):
             if queue is not None:
                 queue.stop()
+        if isinstance(self.kube, CachedKube) and self.kube.recorder is not None:
+            recorder, self.kube.recorder = self.kube.recorder, None
+            recorder.stop()  # posts what waits, for a few seconds
 
     def pending(self) -> int:
         """Reconciles queued and not started yet."""
@@ -265,7 +273,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: 
     """Register every handler on `registry` (intervals from `settings`); returns the Runner."""
     runner = Runner(kube, settings)
     kube.carried_status = {}  # worker pods' events reach the reconcile: a start's status can wait for them
-    pod_labels: dict[str, Any] = {LABEL_NAME: kopf.PRESENT, LABEL_ROLE: "worker"}
+    pod_labels: dict[str, Any] = {LABEL_NAME: kopf.PRESENT, LABEL_ROLE: WORKER_ROLE}
 
     # Indexing functions run in kopf's event loop (async: no thread hop per event); kopf fills the
     # index before any handler of the event runs and starts no handler before the first listing.
