@@ -56,7 +56,7 @@ from .deferred import Deferred
 from .pods import WorkerState, worker_state
 from .progress import EVENT_METRICS_UNREACHABLE, SCRAPE_FAILURES_TO_REPORT, scrape
 from .reconcile import reconcile
-from .recorder import EventRecorder
+from .recorder import EVENT_THREADS, EventRecorder
 from .resync import PASS_THREADS, Periodic
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ POD_EVENT_THREADS = 8
 #: Threads running the reconciles of the resources' own events (creates, spec changes).
 RECONCILE_THREADS = 32
 #: Threads that call the API server at once at most: the REST layer pools as many connections.
-API_THREADS = RECONCILE_THREADS + POD_EVENT_THREADS + CREATE_THREADS + PASS_THREADS
+API_THREADS = RECONCILE_THREADS + POD_EVENT_THREADS + CREATE_THREADS + PASS_THREADS + EVENT_THREADS
 
 
 class Runner:

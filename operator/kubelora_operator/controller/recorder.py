@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 EVENT_QUEUE_CAPACITY = 10_000
 #: Seconds `stop` keeps posting what waits.
 EVENT_DRAIN_SECONDS = 5.0
+#: Threads posting Events: one keeps each resource's Events in order (and calls the API server, so
+#: the REST layer pools a connection for it: controller.API_THREADS).
+EVENT_THREADS = 1
 
 
 class EventRecorder:
