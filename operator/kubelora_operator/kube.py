@@ -249,54 +249,36 @@ class Kube:
     def post_event(
         self, obj: Mapping[str, Any], type_: str, reason: str, message: str, component: str = "kubelora-operator"
     ) -> None:
-        """A core/v1 Event about `obj`, posted now (best effort: an Event that cannot be posted is only
-        logged). The running operator posts them from a queue instead (controller/recorder.py)."""
-        self.create_event(event_manifest(obj, type_, reason, message, component))
-
-    def create_event(self, event: Mapping[str, Any]) -> None:
-        """POST an Event built by `event_manifest`; an error is logged, not raised (best effort)."""
-        namespace = event["metadata"]["namespace"]
+        """A core/v1 Event about `obj` (best effort: an Event that cannot be posted is only logged)."""
+        meta = obj.get("metadata") or {}
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        namespace = meta.get("namespace") or "default"
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name', 'lft')}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion") or API_VERSION,
+                "kind": obj.get("kind") or KIND,
+                "name": meta.get("name"),
+                "namespace": namespace,
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024] or reason,
+            "source": {"component": component},
+            "reportingComponent": component,
+            "reportingInstance": socket.gethostname(),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
         try:
             self.request("POST", f"/api/v1/namespaces/{namespace}/events", event)
         except ApiError as err:
-            log.warning("cannot post event %s on %s: %s", event["reason"], event["involvedObject"]["name"], err)
-
-
-def event_manifest(
-    obj: Mapping[str, Any],
-    type_: str,
-    reason: str,
-    message: str,
-    component: str = "kubelora-operator",
-    now: datetime | None = None,
-) -> dict[str, Any]:
-    """The core/v1 Event about `obj` as of `now` (default: this moment): built when it is decided, so an
-    Event posted later still carries its own time and the resourceVersion it was about."""
-    meta = obj.get("metadata") or {}
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    namespace = meta.get("namespace") or "default"
-    return {
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": {"generateName": f"{meta.get('name', 'lft')}.", "namespace": namespace},
-        "involvedObject": {
-            "apiVersion": obj.get("apiVersion") or API_VERSION,
-            "kind": obj.get("kind") or KIND,
-            "name": meta.get("name"),
-            "namespace": namespace,
-            "uid": meta.get("uid"),
-            "resourceVersion": meta.get("resourceVersion"),
-        },
-        "type": type_,
-        "reason": reason,
-        "message": message[:1024] or reason,
-        "source": {"component": component},
-        "reportingComponent": component,
-        "reportingInstance": socket.gethostname(),
-        "firstTimestamp": stamp,
-        "lastTimestamp": stamp,
-        "count": 1,
-    }
+            log.warning("cannot post event %s on %s: %s", reason, meta.get("name"), err)
 
 
 # --------------------------------------------------------------------------- paths and setup

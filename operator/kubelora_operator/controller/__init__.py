@@ -13,8 +13,7 @@ Triggers (all run the same level-based reconcile of one LoRAFineTune):
 
 The two event handlers are async and only queue the reconcile by resource (deferred.py): an event
 never waits in kopf for a thread, with its body; pod events wait `POD_EVENT_DELAY` so that the pods
-of one resource that change together cost one reconcile. The reconciles' Kubernetes Events are queued
-too, and posted in order by one thread (recorder.py).
+of one resource that change together cost one reconcile.
 
 What the reconcile reads comes from memory (cache.py): a kopf index of the worker pods by owner and
 the LoRAFineTune bodies from the watch (`@kopf.on.event`, plus the operator's own patch responses).
@@ -56,7 +55,6 @@ from .deferred import Deferred
 from .pods import WorkerState, worker_state
 from .progress import EVENT_METRICS_UNREACHABLE, SCRAPE_FAILURES_TO_REPORT, scrape
 from .reconcile import reconcile
-from .recorder import EVENT_THREADS, EventRecorder
 from .resync import PASS_THREADS, Periodic
 
 log = logging.getLogger(__name__)
@@ -71,7 +69,7 @@ POD_EVENT_THREADS = 8
 #: Threads running the reconciles of the resources' own events (creates, spec changes).
 RECONCILE_THREADS = 32
 #: Threads that call the API server at once at most: the REST layer pools as many connections.
-API_THREADS = RECONCILE_THREADS + POD_EVENT_THREADS + CREATE_THREADS + PASS_THREADS + EVENT_THREADS
+API_THREADS = RECONCILE_THREADS + POD_EVENT_THREADS + CREATE_THREADS + PASS_THREADS
 
 
 class Runner:
@@ -94,20 +92,14 @@ class Runner:
 
     def start_queues(self, pod_delay: float = POD_EVENT_DELAY) -> None:
         """From now on, `resource_event` and `pod_event` queue their reconcile (deferred.py) instead
-        of running it in the caller's thread; pod events wait `pod_delay` seconds; Events are posted
-        by their own thread (recorder.py)."""
+        of running it in the caller's thread; pod events wait `pod_delay` seconds."""
         self._resources = Deferred(self._queued_reconcile, 0.0, RECONCILE_THREADS, "kubelora-reconcile")
         self._pods = Deferred(self._pod_reconcile, pod_delay, POD_EVENT_THREADS, "kubelora-pod-events")
-        if isinstance(self.kube, CachedKube) and self.kube.recorder is None:
-            self.kube.recorder = EventRecorder(self.kube.create_event)
 
     def stop_queues(self) -> None:
         for queue in (self._resources, self._pods):
             if queue is not None:
                 queue.stop()
-        if isinstance(self.kube, CachedKube) and self.kube.recorder is not None:
-            recorder, self.kube.recorder = self.kube.recorder, None
-            recorder.stop()  # posts what waits, for a few seconds
 
     def pending(self) -> int:
         """Reconciles queued and not started yet."""

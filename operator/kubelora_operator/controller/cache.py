@@ -37,10 +37,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ..kube import Kube, event_manifest
+from ..kube import Kube
 from ..plan import LABEL_NAME, LABEL_ROLE, WORKER_ROLE, worker_selector
 from .pods import WorkerState, worker_state
-from .recorder import EventRecorder
 from .started import StartRecord
 
 #: kopf index id (also the handler kwarg kopf passes it as).
@@ -120,9 +119,6 @@ class CachedKube(Kube):
         #: resource -> (uid, StartRecord): the start records this process wrote or read (record.py).
         #: The operator is their only writer, so what it remembers stays true.
         self.records: dict[Key, tuple[str, StartRecord]] = {}
-        #: Where Events go once the operator runs (recorder.py): queued and posted by one thread, not
-        #: by the reconcile that decided them. None: posted at once (tests, tools).
-        self.recorder: EventRecorder | None = None
 
     # ----- the LoRAFineTune bodies ----------------------------------------------------------------
 
@@ -185,15 +181,6 @@ class CachedKube(Kube):
         out = super().patch_lft_annotations(namespace, name, annotations)
         self._remember(out)
         return out
-
-    def post_event(
-        self, obj: Mapping[str, Any], type_: str, reason: str, message: str, component: str = "kubelora-operator"
-    ) -> None:
-        recorder = self.recorder
-        if recorder is None:
-            super().post_event(obj, type_, reason, message, component)
-        else:
-            recorder.record(event_manifest(obj, type_, reason, message, component))
 
     # ----- worker pods and nodes ------------------------------------------------------------------
 
