@@ -51,7 +51,8 @@ POOL = f"sources-{uid()}"
 
 @pytest.fixture(scope="module")
 def env(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    # The node first: a node added later is found by a resync pass (every 600 s here), not an event.
+    # The node first: the operator reuses its node list for 2 s (cache.NODE_LIST_TTL), and a resource
+    # refused for want of a node is placed again only by a resync pass (every 600 s here).
     add_amx_node(control_plane, f"amx-{POOL}", POOL)
     logs = tmp_path_factory.mktemp("operator-logs")
     with operator_env_in_namespace(control_plane, logs, KUBELORA_RESYNC_SECONDS=RESYNC_SECONDS) as env:
