@@ -445,6 +445,14 @@ def main() -> int:
         help="where the resources deliver: s3 (no run directory), or pvc (one ReadWriteMany claim, a run "
         "directory per resource: every start checks the namespace's run directories)",
     )
+    ap.add_argument(
+        "--floor",
+        choices=("service", "no-service", "service-events"),
+        default=None,
+        help="run bench/operator_floor.py instead of the operator: the least any operator of this object "
+        "model sends (its ConfigMap, Service unless no-service, pods and one status patch per resource; "
+        "service-events: and the operator's two Events)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--keep-logs", type=Path, default=None, help="copy operator/audit logs to this dir")
     ap.add_argument(
@@ -479,6 +487,7 @@ def main() -> int:
             "resync_seconds": args.resync_seconds or 30,
             "output": args.output,
             "operator_verbose": args.verbose_operator,
+            "operator": f"bench/operator_floor.py ({args.floor})" if args.floor else "python -m kubelora_operator run",
             "kubernetes": "v1.20.2 local control plane (etcd, apiserver, controller-manager, scheduler; no kubelet)",
         },
         "load_average_before": [round(x, 2) for x in load_before],
@@ -515,6 +524,9 @@ def main() -> int:
             env["KUBELORA_RESYNC_SECONDS"] = str(args.resync_seconds)
         op_log = bench_dir / "operator.log"
         argv = [sys.executable, "-m", "kubelora_operator", "run", "--standalone", "--namespace", ns]
+        if args.floor:
+            argv = [sys.executable, str(REPO / "bench" / "operator_floor.py"), "--namespace", ns]
+            argv += {"no-service": ["--no-service"], "service-events": ["--events"]}.get(args.floor, [])
         if args.verbose_operator:
             argv.append("--verbose")
         t_op = time.time()
