@@ -30,9 +30,8 @@ import kopf
 
 from .controller import API_THREADS, register
 from .controller.cache import CachedKube
-from .fetch import FETCH_ROLE
+from .controller.pod_watch import watch_scopes
 from .kube import new_api_client
-from .plan import LABEL_NAME, LABEL_ROLE, WORKER_ROLE
 from .settings import OperatorSettings, load_settings
 
 PREFIX = "kubelora.dev"
@@ -42,8 +41,6 @@ KOPF_THREADS = 4
 #: Seconds an object's kopf worker task stays after its last event (kopf's default: 5).
 KOPF_WORKER_IDLE_SECONDS = 1.0
 FINALIZER = f"{PREFIX}/finalizer"
-#: The label selector of the operator's pod watch: worker pods and fetch pods (fetch.py).
-POD_SELECTOR = f"{LABEL_NAME},{LABEL_ROLE} in ({FETCH_ROLE},{WORKER_ROLE})"
 
 
 class EventOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
@@ -85,9 +82,6 @@ def kopf_settings() -> kopf.OperatorSettings:
     ks.persistence.diffbase_storage = EventOnlyDiffBase(prefix=PREFIX, key="last-handled-configuration")
     ks.persistence.finalizer = FINALIZER
     ks.posting.enabled = False
-    # Only the pods the operator creates are watched (server-side selector): it never streams every
-    # pod of the cluster, which matters cluster-wide. Both roles: a fetch pod's end starts the workers.
-    ks.watching.label_selectors["v1", "pods"] = POD_SELECTOR
     ks.execution.max_workers = KOPF_THREADS
     # Every object that had an event keeps a worker task (with its queue) this long: during a burst of
     # creations that is every pod and resource at once; the handlers return at once, so a short wait
@@ -116,7 +110,9 @@ def run_operator(
     if not verbose:
         logging.getLogger("kopf.objects").addFilter(QuietHandlerSuccess())
     registry = kopf.OperatorRegistry()
-    register(registry, settings, CachedKube(new_api_client(connections=API_THREADS)))
+    # One more connection per pod watch stream (controller/pod_watch.py), which holds its own.
+    connections = API_THREADS + len(watch_scopes(namespaces)[0])
+    register(registry, settings, CachedKube(new_api_client(connections=connections)), namespaces)
     # A registry of our own gets none of kopf's default handlers: log in like kopf does by default.
     kopf.on.login(registry=registry, id="login")(kopf.login_via_client)
     peering = peering_name or settings.peering_name

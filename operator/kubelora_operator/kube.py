@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -91,6 +91,7 @@ class Kube:
         self.timeout = timeout
         self.requests = 0
         self._count_lock = threading.Lock()
+        self._streams: set[Any] = set()  # open watch responses (`watch`)
         self.create_delay = float(os.environ.get(DEBUG_CREATE_DELAY_ENV) or 0)
 
     # ----- transport ------------------------------------------------------------------------------
@@ -138,6 +139,59 @@ class Kube:
                 if status == 409:
                     raise Conflict(method, path, status, message) from None
                 raise PermanentApiError(method, path, status, message) from None
+
+    def watch(self, path: str, params: Mapping[str, Any], read_timeout: float) -> Iterator[dict[str, Any]]:
+        """The events of one watch request on the collection `path` (`watch=1` is added), decoded,
+        until the server ends it (its `timeoutSeconds`) or `read_timeout` passes without a byte.
+
+        Not retried here: the caller resumes from the last resourceVersion it saw, which only it
+        knows. Connection problems and 429/5xx raise TransientApiError, other refusals
+        PermanentApiError; an expired resourceVersion arrives as an ERROR event (code 410).
+        `close_watches` ends the open streams from another thread (operator shutdown)."""
+        url = path + "?" + urllib.parse.urlencode({**params, "watch": "1"})
+        with self._count_lock:
+            self.requests += 1
+        try:
+            resp = self.api.call_api(
+                url,
+                "GET",
+                header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
+                _request_timeout=(self.timeout, read_timeout),
+            )
+        except Exception as err:  # noqa: BLE001 - classified below
+            status, message = _classify(err)
+            if status in RETRY_STATUSES or status == 0:
+                raise TransientApiError("WATCH", path, status, message) from None
+            raise PermanentApiError("WATCH", path, status, message) from None
+        with self._count_lock:
+            self._streams.add(resp)
+        try:
+            buffer = b""
+            for chunk in resp.stream(amt=None, decode_content=False):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+        except (urllib3.exceptions.HTTPError, OSError) as err:
+            raise TransientApiError("WATCH", path, 0, str(err)) from None
+        finally:
+            with self._count_lock:
+                self._streams.discard(resp)
+            resp.release_conn()
+
+    def close_watches(self) -> None:
+        """End every open watch stream (their iterators stop with TransientApiError or at once)."""
+        with self._count_lock:
+            streams = list(self._streams)
+        for resp in streams:
+            try:
+                resp.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at shutdown; the threads are daemons
+                log.debug("closing a watch stream failed", exc_info=True)
 
     # ----- generic helpers ------------------------------------------------------------------------
 

@@ -7,11 +7,12 @@ import json
 from typing import Any
 
 import pytest
-from kopf._core.engines.indexing import OperatorIndexer
 from kubelora_operator.conditions import ConditionType as T
-from kubelora_operator.controller.cache import CachedKube, index_worker_pod, workers_of
+from kubelora_operator.controller.cache import CachedKube, workers_of
+from kubelora_operator.controller.pod_watch import PodWatch
 from kubelora_operator.controller.reconcile import ANN_ATTEMPT, ANN_DEVICE, ANN_STARTED_SPEC, reconcile
 from kubelora_operator.controller.status import StatusUpdate
+from kubelora_operator.kube import Kube
 
 from . import SETTINGS, raw_spec
 from .test_handlers import FakeApiClient, _exc, pod
@@ -24,31 +25,32 @@ def worker(owner: str, index: int, ns: str = "team-a", **kw: Any) -> dict[str, A
     return p
 
 
-def index_of(*pods: dict[str, Any]) -> OperatorIndexer:
-    """kopf's own indexer, filled as kopf fills it: one `replace` per pod event with our function's result."""
-    indexer = OperatorIndexer()
-    for p in pods:
-        meta = p["metadata"]
-        indexer.replace(
-            (meta["namespace"], meta["name"], meta["uid"]), index_worker_pod(meta["namespace"], meta["labels"], p)
-        )
-    return indexer
+def index_of(*pods: dict[str, Any]) -> PodWatch:
+    """The operator's pod watch after listing `pods` (cluster-wide: one LIST answers)."""
+    watch = PodWatch(Kube(FakeApiClient({"items": list(pods), "metadata": {"resourceVersion": "7"}}), backoff=0), (), print)
+    watch.list_all()
+    return watch
 
 
 def test_worker_pods_are_found_by_owner_without_a_list() -> None:
-    indexer = index_of(worker("demo", 1), worker("demo", 0), worker("other", 0), worker("demo", 0, ns="team-b"))
+    fetch = worker("demo", 9)
+    fetch["metadata"]["labels"]["kubelora.dev/role"] = "fetch"
+    watch = index_of(worker("demo", 1), worker("demo", 0), worker("other", 0), worker("demo", 0, ns="team-b"), fetch)
     api = FakeApiClient()  # no scripted answer: any request would fail the test
     kube = CachedKube(api, backoff=0)
-    kube.pod_index = indexer.index
+    kube.pod_index = watch.index
     got = kube.workers("team-a", "demo")
-    assert [w.name for w in got] == ["demo-worker-0", "demo-worker-1"] and api.calls == []
+    assert [w.name for w in got] == ["demo-worker-0", "demo-worker-1"] and api.calls == []  # fetch pods: not workers
     assert [w.name for w in kube.workers("team-b", "demo")] == ["demo-worker-0"]
     assert kube.workers("team-a", "nobody") == []
-    # A deleted pod leaves the index (kopf discards an object's values on DELETED).
-    indexer.discard(("team-a", "demo-worker-1", "demo-u1"))  # type: ignore[arg-type]
-    assert [w.index for w in workers_of(indexer.index, "team-a", "demo")] == [0] and api.calls == []
-    # Non-worker objects without the owner label are not indexed at all.
-    assert index_worker_pod("team-a", {}, worker("x", 0)) == {}
+    # A deleted pod leaves the index.
+    watch._apply("DELETED", worker("demo", 1))
+    assert [w.index for w in workers_of(watch.index, "team-a", "demo")] == [0] and api.calls == []
+    # Pods without the owner label are not indexed at all.
+    stray = worker("x", 0)
+    del stray["metadata"]["labels"]["kubelora.dev/name"]
+    watch._apply("ADDED", stray)
+    assert ("team-a", "x") not in watch.index
 
 
 def settled_body(rv: str = "10") -> dict[str, Any]:

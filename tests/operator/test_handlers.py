@@ -180,6 +180,8 @@ class FakeApiClient:
         item = self.script.pop(0)
         if isinstance(item, BaseException):
             raise item
+        if hasattr(item, "stream"):  # a watch response (test_pod_watch.py)
+            return item
         return FakeResponse(item)
 
 

@@ -5,24 +5,27 @@ Triggers (all run the same level-based reconcile of one LoRAFineTune):
 * `@kopf.on.event` of the resource (its initial listing, ADDED, MODIFIED): level-based, so it needs
   none of kopf's create/update/resume bookkeeping, which cost two annotation patches per resource;
   the echo of the operator's own patch is skipped (the pass that wrote it saw that state);
-* `@kopf.on.event` of its worker pods (label `kubelora.dev/name`), so pod phases reach status;
+* the operator's own watch of its worker and fetch pods (pod_watch.py, not kopf's: pods are most of
+  the events and kopf's per-event machinery was most of the operator's CPU), so pod phases reach status;
 * a resync pass every `resyncSeconds` (resync.py, from the cache): NoMatchingNodes and missing
   references are re-evaluated (a node or Secret added later unblocks the run),
   activeDeadlineSeconds/ttlSecondsAfterFinished are checked, missed events are caught up;
 * a progress pass every `progressSeconds` over the Running ones: rank 0's metrics -> `status.progress`.
 
-The two event handlers are async and only queue the reconcile by resource (deferred.py): an event
-never waits in kopf for a thread, with its body; pod events wait `POD_EVENT_DELAY` so that the pods
-of one resource that change together cost one reconcile.
+The event handlers only queue the reconcile by resource (deferred.py): an event never waits for a
+thread, with its body; pod events wait `POD_EVENT_DELAY` so that the pods of one resource that
+change together cost one reconcile.
 
-What the reconcile reads comes from memory (cache.py): a kopf index of the worker pods by owner and
-the LoRAFineTune bodies from the watch (`@kopf.on.event`, plus the operator's own patch responses).
-A resync of a settled resource therefore sends no request at all.
+What the reconcile reads comes from memory (cache.py): the pod watch's index of the worker pods by
+owner and the LoRAFineTune bodies from the watch (`@kopf.on.event`, plus the operator's own patch
+responses). A resync of a settled resource therefore sends no request at all.
 
 Why pod events are filtered: many pod updates change nothing the reconcile reads (the kubelet's
 condition timestamps, readiness probes). The Runner remembers each worker pod's reduced state
 (`WorkerState`: phase, node, exit code, ...) and triggers only when it changed or the pod went away;
-the resync pass still catches anything missed.
+the ADDED event of a pod this process created, in the state it created it in, triggers nothing
+either (the pass that created it decided with that state; the scheduler's binding is the next
+event); the resync pass still catches anything missed.
 
 Why `Runner` coalesces: the triggers above run on several threads (the queues' pools, the resync
 pass) and can fire for the same resource at once. Two reconciles of one resource at once could both
@@ -37,21 +40,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import kopf
 
 from ..api import GROUP, PLURAL, VERSION
-from ..fetch import FETCH_ROLE
 from ..kube import Conflict, Kube, TransientApiError
-from ..plan import LABEL_NAME, LABEL_ROLE, WORKER_ROLE
 from ..settings import OperatorSettings
 from ..wiring import worker_name
 from .attempt import CREATE_THREADS
-from .cache import WORKER_INDEX, CachedKube, index_worker_pod
+from .cache import CachedKube
 from .claims import CLAIM_INDEX, ClaimIndexer
 from .deferred import Deferred
+from .pod_watch import PodWatch
 from .pods import WorkerState, worker_state
 from .progress import EVENT_METRICS_UNREACHABLE, SCRAPE_FAILURES_TO_REPORT, scrape
 from .reconcile import reconcile
@@ -112,7 +114,7 @@ class Runner:
         else:
             self._resources.schedule((namespace, name))
 
-    def pod_event(self, namespace: str, owner: str, event_type: str | None, pod: Any) -> bool:
+    def pod_event(self, namespace: str, owner: str, event_type: str | None, pod: Mapping[str, Any]) -> bool:
         """Reconcile `owner` (queued, or at once without queues) if this worker pod event changed what
         the reconcile reads; True if it did.
 
@@ -131,6 +133,10 @@ class Runner:
         with self._lock:
             if uid and self._pod_states.get(uid) == state:
                 return False
+        if uid and event_type == "ADDED" and isinstance(self.kube, CachedKube) and self.kube.created_as(namespace, owner, state):
+            with self._lock:
+                self._pod_states[uid] = state
+            return False
         self._reconcile_for_pods(key, {uid: state} if uid else {})
         return True
 
@@ -261,37 +267,29 @@ def _namespace(namespace: str | None) -> str:
     return namespace
 
 
-def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: CachedKube) -> Runner:
-    """Register every handler on `registry` (intervals from `settings`); returns the Runner."""
+def register(
+    registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: CachedKube, namespaces: Sequence[str] = ()
+) -> Runner:
+    """Register every handler on `registry` (intervals from `settings`); returns the Runner.
+    `namespaces`: the operator's (kopf's `namespaces`; none: cluster-wide), for the pod watch."""
     runner = Runner(kube, settings)
     kube.carried_status = {}  # worker pods' events reach the reconcile: a start's status can wait for them
-    pod_labels: dict[str, Any] = {LABEL_NAME: kopf.PRESENT, LABEL_ROLE: WORKER_ROLE}
+    pods = PodWatch(kube, namespaces, runner.pod_event)
+    claims = ClaimIndexer(kube.records)
 
     # Indexing functions run in kopf's event loop (async: no thread hop per event); kopf fills the
     # index before any handler of the event runs and starts no handler before the first listing.
-    @kopf.index("", "v1", "pods", id=WORKER_INDEX, labels=pod_labels, registry=registry)
-    async def worker_pods_index(namespace: str | None, labels: Any, body: Any, **_: Any) -> Any:
-        return index_worker_pod(namespace, labels, body)
-
-    claims = ClaimIndexer(kube.records)
-
     @kopf.index(GROUP, VERSION, PLURAL, id=CLAIM_INDEX, registry=registry)
     async def run_dir_claims_index(namespace: str | None, body: Any, **_: Any) -> Any:
         return claims(namespace, body)
-
-    def attach(kw: Mapping[str, Any]) -> None:
-        """kopf hands every handler its live indexes (the same objects each time): the cache reads them."""
-        if kube.pod_index is None:
-            kube.pod_index = kw[WORKER_INDEX]
-        if kube.claim_index is None:
-            kube.claim_index = kw[CLAIM_INDEX]
 
     # Handlers are async and only queue (deferred.py): kopf's backlog never holds an event for long,
     # and no event waits for a thread. The body goes to the cache first, so the reconcile reads at
     # least it; the echo of the operator's own patch needs no reconcile (the pass that wrote it saw it).
     @kopf.on.event(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
     async def lft_event(namespace: str | None, name: str, type: str | None, body: Any, **kw: Any) -> None:  # noqa: A002
-        attach(kw)
+        if kube.claim_index is None:  # kopf hands every handler its live indexes (the same object each time)
+            kube.claim_index = kw[CLAIM_INDEX]
         if type == "DELETED":
             meta = body.get("metadata") or {}
             claims.forget(meta.get("uid", ""), name)
@@ -301,20 +299,23 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: 
 
     periodic = Periodic(runner, kube, settings.resync_seconds, settings.progress_seconds)
 
+    # kopf starts no watch before the startup handlers returned: the pod index is complete before
+    # the first LoRAFineTune event is handled (a restarted operator creates no pod twice).
     @kopf.on.startup(id="periodic", registry=registry)
     def start_periodic(**_: Any) -> None:
+        try:
+            pods.list_all()
+        except TransientApiError as err:
+            raise kopf.TemporaryError(f"listing the operator's pods: {err}", delay=5) from None
+        kube.pod_index = pods.index
         runner.start_queues()
+        pods.start()
         periodic.start()
 
     @kopf.on.cleanup(id="periodic", registry=registry)
     def stop_periodic(**_: Any) -> None:
+        pods.stop()
         periodic.stop()
         runner.stop_queues()
-
-    @kopf.on.event("", "v1", "pods", id="worker-pods", labels=pod_labels, registry=registry)
-    @kopf.on.event("", "v1", "pods", id="fetch-pods", labels={**pod_labels, LABEL_ROLE: FETCH_ROLE}, registry=registry)
-    async def worker_pod(namespace: str | None, labels: Any, type: str | None, body: Any, **kw: Any) -> None:  # noqa: A002
-        attach(kw)
-        runner.pod_event(_namespace(namespace), labels[LABEL_NAME], type, body)
 
     return runner

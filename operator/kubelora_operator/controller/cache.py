@@ -3,12 +3,12 @@
 Why: without it every reconcile GETs its resource and LISTs its pods, two requests per resource and
 resync pass forever, finished resources included, so an idle fleet keeps the API server busy (figures:
 docs/benchmarks.md, "Figures behind design choices"). The state is
-already streamed to the operator by kopf's watches; this module keeps the part the reconcile reads:
+already streamed to the operator by its watches; this module keeps the part the reconcile reads:
 
-* `WORKER_INDEX`, a kopf index of the worker pods by owner: `(namespace, lft name) -> WorkerState`
-  (the reduced pod, a few hundred bytes, never the whole pod). kopf fills it from the pod watch
-  before it runs any handler of that event, and it starts no handler at all before the initial
-  listing is indexed, so a restarted operator sees every existing pod (no duplicate creates).
+* `pod_index`, the worker pods by owner: `(namespace, lft name) -> (WorkerState, ...)` (the reduced
+  pod, a few hundred bytes, never the whole pod), kept by the operator's pod watch (pod_watch.py),
+  which updates it before it reports the event and lists every pod before the first reconcile, so
+  a restarted operator sees every existing pod (no duplicate creates).
 * `CachedKube`, the REST layer with these reads served from memory:
   - `get_lft`: the newest body seen on the LoRAFineTune watch or returned by the operator's own
     patches (newest = higher resourceVersion), a GET only on a miss;
@@ -32,6 +32,7 @@ AlreadyExists, uid preconditions) or, for run directories, guarded by the traine
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -42,22 +43,12 @@ from ..plan import LABEL_NAME, LABEL_ROLE, WORKER_ROLE, worker_selector
 from .pods import WorkerState, worker_state
 from .started import StartRecord
 
-#: kopf index id (also the handler kwarg kopf passes it as).
-WORKER_INDEX = "worker_pods"
 #: Seconds a node list is reused by other reconciles.
 NODE_LIST_TTL = 2.0
 #: Seconds a created pod counts as existing before the watch shows it (it normally takes milliseconds).
 EXPECTATION_TTL = 60.0
 
 Key = tuple[str, str]
-
-
-def index_worker_pod(namespace: str | None, labels: Mapping[str, str], body: Mapping[str, Any]) -> dict[Key, Any]:
-    """The kopf indexing function: a worker pod under its owner's key, reduced to a WorkerState."""
-    owner = labels.get(LABEL_NAME)
-    if not namespace or not owner:
-        return {}
-    return {(namespace, owner): worker_state(body)}
 
 
 def workers_of(index: Mapping[Key, Iterable[WorkerState]], namespace: str, name: str) -> list[WorkerState]:
@@ -192,6 +183,13 @@ class CachedKube(Kube):
             with self._lock:
                 self._expected.setdefault(key, {})[obj["metadata"]["name"]] = (self._clock(), worker_state(obj))
         return created
+
+    def created_as(self, namespace: str, name: str, state: WorkerState) -> bool:
+        """True when `state` (a worker pod of resource `name`, from the watch) is the pod this process
+        created, still as it created it (the pass that created it decided with that state)."""
+        with self._lock:
+            created = (self._expected.get((namespace, name)) or {}).get(state.name)
+        return created is not None and dataclasses.replace(state, uid=None) == created[1]
 
     def workers(self, namespace: str, name: str) -> list[WorkerState]:
         """The resource's worker pods as last seen on the watch (see `workers_of`), plus the ones it
