@@ -46,7 +46,7 @@ from typing import Any
 import kopf
 
 from ..api import GROUP, PLURAL, VERSION
-from ..kube import Conflict, Kube, TransientApiError
+from ..kube import Conflict, Kube, PermanentApiError, TransientApiError
 from ..settings import OperatorSettings
 from ..wiring import worker_name
 from .attempt import CREATE_THREADS
@@ -307,6 +307,8 @@ def register(
             pods.list_all()
         except TransientApiError as err:
             raise kopf.TemporaryError(f"listing the operator's pods: {err}", delay=5) from None
+        except PermanentApiError as err:  # e.g. 403: the RBAC lacks list/watch pods; nothing can work
+            raise kopf.PermanentError(f"listing the operator's pods: {err}") from None
         kube.pod_index = pods.index
         runner.start_queues()
         pods.start()
