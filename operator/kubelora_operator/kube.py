@@ -127,18 +127,13 @@ class Kube:
                 return json.loads(raw) if raw else None
             except Exception as err:  # noqa: BLE001 - classified below
                 status, message = _classify(err)
-                if status in RETRY_STATUSES or status == 0:
-                    if attempt <= self.retries:
-                        delay = self.backoff * (2 ** (attempt - 1))
-                        log.debug("%s %s: %s %s; retry in %.1fs", method, path, status, message, delay)
-                        time.sleep(delay)
-                        continue
-                    raise TransientApiError(method, path, status, message) from None
-                if status == 404:
-                    raise NotFound(method, path, status, message) from None
-                if status == 409:
-                    raise Conflict(method, path, status, message) from None
-                raise PermanentApiError(method, path, status, message) from None
+                error = _api_error(method, path, status, message)
+                if isinstance(error, TransientApiError) and attempt <= self.retries:
+                    delay = self.backoff * (2 ** (attempt - 1))
+                    log.debug("%s %s: %s %s; retry in %.1fs", method, path, status, message, delay)
+                    time.sleep(delay)
+                    continue
+                raise error from None
 
     def watch(self, path: str, params: Mapping[str, Any], read_timeout: float) -> Iterator[dict[str, Any]]:
         """The events of one watch request on the collection `path` (`watch=1` is added), decoded,
@@ -162,10 +157,7 @@ class Kube:
                 _request_timeout=(self.timeout, read_timeout),
             )
         except Exception as err:  # noqa: BLE001 - classified below
-            status, message = _classify(err)
-            if status in RETRY_STATUSES or status == 0:
-                raise TransientApiError("WATCH", path, status, message) from None
-            raise PermanentApiError("WATCH", path, status, message) from None
+            raise _api_error("WATCH", path, *_classify(err)) from None
         with self._count_lock:
             self._streams.add(resp)
         try:
@@ -359,6 +351,17 @@ def collection_path(api_version: str, kind: str, namespace: str) -> str:
 
 def lft_path(namespace: str, name: str) -> str:
     return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
+
+
+def _api_error(method: str, path: str, status: int, message: str) -> ApiError:
+    """The error class the module docstring's policy gives an answer (`_classify`'s status)."""
+    if status in RETRY_STATUSES or status == 0:
+        return TransientApiError(method, path, status, message)
+    if status == 404:
+        return NotFound(method, path, status, message)
+    if status == 409:
+        return Conflict(method, path, status, message)
+    return PermanentApiError(method, path, status, message)
 
 
 def _classify(err: BaseException) -> tuple[int, str]:

@@ -110,31 +110,24 @@ class PodWatch:
 
     def _list(self, scope: str, *, report: bool) -> None:
         out = self.kube.request("GET", _pods_path(scope), params={"labelSelector": POD_SELECTOR}) or {}
-        pods = [p for p in out.get("items") or () if self._ours(p) is not None]
-        fresh: dict[Key, list[WorkerState]] = {}
-        for p in pods:
-            ours = self._ours(p)
-            if ours is not None and ours[1] == WORKER_ROLE:
-                fresh.setdefault(ours[0], []).append(worker_state(p))
+        pods = [(p, ours) for p in out.get("items") or () if (ours := self._ours(p)) is not None]
+        fresh: dict[Key, tuple[WorkerState, ...]] = {}
+        for p, (key, role) in pods:
+            if role == WORKER_ROLE:
+                fresh[key] = (*fresh.get(key, ()), worker_state(p))
         with self._lock:
-            gone = [
-                (key, w)
-                for key, states in self.index.items()
-                if key[0] == scope or scope == ALL
-                for w in states
-                if w.name not in {s.name for s in fresh.get(key, ())}
-            ]
-            for key in [k for k in self.index if k[0] == scope or scope == ALL]:
+            listed = {(key, w.name) for key, states in fresh.items() for w in states}
+            old = [key for key in self.index if scope in (ALL, key[0])]
+            gone = [(key, w) for key in old for w in self.index[key] if (key, w.name) not in listed]
+            for key in old:
                 del self.index[key]
-            self.index.update({key: tuple(states) for key, states in fresh.items()})
+            self.index.update(fresh)
             self._versions[scope] = str((out.get("metadata") or {}).get("resourceVersion") or "")
         if report:
             for (ns, owner), w in gone:
                 self.on_event(ns, owner, "DELETED", {"metadata": {"name": w.name, "namespace": ns, "uid": w.uid}})
-            for p in pods:
-                ours = self._ours(p)
-                if ours is not None:
-                    self.on_event(ours[0][0], ours[0][1], "MODIFIED", p)
+            for p, ((ns, owner), _) in pods:
+                self.on_event(ns, owner, "MODIFIED", p)
 
     def _ours(self, pod: Mapping[str, Any]) -> tuple[Key, str] | None:
         """((namespace, owner), role) of a pod of the operator's in a wanted namespace, else None."""
