@@ -6,14 +6,13 @@ Subcommands: `crd` prints the CustomResourceDefinition YAML (the chart's
 
 Running the operator (`run`):
 
-* kopf's bookkeeping stays out of `status`: handler progress is an annotation with the
-  `kubelora.dev/` prefix; there is no diff base (`EventOnlyDiffBase`). No handler needs a finalizer
-  any more (the periodic passes run from the cache, controller/resync.py, not as kopf timers); kopf
-  removes `kubelora.dev/finalizer` from resources that an older version marked.
-* kopf's "Handler ... succeeded." line per watch event is dropped unless --verbose
+* kopf logs in, runs the startup and cleanup handlers (which start and stop the operator's own
+  watches of the LoRAFineTunes and its pods, controller/list_watch.py), peering and the liveness
+  endpoint; it watches no resource of the operator's, so it keeps no per-object state and writes no
+  annotation, finalizer or Event of its own. The `kubelora.dev/finalizer` of an operator version
+  before 2026-12 is removed by the resource watch (controller/lft_watch.py).
+* kopf's "Handler ... succeeded." lines (startup, cleanup) are dropped unless --verbose
   (`QuietHandlerSuccess`).
-* kopf's own Events about handler outcomes are switched off: the handlers post Events for real
-  transitions (Validated, NoMatchingNodes, WorkerFailed, ...), which is what users read.
 * Scope: `--namespace NS` (repeatable) or cluster-wide when none is given. Peering (one active
   replica among several) only when a peering name is configured and `--standalone` is not given.
 """
@@ -23,50 +22,29 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import kopf
 
 from .controller import API_THREADS, register
 from .controller.cache import CachedKube
-from .controller.pod_watch import watch_scopes
+from .controller.list_watch import watch_scopes
+from .controller.peering import new_identity
 from .kube import new_api_client
 from .settings import OperatorSettings, load_settings
 
 PREFIX = "kubelora.dev"
-#: Threads for kopf's own sync activities (login, startup, cleanup): the handlers are async and the
-#: reconciles run on the controller's pools (controller/deferred.py).
+#: Threads for kopf's own sync activities (login, startup, cleanup); the reconciles run on the
+#: controller's pools (controller/deferred.py).
 KOPF_THREADS = 4
-#: Seconds an object's kopf worker task stays after its last event (kopf's default: 5).
-KOPF_WORKER_IDLE_SECONDS = 1.0
-FINALIZER = f"{PREFIX}/finalizer"
-
-
-class EventOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
-    """kopf's diff base for an operator whose resource handlers are all `on.event`: always empty.
-
-    Why: kopf builds the diff base ("essence") of every watch event before it looks at the handlers,
-    a deep copy of the whole body (managedFields and status included), though only on.create/
-    update/resume handlers ever read it, and this operator has none (level-based reconciles,
-    controller/__init__.py; `tests/operator/test_operator_main.py` fails if one is added). The copy
-    was 11% of the operator's samples during a ramp of 1,000 resources (py-spy; docs/operator-benchmark.md).
-    """
-
-    def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
-        return kopf.BodyEssence()
-
-    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
-        return kopf.BodyEssence()
 
 
 class QuietHandlerSuccess(logging.Filter):
     """Drops kopf's INFO line "Handler 'ID' succeeded." (logger `kopf.objects`) unless --verbose.
 
-    Why: the handlers only queue a reconcile (controller/deferred.py), so the line says nothing, and
-    kopf writes it for every watch event of every resource and worker pod: 7,106 of the operator's
-    7,110 log lines during a ramp of 1,000 resources, and more with every pod event after; a
-    platform's log pipeline pays for each. kopf's failure lines (WARNING, ERROR) pass."""
+    Why: the line says nothing a user needs (when kopf still handled the resources' watch events it
+    wrote it for each: 7,106 of the operator's 7,110 log lines during a ramp of 1,000 resources).
+    kopf's failure lines (WARNING, ERROR) pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.INFO:
@@ -76,17 +54,11 @@ class QuietHandlerSuccess(logging.Filter):
 
 
 def kopf_settings() -> kopf.OperatorSettings:
-    """kopf settings: annotations storage, own finalizer name (for the removal), no handler-log Events."""
+    """kopf settings: annotations storage with the operator's prefix, no handler-log Events."""
     ks = kopf.OperatorSettings()
     ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    ks.persistence.diffbase_storage = EventOnlyDiffBase(prefix=PREFIX, key="last-handled-configuration")
-    ks.persistence.finalizer = FINALIZER
     ks.posting.enabled = False
     ks.execution.max_workers = KOPF_THREADS
-    # Every object that had an event keeps a worker task (with its queue) this long: during a burst of
-    # creations that is every pod and resource at once; the handlers return at once, so a short wait
-    # costs only a new task for the object's next event.
-    ks.queueing.idle_timeout = KOPF_WORKER_IDLE_SECONDS
     ks.watching.server_timeout = 300
     ks.watching.client_timeout = 330
     ks.watching.connect_timeout = 30
@@ -110,14 +82,16 @@ def run_operator(
     if not verbose:
         logging.getLogger("kopf.objects").addFilter(QuietHandlerSuccess())
     registry = kopf.OperatorRegistry()
-    # One more connection per pod watch stream (controller/pod_watch.py), which holds its own.
-    connections = API_THREADS + len(watch_scopes(namespaces)[0])
-    register(registry, settings, CachedKube(new_api_client(connections=connections)), namespaces)
-    # A registry of our own gets none of kopf's default handlers: log in like kopf does by default.
-    kopf.on.login(registry=registry, id="login")(kopf.login_via_client)
     peering = peering_name or settings.peering_name
     if standalone is None:
         standalone = peering is None
+    identity = new_identity()
+    turns = None if standalone or peering is None else (peering, identity)
+    # One more connection per watch stream (controller/list_watch.py), each of which holds its own.
+    connections = API_THREADS + (2 + (turns is not None)) * len(watch_scopes(namespaces)[0])
+    register(registry, settings, CachedKube(new_api_client(connections=connections)), namespaces, turns)
+    # A registry of our own gets none of kopf's default handlers: log in like kopf does by default.
+    kopf.on.login(registry=registry, id="login")(kopf.login_via_client)
     kopf.run(
         registry=registry,
         settings=kopf_settings(),
@@ -126,6 +100,7 @@ def run_operator(
         namespaces=list(namespaces),
         clusterwide=not namespaces,
         liveness_endpoint=liveness_endpoint,
+        identity=identity,  # type: ignore[arg-type]  # kopf's Identity is a NewType of str
     )
     return 0
 

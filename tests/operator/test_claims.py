@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from kopf._core.engines.indexing import OperatorIndexer
 from kubelora_operator.conditions import ConditionType as T
 from kubelora_operator.controller import claims as claims_module
 from kubelora_operator.controller.cache import CachedKube
 from kubelora_operator.controller.claims import ClaimIndexer, IndexedClaim, claims_in
+from kubelora_operator.controller.lft_watch import LftWatch
 from kubelora_operator.controller.reconcile import reconcile
 from kubelora_operator.controller.started import StartRecord
 from kubelora_operator.run_dirs import RunDir
@@ -30,13 +30,11 @@ def lft(name: str, created: str, sub: str = "shared", generation: int = 1, **sta
             "status": status}
 
 
-def indexed(indexer: ClaimIndexer, *bodies: dict[str, Any]) -> OperatorIndexer:
-    """kopf's own indexer, filled as kopf fills it: one `replace` per resource event with our function's result."""
-    index = OperatorIndexer()
-    for b in bodies:
-        meta = b["metadata"]
-        index.replace((meta["namespace"], meta["name"], meta["uid"]), indexer(meta["namespace"], b))
-    return index
+def indexed(kube: CachedKube, *bodies: dict[str, Any]) -> LftWatch:
+    """The resource watch (lft_watch.py) after a listing of `bodies`: its claim index filled."""
+    watch = LftWatch(kube, ["team-a"], lambda ns, name: None)
+    watch._listed("team-a", list(bodies), report=False)
+    return watch
 
 
 def test_a_directory_is_parsed_once_per_generation(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,14 +57,15 @@ def test_a_directory_is_parsed_once_per_generation(monkeypatch: pytest.MonkeyPat
 
 
 def test_a_start_committed_here_counts_as_started_before_its_watch_event() -> None:
-    records: dict[tuple[str, str], tuple[str, StartRecord]] = {}
-    index = indexed(ClaimIndexer(records), lft("old", T0))
-    assert [c.started for c in claims_in(index.index, "team-a", records)] == [False]
+    kube = CachedKube(FakeApiClient(), backoff=0)
+    records = kube.records
+    index = indexed(kube, lft("old", T0)).claim_index
+    assert [c.started for c in claims_in(index, "team-a", records)] == [False]
     records[("team-a", "old")] = ("uid-old", StartRecord(raw_spec(), 1, "cpu", T1))
-    assert [c.started for c in claims_in(index.index, "team-a", records)] == [True]
+    assert [c.started for c in claims_in(index, "team-a", records)] == [True]
     records[("team-a", "old")] = ("uid-a-namesake", StartRecord(raw_spec(), 1, "cpu", T1))
-    assert [c.started for c in claims_in(index.index, "team-a", records)] == [False]
-    assert claims_in(index.index, "team-b", records) == []
+    assert [c.started for c in claims_in(index, "team-a", records)] == [False]
+    assert claims_in(index, "team-b", records) == []
 
 
 def test_a_start_checks_its_run_directory_without_listing_the_resources() -> None:
@@ -74,9 +73,8 @@ def test_a_start_checks_its_run_directory_without_listing_the_resources() -> Non
     api = FakeApiClient(claim, {}, {})  # the claim's GET (validation), the status patch, its Warning Event
     kube = CachedKube(api, backoff=0)
     holder = lft("first", T0, startTime=T0)
-    kube.claim_index = indexed(ClaimIndexer(kube.records), holder).index
     late = lft("second", T1)
-    kube.observe_lft("ADDED", late)
+    kube.claim_index = indexed(kube, holder, late).claim_index
     reconcile(kube, SETTINGS, "team-a", "second")
     assert [c[0] for c in api.calls] == ["GET", "PATCH", "POST"], api.calls  # no LIST of the resources
     conditions = {c["type"]: c for c in api.calls[1][2]["status"]["conditions"]}

@@ -1,11 +1,11 @@
-"""The operator's kopf settings (`kubelora_operator.__main__`)."""
+"""What the operator asks of kopf (`kubelora_operator.__main__`, `controller.register`)."""
 
 from __future__ import annotations
 
 import logging
 
 import kopf
-from kubelora_operator.__main__ import EventOnlyDiffBase, QuietHandlerSuccess, kopf_settings
+from kubelora_operator.__main__ import QuietHandlerSuccess, kopf_settings
 from kubelora_operator.controller import register
 from kubelora_operator.controller.cache import CachedKube
 
@@ -13,20 +13,19 @@ from . import SETTINGS
 from .test_handlers import FakeApiClient
 
 
-def test_no_handler_reads_a_diff_base_so_kopf_builds_an_empty_one() -> None:
-    # kopf reads the diff base only for on.create/update/resume (changing) handlers; with none
-    # registered, an empty essence is exact and saves a deep copy of every watched body. A changing
-    # handler added to `register` must come with kopf's own diff base again: this test says so.
+def test_kopf_watches_no_resource_of_the_operators() -> None:
+    # The LoRAFineTunes and the pods come from the operator's own watches (controller/list_watch.py:
+    # kopf's per-event machinery was most of the operator's CPU in a ramp). A kopf resource handler
+    # added to `register` would bring kopf's watch, and its per-object state, back: this test says so.
     registry = kopf.OperatorRegistry()
     register(registry, SETTINGS, CachedKube(FakeApiClient(), backoff=0))
-    changing = [h.id for h in registry._changing.get_all_handlers()]
-    assert changing == [], f"changing handlers {changing} need kopf.AnnotationsDiffBaseStorage in kopf_settings"
-    assert [h.id for h in registry._watching.get_all_handlers()]  # the on.event handlers are there
-
-    storage = kopf_settings().persistence.diffbase_storage
-    assert isinstance(storage, EventOnlyDiffBase)
-    body = kopf.Body({"metadata": {"name": "a", "annotations": {"x": "1"}}, "spec": {"workers": 2}})
-    assert storage.build(body=body) == {} and storage.fetch(body=body) == {}
+    resource_handlers = [
+        h.id for r in (registry._watching, registry._changing, registry._indexing, registry._spawning, registry._webhooks)
+        for h in r.get_all_handlers()
+    ]
+    assert resource_handlers == []
+    assert {h.id for h in registry._activities.get_all_handlers()} == {"watches"}  # startup and cleanup
+    assert kopf_settings().posting.enabled is False
 
 
 def test_kopfs_handler_succeeded_lines_are_dropped_and_its_failures_kept() -> None:

@@ -10,7 +10,8 @@ from typing import Any
 
 from kubelora_operator.controller import Runner
 from kubelora_operator.controller.cache import CachedKube, workers_of
-from kubelora_operator.controller.pod_watch import POD_SELECTOR, PodWatch, watch_scopes
+from kubelora_operator.controller.list_watch import watch_scopes
+from kubelora_operator.controller.pod_watch import POD_SELECTOR, PodWatch
 from kubelora_operator.kube import Kube
 
 from . import SETTINGS

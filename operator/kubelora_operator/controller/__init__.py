@@ -1,23 +1,23 @@
-"""The controller: kopf handlers, thin triggers around `reconcile.reconcile` and the progress scrape.
+"""The controller: the operator's watches, thin triggers around `reconcile.reconcile`, the progress scrape.
 
 Triggers (all run the same level-based reconcile of one LoRAFineTune):
 
-* `@kopf.on.event` of the resource (its initial listing, ADDED, MODIFIED): level-based, so it needs
-  none of kopf's create/update/resume bookkeeping, which cost two annotation patches per resource;
-  the echo of the operator's own patch is skipped (the pass that wrote it saw that state);
-* the operator's own watch of its worker and fetch pods (pod_watch.py, not kopf's: pods are most of
-  the events and kopf's per-event machinery was most of the operator's CPU), so pod phases reach status;
+* the operator's own watch of the resources (lft_watch.py; its initial listing, ADDED, MODIFIED):
+  level-based, so it needs no create/update/resume bookkeeping; the echo of the operator's own patch
+  is skipped (the pass that wrote it saw that state);
+* its own watch of its worker and fetch pods (pod_watch.py), so pod phases reach status (neither
+  watch is kopf's: list_watch.py says why; kopf runs the startup and cleanup, peering and liveness);
 * a resync pass every `resyncSeconds` (resync.py, from the cache): NoMatchingNodes and missing
   references are re-evaluated (a node or Secret added later unblocks the run),
   activeDeadlineSeconds/ttlSecondsAfterFinished are checked, missed events are caught up;
 * a progress pass every `progressSeconds` over the Running ones: rank 0's metrics -> `status.progress`.
 
-The event handlers only queue the reconcile by resource (deferred.py): an event never waits for a
+The watches only queue the reconcile by resource (deferred.py): an event never waits for a
 thread, with its body; pod events wait `POD_EVENT_DELAY` so that the pods of one resource that
 change together cost one reconcile.
 
 What the reconcile reads comes from memory (cache.py): the pod watch's index of the worker pods by
-owner and the LoRAFineTune bodies from the watch (`@kopf.on.event`, plus the operator's own patch
+owner and the LoRAFineTune bodies from the resource watch (plus the operator's own patch
 responses). A resync of a settled resource therefore sends no request at all.
 
 Why pod events are filtered: many pod updates change nothing the reconcile reads (the kubelet's
@@ -45,14 +45,15 @@ from typing import Any
 
 import kopf
 
-from ..api import GROUP, PLURAL, VERSION
 from ..kube import Conflict, Kube, PermanentApiError, TransientApiError
 from ..settings import OperatorSettings
 from ..wiring import worker_name
 from .attempt import CREATE_THREADS
 from .cache import CachedKube
-from .claims import CLAIM_INDEX, ClaimIndexer
 from .deferred import Deferred
+from .lft_watch import LftWatch
+from .list_watch import stop_all
+from .peering import PeeringWatch
 from .pod_watch import PodWatch
 from .pods import WorkerState, worker_state
 from .progress import EVENT_METRICS_UNREACHABLE, SCRAPE_FAILURES_TO_REPORT, scrape
@@ -91,6 +92,8 @@ class Runner:
         self._resources: Deferred | None = None
         self._pods: Deferred | None = None
         self._scrape_failures: dict[Key, int] = {}  # consecutive failed scrapes per resource
+        #: False while another replica is active (peering.py): then no reconcile or scrape acts.
+        self.active: Callable[[], bool] = lambda: True
 
     def start_queues(self, pod_delay: float = POD_EVENT_DELAY) -> None:
         """From now on, `resource_event` and `pod_event` queue their reconcile (deferred.py) instead
@@ -170,6 +173,8 @@ class Runner:
         return True
 
     def trigger(self, namespace: str, name: str, retry: int = 0) -> None:
+        if not self.active():
+            return
         key = (namespace, name)
         with self._lock:
             if key in self._running:
@@ -202,6 +207,8 @@ class Runner:
         The patch carries the resourceVersion the decision was based on: if the reconcile changed
         the resource meanwhile (e.g. Succeeded with progress 100 %), the stale scrape is dropped (409).
         """
+        if not self.active():
+            return
         if isinstance(self.kube, CachedKube):
             w0 = next((w for w in self.kube.workers(namespace, name) if w.index == 0 and not w.deleting), None)
         else:
@@ -260,63 +267,55 @@ class Runner:
             log.debug("%s/%s: %s", namespace, name, err)
 
 
-def _namespace(namespace: str | None) -> str:
-    """kopf types `namespace` as optional (cluster-scoped kinds); LoRAFineTunes and pods always have one."""
-    if not namespace:
-        raise kopf.PermanentError("a namespaced object arrived without a namespace")
-    return namespace
-
-
 def register(
-    registry: kopf.OperatorRegistry, settings: OperatorSettings, kube: CachedKube, namespaces: Sequence[str] = ()
+    registry: kopf.OperatorRegistry,
+    settings: OperatorSettings,
+    kube: CachedKube,
+    namespaces: Sequence[str] = (),
+    peering: tuple[str, str] | None = None,
 ) -> Runner:
-    """Register every handler on `registry` (intervals from `settings`); returns the Runner.
-    `namespaces`: the operator's (kopf's `namespaces`; none: cluster-wide), for the pod watch."""
+    """Register the startup and cleanup handlers on `registry` (intervals from `settings`); returns
+    the Runner. `namespaces`: the operator's (none: cluster-wide), for its watches; `peering`: (the
+    peering name, this replica's identity as given to kopf) when replicas take turns (peering.py).
+
+    kopf watches nothing of the operator's: it logs in, runs these two handlers, peering and the
+    liveness probe; the LoRAFineTunes and the pods come from the operator's own watches
+    (list_watch.py says why)."""
     runner = Runner(kube, settings)
+    gate = PeeringWatch(kube, namespaces, *peering) if peering else None
+    if gate is not None:
+        runner.active = gate.active
     kube.carried_status = {}  # worker pods' events reach the reconcile: a start's status can wait for them
     pods = PodWatch(kube, namespaces, runner.pod_event)
-    claims = ClaimIndexer(kube.records)
-
-    # Indexing functions run in kopf's event loop (async: no thread hop per event); kopf fills the
-    # index before any handler of the event runs and starts no handler before the first listing.
-    @kopf.index(GROUP, VERSION, PLURAL, id=CLAIM_INDEX, registry=registry)
-    async def run_dir_claims_index(namespace: str | None, body: Any, **_: Any) -> Any:
-        return claims(namespace, body)
-
-    # Handlers are async and only queue (deferred.py): kopf's backlog never holds an event for long,
-    # and no event waits for a thread. The body goes to the cache first, so the reconcile reads at
-    # least it; the echo of the operator's own patch needs no reconcile (the pass that wrote it saw it).
-    @kopf.on.event(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
-    async def lft_event(namespace: str | None, name: str, type: str | None, body: Any, **kw: Any) -> None:  # noqa: A002
-        if kube.claim_index is None:  # kopf hands every handler its live indexes (the same object each time)
-            kube.claim_index = kw[CLAIM_INDEX]
-        if type == "DELETED":
-            meta = body.get("metadata") or {}
-            claims.forget(meta.get("uid", ""), name)
-        if kube.observe_lft(type, body) or type == "DELETED":
-            return
-        runner.resource_event(_namespace(namespace), name)
-
+    lfts = LftWatch(kube, namespaces, runner.resource_event)
+    kube.claim_index = lfts.claim_index
+    watches = [pods, lfts, *([gate] if gate is not None else [])]
     periodic = Periodic(runner, kube, settings.resync_seconds, settings.progress_seconds)
 
-    # kopf starts no watch before the startup handlers returned: the pod index is complete before
-    # the first LoRAFineTune event is handled (a restarted operator creates no pod twice).
-    @kopf.on.startup(id="periodic", registry=registry)
-    def start_periodic(**_: Any) -> None:
+    # The pods are listed before the resources, and both before any reconcile runs: the first pass
+    # over each resource sees every existing pod (a restarted operator creates no pod twice).
+    @kopf.on.startup(id="watches", registry=registry)
+    def start_watches(**_: Any) -> None:
         try:
+            if gate is not None:
+                gate.list_all()
             pods.list_all()
+            lfts.list_all()
         except TransientApiError as err:
-            raise kopf.TemporaryError(f"listing the operator's pods: {err}", delay=5) from None
-        except PermanentApiError as err:  # e.g. 403: the RBAC lacks list/watch pods; nothing can work
-            raise kopf.PermanentError(f"listing the operator's pods: {err}") from None
+            raise kopf.TemporaryError(f"listing the operator's objects: {err}", delay=5) from None
+        except PermanentApiError as err:  # e.g. 403: the RBAC lacks list/watch; nothing can work
+            raise kopf.PermanentError(f"listing the operator's objects: {err}") from None
         kube.pod_index = pods.index
         runner.start_queues()
-        pods.start()
+        for namespace, name in lfts.known():  # the initial listing: every resource once
+            runner.resource_event(namespace, name)
+        for watch in watches:
+            watch.start()
         periodic.start()
 
-    @kopf.on.cleanup(id="periodic", registry=registry)
-    def stop_periodic(**_: Any) -> None:
-        pods.stop()
+    @kopf.on.cleanup(id="watches", registry=registry)
+    def stop_watches(**_: Any) -> None:
+        stop_all(kube, watches)
         periodic.stop()
         runner.stop_queues()
 

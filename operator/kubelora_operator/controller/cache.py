@@ -12,7 +12,7 @@ already streamed to the operator by its watches; this module keeps the part the 
 * `CachedKube`, the REST layer with these reads served from memory:
   - `get_lft`: the newest body seen on the LoRAFineTune watch or returned by the operator's own
     patches (newest = higher resourceVersion), a GET only on a miss;
-  - `workers`: the index above (a cached LIST without it, e.g. outside kopf), plus the pods this
+  - `workers`: the index above (a cached LIST without it: tools, tests), plus the pods this
     operator created that the watch has not delivered yet ("expectations", as controller-runtime
     calls them): without them a reconcile right after the create (triggered by our own status
     patch) would see the pods missing and POST them again (409s, wasted requests);
@@ -57,13 +57,8 @@ def workers_of(index: Mapping[Key, Iterable[WorkerState]], namespace: str, name:
 
 
 def index_values(index: Mapping[Any, Iterable[Any]], key: Any) -> list[Any]:
-    """A copy of one key's values of a kopf index, which kopf's event loop writes while handler
-    threads read: a store that changes size during the copy is copied again."""
-    for _ in range(9):
-        try:
-            return list(index.get(key) or ())
-        except RuntimeError:  # "dictionary changed size during iteration"
-            continue
+    """One key's values of an index whose values are tuples replaced whole by the watch threads
+    (pod_watch.py, lft_watch.py): a reader never sees one half-written."""
     return list(index.get(key) or ())
 
 
@@ -94,7 +89,7 @@ class CachedKube(Kube):
         self._bodies: dict[Key, dict[str, Any]] = {}
         self._own_writes: dict[Key, int] = {}  # resourceVersion returned by our latest patch
         self.pod_index: Mapping[Key, Iterable[WorkerState]] | None = None
-        #: namespace -> the resources' run-directory claims (claims.py), a kopf index like `pod_index`
+        #: namespace -> the resources' run-directory claims (claims.py), kept by lft_watch.py
         self.claim_index: Mapping[str, Iterable[Any]] | None = None
         self._clock = clock
         self._nodes: tuple[float, list[dict[str, Any]]] | None = None
@@ -114,7 +109,7 @@ class CachedKube(Kube):
     # ----- the LoRAFineTune bodies ----------------------------------------------------------------
 
     def observe_lft(self, event_type: str | None, body: Mapping[str, Any]) -> bool:
-        """A watch event of a LoRAFineTune (kopf): remember the body, forget it when deleted.
+        """A watch event of a LoRAFineTune (lft_watch.py): remember the body, forget it when deleted.
 
         True when the event is the echo of this process's own latest patch of the resource (the same
         resourceVersion as the patch's response): the reconcile that wrote it has seen that state,

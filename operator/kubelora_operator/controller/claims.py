@@ -1,10 +1,11 @@
-"""Run-directory claimants from memory: a kopf index of the resources by namespace.
+"""Run-directory claimants from memory: an index of the resources by namespace (kept by lft_watch.py).
 
 Why: a start whose run directory is on a PVC must know every other resource's directory in its
 namespace (run_dirs.py). Listing them from etcd for each start made a burst of N starts cost N lists of
 N resources and N x N spec parses (300 resources delivering to one PVC: 119 s until all had workers,
 against 16 s with S3 outputs; docs/operator-benchmark.md). The index is filled from the watch, is
-complete before any handler runs (kopf), and parses a resource's directory once per generation.
+complete before any reconcile runs (the startup lists first), and parses a resource's directory once
+per generation.
 What it can miss is a resource created a moment earlier whose watch event is not indexed yet: the
 race run_dirs.py already names for two reconciles running at once, where the trainer's owner file on
 the directory stays the last line of defence.
@@ -22,9 +23,6 @@ from ..conditions import get_condition
 from ..run_dirs import Claimant, RunDir, run_dir_of_spec
 from .cache import index_values
 from .started import StartRecord, record_from_status, record_of_resource
-
-#: kopf index id (also the handler kwarg kopf passes it as).
-CLAIM_INDEX = "run_dir_claims"
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ def claim_of(body: Mapping[str, Any], record: StartRecord | None, run_dir: RunDi
 
 
 class ClaimIndexer:
-    """The kopf indexing function's state: each resource's directory, parsed once per spec it stands on."""
+    """Each resource's claim from its body: its directory parsed once per spec it stands on."""
 
     def __init__(self, records: Mapping[tuple[str, str], tuple[str, StartRecord]]) -> None:
         self._records = records  # CachedKube.records: a start this process committed counts as started
