@@ -23,6 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from . import plain_yaml
+
 #: Aliases for models that ship inside a PyPI package (no hub needed).
 MODEL_ALIASES: dict[str, tuple[str, str]] = {
     # alias -> (distribution name, GGUF path inside it)
@@ -608,20 +610,16 @@ def resolve_sample_path(value: str) -> Path:
     return path
 
 
-#: PyYAML's libyaml emitter where the wheel has it (PyPI's do), else the pure-Python one. The same YAML
-#: (only long quoted strings may fold at other points); the operator renders a config for every start,
-#: where the pure-Python emitter was a tenth of its CPU in a 1,000-resource burst (operator-benchmark.md).
-_YAML_DUMPER: type = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-
-
 def dump_config(cfg: TrainerConfig) -> str:
     """Serialise a config to YAML with camelCase keys (what the operator puts in a ConfigMap).
 
     Unset optional fields are left out, but a null that overrides a default (`saveMinutes: null`,
     `maxGradNorm: null`: "off") is kept: dropping it would turn the feature back on in the pod.
+    Written by plain_yaml.py (the operator renders one per start; PyYAML's representer was the
+    costliest part of a start's CPU), read back by `yaml.safe_load` as the same data.
     """
     data = _drop_default_nulls(cfg, cfg.model_dump(mode="json", by_alias=True))
-    return yaml.dump(data, Dumper=_YAML_DUMPER, sort_keys=False)
+    return plain_yaml.dump(data)
 
 
 def _drop_default_nulls(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
