@@ -9,12 +9,13 @@ Running the operator (`run`):
 * kopf logs in, runs the startup and cleanup handlers (which start and stop the operator's own
   watches of the LoRAFineTunes and its pods, controller/list_watch.py), peering and the liveness
   endpoint; it watches no resource of the operator's, so it keeps no per-object state and writes no
-  annotation, finalizer or Event of its own. The `kubelora.dev/finalizer` of an operator version
-  before 2026-12 is removed by the resource watch (controller/lft_watch.py).
+  annotation, finalizer or Event of its own. The `kubelora.dev/finalizer` of an earlier operator
+  version (kopf timers) is removed by the resource watch (controller/lft_watch.py).
 * kopf's "Handler ... succeeded." lines (startup, cleanup) are dropped unless --verbose
   (`QuietHandlerSuccess`).
 * Scope: `--namespace NS` (repeatable) or cluster-wide when none is given. Peering (one active
-  replica among several) only when a peering name is configured and `--standalone` is not given.
+  replica among several: the newest, controller/peering.py) only when a peering name is configured
+  and `--standalone` is not given.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import kopf
 from .controller import API_THREADS, register
 from .controller.cache import CachedKube
 from .controller.list_watch import watch_scopes
-from .controller.peering import new_identity
+from .controller.peering import Peer
 from .kube import new_api_client
 from .settings import OperatorSettings, load_settings
 
@@ -85,11 +86,10 @@ def run_operator(
     peering = peering_name or settings.peering_name
     if standalone is None:
         standalone = peering is None
-    identity = new_identity()
-    turns = None if standalone or peering is None else (peering, identity)
+    me = None if standalone or peering is None else Peer.starting(peering)
     # One more connection per watch stream (controller/list_watch.py), each of which holds its own.
-    connections = API_THREADS + (2 + (turns is not None)) * len(watch_scopes(namespaces)[0])
-    register(registry, settings, CachedKube(new_api_client(connections=connections)), namespaces, turns)
+    connections = API_THREADS + (2 + (me is not None)) * len(watch_scopes(namespaces)[0])
+    register(registry, settings, CachedKube(new_api_client(connections=connections)), namespaces, me)
     # A registry of our own gets none of kopf's default handlers: log in like kopf does by default.
     kopf.on.login(registry=registry, id="login")(kopf.login_via_client)
     kopf.run(
@@ -100,7 +100,10 @@ def run_operator(
         namespaces=list(namespaces),
         clusterwide=not namespaces,
         liveness_endpoint=liveness_endpoint,
-        identity=identity,  # type: ignore[arg-type]  # kopf's Identity is a NewType of str
+        # kopf keeps this replica's peering entry under the identity and priority the operator's own
+        # reading of the peering objects uses (controller/peering.py).
+        identity=me.identity if me else None,  # type: ignore[arg-type]  # kopf's Identity: a NewType of str
+        priority=me.priority if me else None,
     )
     return 0
 

@@ -23,9 +23,9 @@ bridges the two:
   what the operator observed, not input;
 * `status` is fully structural, with no `x-kubernetes-preserve-unknown-fields`: v1.20 publishes a
   preserving node to `kubectl explain` without its fields (`lft.status.progress` printed only the
-  status description). Nothing else writes status: kopf keeps its progress and diff base in
-  annotations (`__main__.kopf_settings`) and the handlers return None, which kopf would otherwise
-  store under `status.<handler id>`; the operator writes only declared keys (tests/operator/test_crd.py
+  status description). Nothing else writes status: kopf handles no event of the resources
+  (the operator watches them itself, controller/list_watch.py), so it stores nothing under
+  `status.<handler id>`; the operator writes only declared keys (tests/operator/test_crd.py
   checks the keys it builds). A key a newer operator adds arrives with that operator's CRD;
 * `title`, `examples` and `additionalProperties: false` are dropped: unknown spec keys are pruned by the
   server (its field validation reports them on current servers; `pruned_fields` names them from

@@ -1,4 +1,4 @@
-"""The operator's RBAC: exactly what the handlers and kopf itself call, nothing more.
+"""The operator's RBAC: exactly what the operator (its REST calls and watches) and kopf call, nothing more.
 
 The chart's RBAC templates read the same rules from a file generated from this module
 (`python -m kubelora_operator.chart_sync`). Checked by tests/operator/test_integration_rbac.py, which runs the operator with a ServiceAccount

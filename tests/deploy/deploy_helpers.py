@@ -158,19 +158,19 @@ def settings_file(objs: list[dict[str, Any]], tmp_path: Path) -> OperatorSetting
 
 # --------------------------------------------------------------------------- what the operator calls
 # Derived from operator/kubelora_operator/kube.py (every REST call) and controller/ (which of them run),
-# plus kopf's own needs (watching LoRAFineTunes and worker pods, its finalizer/annotation patches, CRD
-# observation, peering). (apiGroup, resource, verb).
+# plus the operator's own watches (LoRAFineTunes, its pods, peering objects: controller/list_watch.py) and
+# kopf's needs (CRD observation, peering). (apiGroup, resource, verb).
 NAMESPACED = {
     ("kubelora.dev", "lorafinetunes", "get"),  # Kube.get_lft
-    ("kubelora.dev", "lorafinetunes", "list"),  # kopf watch-stream (initial list)
-    ("kubelora.dev", "lorafinetunes", "watch"),  # kopf watch-stream
-    ("kubelora.dev", "lorafinetunes", "patch"),  # kopf finalizer/annotations, Kube.patch_lft_annotations
+    ("kubelora.dev", "lorafinetunes", "list"),  # LftWatch (initial list, after 410)
+    ("kubelora.dev", "lorafinetunes", "watch"),  # LftWatch
+    ("kubelora.dev", "lorafinetunes", "patch"),  # Kube.patch_lft_annotations, LftWatch (old finalizer)
     ("kubelora.dev", "lorafinetunes", "delete"),  # Kube.delete_lft (ttlSecondsAfterFinished)
     ("kubelora.dev", "lorafinetunes/status", "patch"),  # Kube.patch_lft_status
     ("kubelora.dev", "lorafinetunes/finalizers", "update"),  # blockOwnerDeletion owner references
     ("", "pods", "get"),  # Kube.get_pod (progress scrape)
-    ("", "pods", "list"),  # Kube.list_pods, kopf on.event
-    ("", "pods", "watch"),  # kopf on.event (worker pods)
+    ("", "pods", "list"),  # Kube.list_pods, PodWatch
+    ("", "pods", "watch"),  # PodWatch (worker and fetch pods)
     ("", "pods", "create"),  # Kube.create_if_absent(pod)
     ("", "pods", "delete"),  # Kube.delete_pod
     ("", "services", "create"),  # headless Service

@@ -1,16 +1,17 @@
 """Taking turns with other replicas (controller/peering.py): paused while a live other peer has a
 higher or the same priority, as kopf decides; a peer whose lifetime ran out no longer counts; while
-paused the Runner runs no reconcile."""
+paused the Runner runs no reconcile; the newest replica is the active one."""
 
 from __future__ import annotations
 
 import datetime
+import time
 import urllib.parse
 from typing import Any
 
 from kubelora_operator.controller import Runner
 from kubelora_operator.controller.cache import CachedKube
-from kubelora_operator.controller.peering import PeeringWatch
+from kubelora_operator.controller.peering import Peer, PeeringWatch
 
 from . import SETTINGS
 from .test_handlers import FakeApiClient
@@ -66,3 +67,15 @@ def test_a_namespaced_operator_reads_each_namespaces_peering_and_a_paused_runner
     gate._watch("team-b")
     runner.trigger("team-a", "demo")
     assert gate.active() and runs == ["demo"]
+
+
+def test_the_newest_replica_is_the_active_one() -> None:
+    old, new = Peer.starting("kubelora"), Peer.starting("kubelora")._replace(priority=int(NOW.timestamp()) + 1)
+    assert old.identity != new.identity and abs(old.priority - time.time()) < 5  # its start time
+    old = old._replace(priority=int(NOW.timestamp()))
+    seen = peering(None, **{old.identity: (old.priority, 5), new.identity: (new.priority, 1)})
+    gates = {}
+    for me in (old, new):
+        gates[me] = PeeringWatch(CachedKube(FakeApiClient(listing(seen)), backoff=0), (), *me, clock=NOW.timestamp)
+        gates[me].list_all()
+    assert not gates[old].active() and gates[new].active()  # a rolling update: the new pod takes over

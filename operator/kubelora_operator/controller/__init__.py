@@ -53,7 +53,7 @@ from .cache import CachedKube
 from .deferred import Deferred
 from .lft_watch import LftWatch
 from .list_watch import stop_all
-from .peering import PeeringWatch
+from .peering import Peer, PeeringWatch
 from .pod_watch import PodWatch
 from .pods import WorkerState, worker_state
 from .progress import EVENT_METRICS_UNREACHABLE, SCRAPE_FAILURES_TO_REPORT, scrape
@@ -272,11 +272,11 @@ def register(
     settings: OperatorSettings,
     kube: CachedKube,
     namespaces: Sequence[str] = (),
-    peering: tuple[str, str] | None = None,
+    peering: Peer | None = None,
 ) -> Runner:
     """Register the startup and cleanup handlers on `registry` (intervals from `settings`); returns
-    the Runner. `namespaces`: the operator's (none: cluster-wide), for its watches; `peering`: (the
-    peering name, this replica's identity as given to kopf) when replicas take turns (peering.py).
+    the Runner. `namespaces`: the operator's (none: cluster-wide), for its watches; `peering`: this
+    replica, as given to kopf, when replicas take turns (peering.py).
 
     kopf watches nothing of the operator's: it logs in, runs these two handlers, peering and the
     liveness probe; the LoRAFineTunes and the pods come from the operator's own watches

@@ -12,7 +12,7 @@ The initial listing (`list_all`, from the startup handler, after the pod index i
 nothing: the caller queues a reconcile of every listed resource once its queues run. A listing after
 410 Gone reports what it changed: resources gone as deletions, every listed one as changed.
 
-Also here: a resource that an operator version before 2026-12 marked with `kubelora.dev/finalizer`
+Also here: a resource that an earlier operator version marked with `kubelora.dev/finalizer`
 (kopf's, for its timers) gets it removed when it is being deleted, as kopf did; nothing adds it now.
 """
 
@@ -32,7 +32,7 @@ from .list_watch import ALL, ListWatch
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
-#: The finalizer kopf put on every resource for an operator version before 2026-12 (its timers).
+#: The finalizer kopf put on every resource for an earlier operator version (its timers).
 OLD_FINALIZER = "kubelora.dev/finalizer"
 
 

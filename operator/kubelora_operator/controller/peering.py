@@ -10,6 +10,12 @@ made at each question against the clock, not only at each event.
 
 While paused the watches keep memory warm and reconciles do nothing (`Runner.trigger`); the resync
 pass after the pause catches every resource up.
+
+Priority: a replica's start time in seconds (`Peer.starting`), so that the newest replica is the
+active one and the others stand by, as the chart promises; with equal priorities (kopf's default, 0
+for all) kopf would pause every replica for good. In a rolling update the new pod takes over and the
+old one pauses; when the active one dies, its entry expires after its lifetime and the next newest
+resumes.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from .list_watch import ALL, ListWatch
 
@@ -33,11 +39,19 @@ KOPF_API = "/apis/kopf.dev/v1"
 DEFAULT_LIFETIME = 60
 
 
-def new_identity() -> str:
-    """This replica's peering identity (kopf's `identity`): the pod, the process and a random tail,
-    so that a restarted process is a new peer, as kopf's own identities are."""
-    host = os.environ.get("POD_ID") or socket.gethostname()
-    return f"kubelora@{host}/{os.getpid()}/{secrets.token_hex(3)}"
+class Peer(NamedTuple):
+    """This replica in the peering named `name`, as it is given to kopf too (`kopf.run`)."""
+
+    name: str
+    identity: str
+    priority: int
+
+    @classmethod
+    def starting(cls, name: str) -> Peer:
+        """A new replica: its identity is the pod, the process and a random tail (a restarted process
+        is a new peer, as with kopf's own identities); its priority its start time (module docstring)."""
+        host = os.environ.get("POD_ID") or socket.gethostname()
+        return cls(name, f"kubelora@{host}/{os.getpid()}/{secrets.token_hex(3)}", int(time.time()))
 
 
 def _deadline(entry: Mapping[str, Any]) -> float:

@@ -1,6 +1,6 @@
-"""The operator's watch of its own pods (worker and fetch pods), outside kopf.
+"""The operator's watch of its own pods (worker and fetch pods), outside kopf (list_watch.py).
 
-Why not a kopf watch: pods make two thirds of the events the operator receives (each worker pod is
+Why it was the first watch taken off kopf: pods make two thirds of the events the operator receives (each worker pod is
 created, bound, started, finished: 4,000 events for 1,000 two-worker starts), and kopf spends its
 per-event machinery on each (a worker task per object, the body wrapped and patched into kopf's
 views, indexers and handler selection), on the same event loop as the LoRAFineTune events, while the
@@ -12,9 +12,10 @@ What this module keeps, as kopf's index did:
 * the worker pods by owner, `(namespace, resource name) -> (WorkerState, ...)` (`PodWatch.index`,
   read by `cache.workers_of`): a tuple per owner, replaced whole on every change, so reconciles on
   other threads read it without a lock and never see it half-written;
-* complete before any reconcile reads it: `list_all` runs in the operator's startup handler, which
-  kopf finishes before it starts any watch, so no LoRAFineTune event is handled earlier (a restarted
-  operator sees every existing pod: no duplicate creates). Until then `CachedKube.workers` LISTs.
+* complete before any reconcile reads it: `list_all` runs in the operator's startup handler before
+  the resources are listed and any reconcile is queued (controller/__init__.py, `register`), so a
+  restarted operator sees every existing pod: no duplicate creates. Until then `CachedKube.workers`
+  LISTs.
 
 What it calls: `on_event(namespace, owner, event_type, pod)` for every event of a pod of the
 operator's (worker or fetch role), after the index has the event; the Runner decides whether a
