@@ -96,17 +96,19 @@ class LftWatch(ListWatch):
         """The resource's claim into the index; the namespace's tuple is rebuilt only on a change."""
         ns, name = key
         with self._lock:
-            mine = self._claims.setdefault(ns, {})
+            mine = self._claims.get(ns, {})
             if mine.get(name) == claim:
                 return
             if claim is None:
                 del mine[name]
             else:
                 mine[name] = claim
+                self._claims[ns] = mine
             if mine:
                 self.claim_index[ns] = tuple(mine.values())
             else:
                 self.claim_index.pop(ns, None)
+                del self._claims[ns]
 
     def _drop_old_finalizer(self, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}

@@ -83,7 +83,9 @@ class PeeringWatch(ListWatch):
         self.name, self.identity, self.priority = name, identity, priority
         self._clusterwide = not namespaces
         self._clock = clock
-        self._peers: dict[str, dict[str, Any]] = {}  # namespace ("" cluster-wide) -> the object's status
+        #: namespace ("" cluster-wide) -> its object's peers as (identity, deadline, priority), parsed
+        #: once per event: `active` runs before every reconcile
+        self._peers: dict[str, list[tuple[str, float, int]]] = {}
         self._lock = threading.Lock()
         self._was_active: bool | None = None
 
@@ -111,7 +113,11 @@ class PeeringWatch(ListWatch):
             if kind == "DELETED":
                 self._peers.pop(where, None)
             else:
-                self._peers[where] = dict(obj.get("status") or {})
+                self._peers[where] = [
+                    (peer, _deadline(entry), int(entry.get("priority") or 0))
+                    for peer, entry in (obj.get("status") or {}).items()
+                    if isinstance(entry, Mapping)
+                ]
 
     def active(self) -> bool:
         """True unless a live other peer has a higher or the same priority (logged on each change)."""
@@ -119,12 +125,9 @@ class PeeringWatch(ListWatch):
         with self._lock:
             rivals = sorted(
                 peer
-                for status in self._peers.values()
-                for peer, entry in status.items()
-                if peer != self.identity
-                and isinstance(entry, Mapping)
-                and _deadline(entry) > now
-                and int(entry.get("priority") or 0) >= self.priority
+                for peers in self._peers.values()
+                for peer, deadline, priority in peers
+                if peer != self.identity and deadline > now and priority >= self.priority
             )
             changed, self._was_active = self._was_active != (not rivals), not rivals
         if changed:
